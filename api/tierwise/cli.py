@@ -1,0 +1,72 @@
+"""The `tierwise` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE, CompileError, build_world, check, compile_world
+from tierwise.loader import load
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    loaded = load(Path(args.path))
+    resources = loaded.resources
+    world = build_world(resources, loaded.namespaces, args.platform_namespace)
+    problems = loaded.problems + loaded.locate(check(world, resources))
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        print(f"{len(problems)} problem(s); nothing compiled", file=sys.stderr)
+        return 1
+    if not resources:
+        print(f"error: no tierwise resources found in {args.path}", file=sys.stderr)
+        return 1
+    if args.namespace:
+        targets = [args.namespace]
+    else:
+        found = world.namespaces()
+        targets = [n for n in found if n != args.platform_namespace] or found
+    policies = [compile_world(world, ns).wire() for ns in targets]
+    if args.output == "json":
+        out = policies[0] if len(policies) == 1 else {"apiVersion": "v1", "kind": "List", "items": policies}
+        print(json.dumps(out, indent=2))
+    else:
+        print(yaml.safe_dump_all(policies, sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tierwise", description="Cost and service-level control of LLM traffic.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser(
+        "compile", help="print the Policy a folder of InferenceTier/CostBudget/CachePolicy YAML compiles to"
+    )
+    c.add_argument("path", help="a YAML file or a folder of them (searched recursively)")
+    c.add_argument("-n", "--namespace", help="namespace to compile for (default: every namespace in the files)")
+    c.add_argument(
+        "--platform-namespace",
+        default=DEFAULT_PLATFORM_NAMESPACE,
+        help=f"namespace whose objects may govern others (default {DEFAULT_PLATFORM_NAMESPACE})",
+    )
+    c.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    c.set_defaults(func=_cmd_compile)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CompileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
