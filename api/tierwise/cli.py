@@ -15,7 +15,7 @@ from tierwise.loader import load
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    loaded = load(Path(args.path))
+    loaded = load(Path("<stdin>"), sys.stdin.read()) if args.path == "-" else load(Path(args.path))
     resources = loaded.resources
     world = build_world(resources, loaded.namespaces, args.platform_namespace)
     problems = loaded.problems + loaded.locate(check(world, resources))
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "compile", help="print the Policy a folder of InferenceTier/CostBudget/CachePolicy YAML compiles to"
     )
-    c.add_argument("path", help="a YAML file or a folder of them (searched recursively)")
+    c.add_argument("path", help="a YAML file, a folder of them (searched recursively), or - for standard input")
     c.add_argument("-n", "--namespace", help="namespace to compile for (default: every namespace in the files)")
     c.add_argument(
         "--platform-namespace",

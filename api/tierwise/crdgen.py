@@ -68,6 +68,10 @@ def _type_args(tp: Any) -> list[Any]:
     return out
 
 
+def _is_model_factory(factory: Any) -> bool:
+    return isinstance(factory, type) and issubclass(factory, BaseModel)
+
+
 def _convert(node: Schema, defs: Schema, models: dict[str, type[BaseModel]]) -> Schema:
     if "$ref" in node:
         name = node["$ref"].rsplit("/", 1)[-1]
@@ -88,6 +92,11 @@ def _convert(node: Schema, defs: Schema, models: dict[str, type[BaseModel]]) -> 
     if "const" in node:
         node = {**node, "enum": [node["const"]]}
     out: Schema = {k: v for k, v in node.items() if k in _KEEP}
+    # JSON Schema's numeric exclusive bounds are OpenAPI 3.0's boolean flags next to the bound.
+    for bound, flag in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(out.get(bound), int | float) and not isinstance(out[bound], bool):
+            out[flag] = out[bound]
+            out[bound] = True
     if "properties" in out:
         out["properties"] = {k: _convert(v, defs, models) for k, v in out["properties"].items()}
     if "items" in out:
@@ -101,6 +110,13 @@ def _convert(node: Schema, defs: Schema, models: dict[str, type[BaseModel]]) -> 
     if isinstance(out.get("default"), dict | list):
         del out["default"]
     model = models.get(node.get("title", ""))
+    if model is not None:
+        # A sub-object whose every field has a default is stored as `{}` and filled in by the
+        # server's own defaulting, so stored objects (and printer columns) show effective values.
+        for name, f in model.model_fields.items():
+            key = f.alias or name
+            if key in out.get("properties", {}) and _is_model_factory(f.default_factory):
+                out["properties"][key]["default"] = {}
     if model is not None and issubclass(model, ApiModel) and model.invariants:
         out["x-kubernetes-validations"] = [inv.cel() for inv in model.invariants]
     if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:

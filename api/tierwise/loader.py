@@ -20,9 +20,9 @@ def yaml_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
-def _documents(path: Path) -> Iterator[Doc | Problem]:
+def _documents(path: Path, text: str | None = None) -> Iterator[Doc | Problem]:
     try:
-        docs = list(yaml.safe_load_all(path.read_text()))
+        docs = list(yaml.safe_load_all(path.read_text() if text is None else text))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -54,14 +54,15 @@ class Loaded:
         return [p if p.source else replace(p, source=self.sources.get(p.obj, "")) for p in problems]
 
 
-def load(path: Path) -> Loaded:
-    """Every tierwise resource and Namespace under `path`, and every problem reading them."""
-    if not path.exists():
+def load(path: Path, stdin: str | None = None) -> Loaded:
+    """Every tierwise resource and Namespace under `path` (or in `stdin` text, when given), and
+    every problem reading them."""
+    if stdin is None and not path.exists():
         return Loaded(problems=[Problem(str(path), "", "no such file or directory")])
     docs: list[Doc] = []
     out = Loaded()
-    for f in yaml_files(path):
-        for item in _documents(f):
+    for f in [path] if stdin is not None else yaml_files(path):
+        for item in _documents(f, stdin):
             if isinstance(item, Problem):
                 out.problems.append(item)
             else:

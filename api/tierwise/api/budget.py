@@ -121,8 +121,8 @@ class CostBudgetSpec(ApiModel):
 
     invariants = (
         Invariant(
-            rule="self.thresholds.map(t, t.percent).isSorted()"
-            " && self.thresholds.all(a, self.thresholds.exists_one(b, b.percent == a.percent))",
+            rule="!has(self.thresholds) || (self.thresholds.map(t, t.percent).isSorted()"
+            " && self.thresholds.all(a, self.thresholds.exists_one(b, b.percent == a.percent)))",
             message="thresholds must be in strictly ascending order of percent",
             holds=lambda s: all(a.percent < b.percent for a, b in zip(s.thresholds, s.thresholds[1:], strict=False)),
             field=".thresholds",

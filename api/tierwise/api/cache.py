@@ -64,7 +64,7 @@ class RedisLayer(ApiModel):
 
     invariants = (
         Invariant(
-            rule="!self.enabled || has(self.connectionSecretRef)",
+            rule="!has(self.enabled) || !self.enabled || has(self.connectionSecretRef)",
             message="connectionSecretRef is required when the Redis layer is enabled",
             holds=lambda s: not s.enabled or s.connection_secret_ref is not None,
             field=".connectionSecretRef",
@@ -92,7 +92,8 @@ class PersistentLayer(ApiModel):
 
     invariants = (
         Invariant(
-            rule="!self.enabled || self.backend != 'PostgreSQL' || has(self.connectionSecretRef)",
+            rule="!has(self.enabled) || !self.enabled || !has(self.backend) || self.backend != 'PostgreSQL'"
+            " || has(self.connectionSecretRef)",
             message="connectionSecretRef is required for the PostgreSQL backend",
             holds=lambda s: (
                 not s.enabled or s.backend != PersistentBackend.POSTGRESQL or s.connection_secret_ref is not None
@@ -111,7 +112,10 @@ class CacheLayers(ApiModel):
 
     invariants = (
         Invariant(
-            rule="self.memory.enabled || self.redis.enabled || self.persistent.enabled",
+            # An omitted layer takes its defaults: memory on, the others off.
+            rule="(!has(self.memory) || !has(self.memory.enabled) || self.memory.enabled)"
+            " || (has(self.redis) && has(self.redis.enabled) && self.redis.enabled)"
+            " || (has(self.persistent) && has(self.persistent.enabled) && self.persistent.enabled)",
             message="at least one layer must be enabled",
             holds=lambda s: s.memory.enabled or s.redis.enabled or s.persistent.enabled,
         ),

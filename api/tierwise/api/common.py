@@ -34,6 +34,9 @@ class Invariant:
     `rule` is CEL that the API server evaluates (emitted as `x-kubernetes-validations`), `holds` is
     the same rule in Python so that compiling local YAML rejects exactly what the cluster would.
     `field` is the path, relative to the object carrying the rule, that the error names.
+
+    Guard every field the rule reads with `has()` unless it is required: the API server checks
+    rules against each `default: {}` before nested defaults apply, and omitted lists stay absent.
     """
 
     rule: str

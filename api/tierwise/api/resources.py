@@ -70,7 +70,7 @@ class Resource(ApiModel):
     # Rules on the whole object, for invariants that need metadata.name.
     root_invariants: ClassVar[tuple[Invariant, ...]] = ()
 
-    api_version: Literal["tierwise.dev/v1alpha1"] = API_VERSION
+    api_version: Literal["tierwise.dev/v1alpha1"] = "tierwise.dev/v1alpha1"
     metadata: ObjectMeta
 
     @property

@@ -59,7 +59,7 @@ class ReplicaRange(ApiModel):
 
     invariants = (
         Invariant(
-            rule="self.min <= self.max",
+            rule="!has(self.min) || !has(self.max) || self.min <= self.max",
             message="min must be less than or equal to max",
             holds=lambda s: s.min <= s.max,
             field=".min",
@@ -217,7 +217,7 @@ class CostAwareRouting(ApiModel):
 
     invariants = (
         Invariant(
-            rule="self.cheapBelow <= self.strongAtOrAbove",
+            rule="!has(self.cheapBelow) || !has(self.strongAtOrAbove) || self.cheapBelow <= self.strongAtOrAbove",
             message="cheapBelow must not exceed strongAtOrAbove",
             holds=lambda s: s.cheap_below <= s.strong_at_or_above,
             field=".cheapBelow",
@@ -345,8 +345,8 @@ class Degradation(ApiModel):
 
     invariants = (
         Invariant(
-            rule="self.steps.map(s, s.atLoadPercent).isSorted()"
-            " && self.steps.all(a, self.steps.exists_one(b, b.atLoadPercent == a.atLoadPercent))",
+            rule="!has(self.steps) || (self.steps.map(s, s.atLoadPercent).isSorted()"
+            " && self.steps.all(a, self.steps.exists_one(b, b.atLoadPercent == a.atLoadPercent)))",
             message="steps must be in strictly ascending order of atLoadPercent",
             holds=lambda s: all(
                 a.at_load_percent < b.at_load_percent for a, b in zip(s.steps, s.steps[1:], strict=False)
