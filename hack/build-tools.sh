@@ -16,8 +16,11 @@ KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 # etcd comes from the version k8s.io/kubernetes itself requires, so it shares that module graph.
 
+# Bump when the way the binaries are built changes, so no stale binary is reused.
+BUILD_REV=2
+
 cache="${TIERWISE_TOOLS_DIR:-$HOME/.cache/tierwise/tools}"
-bin="$cache/bin-k8s-${K8S_VERSION}-kwok-${KWOK_VERSION}-helm-${HELM_VERSION}"
+bin="$cache/bin-k8s-${K8S_VERSION}-kwok-${KWOK_VERSION}-helm-${HELM_VERSION}-r${BUILD_REV}"
 mkdir -p "$bin"
 
 export GOTOOLCHAIN="${GOTOOLCHAIN:-local}" GOFLAGS="-buildvcs=false -trimpath" CGO_ENABLED=0
@@ -90,7 +93,12 @@ build_simple() {  # name module-path package version binary
 build_kubernetes
 build_simple kwok sigs.k8s.io/kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" kwok \
   "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
+# Helm reports the Kubernetes version it was built against to `template` and `lint`; its own
+# release build sets it, a plain go build leaves 1.20.
+k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
 build_simple helm helm.sh/helm/v3 helm.sh/helm/v3/cmd/helm "$HELM_VERSION" helm \
-  "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION
+   -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$k8s_minor
+   -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$k8s_minor"
 
 echo "$bin"
