@@ -1,0 +1,70 @@
+"""Session fixtures: one real control plane for the whole run, started on first use."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from localcluster import Cluster, ClusterError, start
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """etcd + kube-apiserver + controller-manager + scheduler + kwok, on loopback."""
+    c = start(tmp_path_factory.mktemp("cluster"), nodes=True)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def wait_for(what: str, probe, timeout: float = 60.0, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    """Poll `probe` until it returns something truthy; fail naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+            if last:
+                return last
+        except ClusterError as e:
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last}")
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> Cluster:
+    """The cluster with tierwise's generated CRDs installed and established."""
+    cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "--field-manager=tierwise-tests", "-f", str(ROOT / "crds")
+    )
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(ROOT / "crds"))
+    # Discovery (kubectl explain, short names) lags Established by a moment.
+    wait_for(
+        "tierwise.dev in discovery",
+        lambda: "inferencetiers" in cluster.kubectl("api-resources", "--api-group=tierwise.dev", check=False).stdout,
+    )
+    return cluster
+
+
+_ns_counter = iter(range(10_000))
+
+
+@pytest.fixture
+def namespace(crds: Cluster) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards."""
+    name = f"t{int(time.time()) % 100000}-{next(_ns_counter)}"
+    crds.kubectl("create", "namespace", name)
+    yield name
+    crds.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def to_json(obj: object) -> str:
+    return json.dumps(obj)
