@@ -1,0 +1,1 @@
+"""The tierwise sidecar: the OpenAI-compatible data path in front of every LLM call of a pod."""
