@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Write the CRDs generated from the pydantic models into crds/ and the chart's crds/.
 
-    python hack/gen_crds.py           write the files
-    python hack/gen_crds.py --check   exit 1 if a file differs from what the models generate
+python hack/gen_crds.py           write the files
+python hack/gen_crds.py --check   exit 1 if a file differs from what the models generate
 """
 
 from __future__ import annotations
