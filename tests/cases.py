@@ -84,7 +84,7 @@ INVALID: list[tuple[str, Obj, str, str]] = [
         "replicas-min-above-max",
         tier(backends=_backend(url=None, deployment={**_DEPLOY, "replicas": {"min": 5, "max": 2}})),
         "spec.backends[0].deployment.replicas.min",
-        "min must be less than or equal to max",
+        "min must not exceed max",
     ),
     (
         "secret-without-url",

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """etcd + kube-apiserver + controller-manager + scheduler + kwok, on loopback."""
-    c = start(tmp_path_factory.mktemp("cluster"), nodes=True)
+    """etcd + kube-apiserver + controller-manager + scheduler + kwok, on loopback, auditing writes."""
+    c = start(tmp_path_factory.mktemp("cluster"), nodes=True, audit=True)
     try:
         yield c
     finally:

@@ -149,22 +149,19 @@ def _check_tier(world: _World, t: InferenceTier) -> list[Problem]:
     return problems
 
 
-def _check_budget(world: _World, b: CostBudget) -> list[Problem]:
-    problems = _check_reach(world, b, b.spec.selector.namespaces, "spec.selector.namespaces")
-    for i, name in enumerate(b.spec.selector.tiers):
-        if not _tier_known(world, b, name):
-            problems.append(_unknown_tier(b, f"spec.selector.tiers[{i}]", name))
-    for i, th in enumerate(b.spec.thresholds):
-        if th.downgrade_to is not None and not _tier_known(world, b, th.downgrade_to):
-            problems.append(_unknown_tier(b, f"spec.thresholds[{i}].downgradeTo", th.downgrade_to))
+def _check_selector(world: _World, obj: CostBudget | CachePolicy) -> list[Problem]:
+    problems = _check_reach(world, obj, obj.spec.selector.namespaces, "spec.selector.namespaces")
+    for i, name in enumerate(obj.spec.selector.tiers):
+        if not _tier_known(world, obj, name):
+            problems.append(_unknown_tier(obj, f"spec.selector.tiers[{i}]", name))
     return problems
 
 
-def _check_cache(world: _World, c: CachePolicy) -> list[Problem]:
-    problems = _check_reach(world, c, c.spec.selector.namespaces, "spec.selector.namespaces")
-    for i, name in enumerate(c.spec.selector.tiers):
-        if not _tier_known(world, c, name):
-            problems.append(_unknown_tier(c, f"spec.selector.tiers[{i}]", name))
+def _check_budget(world: _World, b: CostBudget) -> list[Problem]:
+    problems = _check_selector(world, b)
+    for i, th in enumerate(b.spec.thresholds):
+        if th.downgrade_to is not None and not _tier_known(world, b, th.downgrade_to):
+            problems.append(_unknown_tier(b, f"spec.thresholds[{i}].downgradeTo", th.downgrade_to))
     return problems
 
 
@@ -211,7 +208,7 @@ def check(world: _World, resources: Sequence[AnyResource]) -> list[Problem]:
     for b in world.budgets:
         problems += _check_budget(world, b)
     for c in world.caches:
-        problems += _check_cache(world, c)
+        problems += _check_selector(world, c)
     problems += _check_graph(world, "fallback", "spec.fallback.tier", "fallback")
     problems += _check_graph(world, "promotion", "spec.promotion.borrowFrom", "promotion")
     problems += _check_defaults(world)

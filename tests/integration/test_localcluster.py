@@ -71,3 +71,26 @@ def test_shell_up_and_down_leave_nothing_running(tmp_path: Path) -> None:
     assert not Path(kubeconfig).exists()
     again = _run(["status"], env)
     assert again.returncode == 1 and "no cluster is running" in again.stderr
+
+
+def test_audit_log_records_writes_not_reads(cluster: Cluster, namespace: str) -> None:
+    assert cluster.workdir is not None
+    cluster.kubectl("create", "configmap", "audited", "-n", namespace, "--from-literal=a=b")
+    cluster.kubectl("get", "configmap", "audited", "-n", namespace)
+    log = cluster.workdir / "audit.log"
+
+    def events() -> list[dict[str, object]]:
+        out = []
+        for line in log.read_text().splitlines():
+            e = json.loads(line)
+            ref = e.get("objectRef", {})
+            if (
+                ref.get("namespace") == namespace
+                and ref.get("name") == "audited"
+                and e.get("stage") == "ResponseComplete"
+            ):
+                out.append(e)
+        return out
+
+    got = wait_for("the create in the audit log", events, timeout=30)
+    assert [e["verb"] for e in got] == ["create"]

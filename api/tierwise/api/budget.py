@@ -11,11 +11,11 @@ from tierwise.api.common import (
     DNS_LABEL,
     NAME_MAX,
     ApiModel,
-    Condition,
     Invariant,
     NamespaceSelection,
-    StatusModel,
+    ObjectStatus,
     TierName,
+    strictly_ascending,
 )
 
 
@@ -120,13 +120,7 @@ class CostBudgetSpec(ApiModel):
     )
 
     invariants = (
-        Invariant(
-            rule="!has(self.thresholds) || (self.thresholds.map(t, t.percent).isSorted()"
-            " && self.thresholds.all(a, self.thresholds.exists_one(b, b.percent == a.percent)))",
-            message="thresholds must be in strictly ascending order of percent",
-            holds=lambda s: all(a.percent < b.percent for a, b in zip(s.thresholds, s.thresholds[1:], strict=False)),
-            field=".thresholds",
-        ),
+        strictly_ascending("thresholds", "percent"),
         Invariant(
             rule="!has(self.perRequestMax) || !has(self.perRequestMax.usd) || !has(self.limit.usd)"
             " || self.perRequestMax.usd <= self.limit.usd",
@@ -150,10 +144,9 @@ class BudgetState(StrEnum):
     EXCEEDED = "Exceeded"
 
 
-class CostBudgetStatus(StatusModel):
+class CostBudgetStatus(ObjectStatus):
     """Observed spend, written by the operator."""
 
-    observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
     spent_usd: float | None = Field(default=None, description="USD spent this period, settled requests only.")
     reserved_usd: float | None = Field(default=None, description="USD reserved by requests in flight.")
     spent_tokens: int | None = Field(default=None, description="Tokens spent this period.")
@@ -163,9 +156,3 @@ class CostBudgetStatus(StatusModel):
     state: BudgetState | None = Field(default=None, description="Ok, Warning, Downgraded, Throttled, Exceeded.")
     period_start: str | None = Field(default=None, description="Start of the current period (RFC 3339).")
     last_reset: str | None = Field(default=None, description="When spend was last reset (RFC 3339).")
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        max_length=16,
-        description="Ready and threshold conditions.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-    )

@@ -9,9 +9,9 @@ from pydantic import Field
 
 from tierwise.api.common import (
     ApiModel,
-    Condition,
     Invariant,
     NamespaceSelection,
+    ObjectStatus,
     SecretKeyRef,
     StatusModel,
     TierName,
@@ -183,15 +183,8 @@ class LayerHitRatio(StatusModel):
     persistent: float | None = Field(default=None, description="L3 hit ratio.")
 
 
-class CachePolicyStatus(StatusModel):
+class CachePolicyStatus(ObjectStatus):
     """Observed state of a CachePolicy, written by the operator."""
 
-    observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
     entries: int | None = Field(default=None, description="Entries in the shared layers.")
     hit_ratio: LayerHitRatio | None = Field(default=None, description="Hit ratio per layer.")
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        max_length=16,
-        description="Ready.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-    )

@@ -52,6 +52,35 @@ class Invariant:
         return out
 
 
+def _camel(name: str) -> str:
+    return to_camel(name)
+
+
+def ordered(low: str, high: str) -> Invariant:
+    """`low` <= `high` wherever both are set (snake_case attribute names)."""
+    lo, hi = _camel(low), _camel(high)
+    return Invariant(
+        rule=f"!has(self.{lo}) || !has(self.{hi}) || self.{lo} <= self.{hi}",
+        message=f"{lo} must not exceed {hi}",
+        holds=lambda s: getattr(s, low) is None or getattr(s, high) is None or getattr(s, low) <= getattr(s, high),
+        field=f".{lo}",
+    )
+
+
+def strictly_ascending(items: str, key: str) -> Invariant:
+    """The list `items` is in strictly ascending order of each element's `key`."""
+    it, k = _camel(items), _camel(key)
+    return Invariant(
+        rule=f"!has(self.{it}) || (self.{it}.map(x, x.{k}).isSorted()"
+        f" && self.{it}.all(a, self.{it}.exists_one(b, b.{k} == a.{k})))",
+        message=f"{it} must be in strictly ascending order of {k}",
+        holds=lambda s: all(
+            getattr(a, key) < getattr(b, key) for a, b in zip(getattr(s, items), getattr(s, items)[1:], strict=False)
+        ),
+        field=f".{it}",
+    )
+
+
 class InvariantError(ValueError):
     """Raised by a model whose invariant does not hold; carries the offending field."""
 
@@ -121,6 +150,18 @@ class Condition(StatusModel):
     )
     observed_generation: int | None = Field(
         default=None, ge=0, description="The metadata.generation this condition was computed for."
+    )
+
+
+class ObjectStatus(StatusModel):
+    """What every tierwise status carries: the generation observed and the conditions."""
+
+    observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Latest observations of the object's state (Ready and kind-specific types).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
 
 

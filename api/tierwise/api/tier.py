@@ -10,16 +10,14 @@ from tierwise.api.common import (
     DNS_LABEL,
     NAME_MAX,
     ApiModel,
-    Condition,
     Invariant,
     NamespaceSelection,
+    ObjectStatus,
     SecretKeyRef,
     StatusModel,
+    ordered,
+    strictly_ascending,
 )
-
-
-def _both_or_le(a: float | None, b: float | None) -> bool:
-    return a is None or b is None or a <= b
 
 
 class Pricing(ApiModel):
@@ -57,14 +55,7 @@ class ReplicaRange(ApiModel):
     min: int = Field(default=1, ge=0, le=1000, description="Fewest replicas (0 allows scale to zero).")
     max: int = Field(default=1, ge=1, le=1000, description="Most replicas.")
 
-    invariants = (
-        Invariant(
-            rule="!has(self.min) || !has(self.max) || self.min <= self.max",
-            message="min must be less than or equal to max",
-            holds=lambda s: s.min <= s.max,
-            field=".min",
-        ),
-    )
+    invariants = (ordered("min", "max"),)
 
 
 class ResourceRequirements(ApiModel):
@@ -170,27 +161,9 @@ class SLO(ApiModel):
     window_seconds: int = Field(default=300, ge=30, le=86400, description="Window the SLO is evaluated over.")
 
     invariants = (
-        Invariant(
-            rule="!has(self.firstTokenP95Milliseconds) || !has(self.firstTokenP99Milliseconds)"
-            " || self.firstTokenP95Milliseconds <= self.firstTokenP99Milliseconds",
-            message="firstTokenP95Milliseconds must not exceed firstTokenP99Milliseconds",
-            holds=lambda s: _both_or_le(s.first_token_p95_milliseconds, s.first_token_p99_milliseconds),
-            field=".firstTokenP95Milliseconds",
-        ),
-        Invariant(
-            rule="!has(self.totalP95Milliseconds) || !has(self.totalP99Milliseconds)"
-            " || self.totalP95Milliseconds <= self.totalP99Milliseconds",
-            message="totalP95Milliseconds must not exceed totalP99Milliseconds",
-            holds=lambda s: _both_or_le(s.total_p95_milliseconds, s.total_p99_milliseconds),
-            field=".totalP95Milliseconds",
-        ),
-        Invariant(
-            rule="!has(self.firstTokenP99Milliseconds) || !has(self.totalP99Milliseconds)"
-            " || self.firstTokenP99Milliseconds <= self.totalP99Milliseconds",
-            message="firstTokenP99Milliseconds must not exceed totalP99Milliseconds",
-            holds=lambda s: _both_or_le(s.first_token_p99_milliseconds, s.total_p99_milliseconds),
-            field=".firstTokenP99Milliseconds",
-        ),
+        ordered("first_token_p95_milliseconds", "first_token_p99_milliseconds"),
+        ordered("total_p95_milliseconds", "total_p99_milliseconds"),
+        ordered("first_token_p99_milliseconds", "total_p99_milliseconds"),
     )
 
 
@@ -215,14 +188,7 @@ class CostAwareRouting(ApiModel):
         default=0.7, ge=0, le=1, description="Scores at or above this go to the strongest backend."
     )
 
-    invariants = (
-        Invariant(
-            rule="!has(self.cheapBelow) || !has(self.strongAtOrAbove) || self.cheapBelow <= self.strongAtOrAbove",
-            message="cheapBelow must not exceed strongAtOrAbove",
-            holds=lambda s: s.cheap_below <= s.strong_at_or_above,
-            field=".cheapBelow",
-        ),
-    )
+    invariants = (ordered("cheap_below", "strong_at_or_above"),)
 
 
 class Routing(ApiModel):
@@ -343,17 +309,7 @@ class Degradation(ApiModel):
         default_factory=list, max_length=8, description="Steps in strictly ascending order of atLoadPercent."
     )
 
-    invariants = (
-        Invariant(
-            rule="!has(self.steps) || (self.steps.map(s, s.atLoadPercent).isSorted()"
-            " && self.steps.all(a, self.steps.exists_one(b, b.atLoadPercent == a.atLoadPercent)))",
-            message="steps must be in strictly ascending order of atLoadPercent",
-            holds=lambda s: all(
-                a.at_load_percent < b.at_load_percent for a, b in zip(s.steps, s.steps[1:], strict=False)
-            ),
-            field=".steps",
-        ),
-    )
+    invariants = (strictly_ascending("steps", "at_load_percent"),)
 
 
 class AutoscalingMode(StrEnum):
@@ -525,10 +481,9 @@ class ObservedLatency(StatusModel):
     availability_percent: float | None = Field(default=None, description="Observed caller-visible success.")
 
 
-class InferenceTierStatus(StatusModel):
-    """Observed state of an InferenceTier, written by the operator."""
+class InferenceTierStatus(ObjectStatus):
+    """Observed state of an InferenceTier, written by the operator. Conditions: Ready, SLOMet, Degraded."""
 
-    observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
     ready_backends: int | None = Field(default=None, description="Backends able to serve.")
     total_backends: int | None = Field(default=None, description="Backends declared.")
     replicas: int | None = Field(default=None, description="Replicas of self-hosted backends.")
@@ -536,9 +491,3 @@ class InferenceTierStatus(StatusModel):
     slo_state: SLOState | None = Field(default=None, description="Met, AtRisk, Missed or Unknown.")
     observed: ObservedLatency | None = Field(default=None, description="Service level seen in Prometheus.")
     routing_weights: dict[str, int] = Field(default_factory=dict, description="Current weight per backend.")
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        max_length=16,
-        description="Ready, SLOMet, Degraded.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-    )
