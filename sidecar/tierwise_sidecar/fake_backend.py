@@ -1,0 +1,282 @@
+"""A fake OpenAI-compatible LLM provider for tests, benchmarks and the demo.
+
+It can be slow (time to first byte, time per token), fail (error rate and status), reset
+connections, drop streams after N chunks, run out of capacity (concurrency, answered with 429),
+and report usage as a real provider does. Behaviour can be changed while it runs:
+`POST /fake/config` with any fields of FakeConfig; `GET /fake/stats` says what it saw.
+
+    python -m tierwise_sidecar.fake_backend --port 9001 --first-byte-ms 50 --per-token-ms 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from aiohttp import web
+
+from tierwise_sidecar.tokens import TokenCounter
+
+WORDS = ("the", "model", "answers", "with", "a", "short", "and", "plain", "reply", "about", "it")
+
+
+@dataclass
+class FakeConfig:
+    first_byte_ms: float = 0.0
+    per_token_ms: float = 0.0
+    error_rate: float = 0.0
+    error_status: int = 500
+    reset_rate: float = 0.0
+    drop_after_chunks: int | None = None
+    capacity: int | None = None
+    include_usage: bool = True
+    completion_tokens: int = 16
+    model: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class FakeStats:
+    requests: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    errors: int = 0
+    resets: int = 0
+    drops: int = 0
+    overloaded: int = 0
+    models: dict[str, int] = field(default_factory=dict)
+
+
+def _error(status: int, message: str, type_: str, code: str) -> web.Response:
+    headers = {"Retry-After": "1"} if status == 429 else None
+    body = {"error": {"message": message, "type": type_, "code": code, "param": None}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+class FakeBackend:
+    def __init__(self, config: FakeConfig | None = None, name: str = "fake") -> None:
+        self.config = config or FakeConfig()
+        self.name = name
+        self.stats = FakeStats()
+        self.counter = TokenCounter()
+        self._rng = random.Random(self.config.seed)
+
+    # ------------------------------------------------------------ helpers
+
+    def _reply(self, prompt: str, n_tokens: int) -> list[str]:
+        """Deterministic words for a prompt; each piece is one streamed chunk."""
+        rng = random.Random(f"{self.name}\0{prompt}")
+        return [("" if i == 0 else " ") + rng.choice(WORDS) for i in range(max(n_tokens, 1))]
+
+    async def _sleep_ms(self, ms: float) -> None:
+        if ms > 0:
+            await asyncio.sleep(ms / 1000)
+
+    def _fault(self, request: web.Request) -> web.StreamResponse | None:
+        cfg = self.config
+        if cfg.reset_rate and self._rng.random() < cfg.reset_rate:
+            self.stats.resets += 1
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("fake backend reset the connection")
+        if cfg.error_rate and self._rng.random() < cfg.error_rate:
+            self.stats.errors += 1
+            return _error(cfg.error_status, f"fake backend error {cfg.error_status}", "server_error", "fake_error")
+        return None
+
+    # ------------------------------------------------------------ handlers
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        self.stats.requests += 1
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return _error(400, "body is not JSON", "invalid_request_error", "invalid_json")
+        if not isinstance(body, dict) or "model" not in body:
+            return _error(400, "model is required", "invalid_request_error", "missing_model")
+        model = self.config.model or str(body["model"])
+        self.stats.models[model] = self.stats.models.get(model, 0) + 1
+        cap = self.config.capacity
+        if cap is not None and self.stats.in_flight >= cap:
+            self.stats.overloaded += 1
+            return _error(429, "fake backend is at capacity", "rate_limit_error", "overloaded")
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        try:
+            fault = self._fault(request)
+            if fault is not None:
+                return fault
+            if chat:
+                messages = body.get("messages") or []
+                prompt_tokens = self.counter.count_chat(model, messages, body.get("tools") or ())
+                prompt = json.dumps(messages[-1:])
+            else:
+                prompt = str(body.get("prompt", ""))
+                prompt_tokens = self.counter.count_text(model, prompt)
+            limit = body.get("max_completion_tokens") or body.get("max_tokens") or self.config.completion_tokens
+            pieces = self._reply(prompt, min(int(limit), self.config.completion_tokens))
+            completion_tokens = self.counter.count_text(model, "".join(pieces))
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
+            await self._sleep_ms(self.config.first_byte_ms)
+            if body.get("stream"):
+                include = bool((body.get("stream_options") or {}).get("include_usage")) and self.config.include_usage
+                return await self._stream(request, model, pieces, usage if include else None, chat)
+            await self._sleep_ms(self.config.per_token_ms * len(pieces))
+            return web.json_response(self._whole(model, "".join(pieces), usage, chat))
+        finally:
+            self.stats.in_flight -= 1
+
+    def _whole(self, model: str, text: str, usage: dict[str, int], chat: bool) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        else:
+            choice["text"] = text
+        out: dict[str, Any] = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-fake{self.stats.requests}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+        }
+        if self.config.include_usage:
+            out["usage"] = usage
+        return out
+
+    async def _stream(
+        self, request: web.Request, model: str, pieces: list[str], usage: dict[str, int] | None, chat: bool
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        base = {
+            "id": f"chatcmpl-fake{self.stats.requests}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+        async def send(choice: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> None:
+            event = {**base, "choices": [choice] if choice else [], **(extra or {})}
+            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+
+        def delta(d: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            if chat:
+                return {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+            return {"index": 0, "text": d.get("content", ""), "finish_reason": finish, "logprobs": None}
+
+        if chat:
+            await send(delta({"role": "assistant", "content": ""}))
+        for i, piece in enumerate(pieces):
+            if self.config.drop_after_chunks is not None and i >= self.config.drop_after_chunks:
+                self.stats.drops += 1
+                # An abrupt end of the chunked body: the client sees a truncated stream, not [DONE].
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp
+            if i:
+                await self._sleep_ms(self.config.per_token_ms)
+            await send(delta({"content": piece}))
+        await send(delta({}, "stop"))
+        if usage is not None:
+            await send(None, {"usage": usage})
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        self.stats.requests += 1
+        body = await request.json()
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        model = self.config.model or str(body.get("model", "fake-embedding"))
+        data = []
+        tokens = 0
+        for i, text in enumerate(items):
+            rng = random.Random(f"{text}")
+            data.append({"object": "embedding", "index": i, "embedding": [rng.uniform(-1, 1) for _ in range(8)]})
+            tokens += self.counter.count_text(model, str(text))
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return web.json_response({"object": "list", "data": data, "model": model, "usage": usage})
+
+    async def models(self, request: web.Request) -> web.Response:
+        model = self.config.model or "fake-model"
+        return web.json_response(
+            {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "tierwise-fake"}]}
+        )
+
+    async def set_config(self, request: web.Request) -> web.Response:
+        changes = await request.json()
+        known = {f.name for f in fields(FakeConfig)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            return _error(400, f"unknown fields: {', '.join(unknown)}", "invalid_request_error", "unknown_field")
+        for k, v in changes.items():
+            setattr(self.config, k, v)
+        if "seed" in changes:
+            self._rng = random.Random(self.config.seed)
+        return web.json_response(asdict(self.config))
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(asdict(self.stats))
+
+    async def reset_stats(self, request: web.Request) -> web.Response:
+        self.stats = FakeStats(in_flight=self.stats.in_flight)
+        return web.json_response(asdict(self.stats))
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.add_routes(
+            [
+                web.post("/v1/chat/completions", self.chat),
+                web.post("/v1/completions", self.completions),
+                web.post("/v1/embeddings", self.embeddings),
+                web.get("/v1/models", self.models),
+                web.get("/healthz", self.health),
+                web.post("/fake/config", self.set_config),
+                web.get("/fake/stats", self.get_stats),
+                web.delete("/fake/stats", self.reset_stats),
+            ]
+        )
+        return app
+
+
+def _flag_bool(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes")
+
+
+# FakeConfig's annotations are strings (postponed evaluation); each maps to a flag parser.
+_FLAG_TYPES: dict[str, Any] = {"float": float, "int": int, "bool": _flag_bool, "int | None": int, "str | None": str}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9001)
+    p.add_argument("--name", default="fake", help="changes the words it answers with")
+    for f in fields(FakeConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=_FLAG_TYPES[str(f.type)], default=f.default)
+    args = p.parse_args(argv)
+    config = FakeConfig(**{f.name: getattr(args, f.name) for f in fields(FakeConfig)})
+    web.run_app(FakeBackend(config, args.name).app(), host=args.host, port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

