@@ -205,7 +205,6 @@ class Cluster:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     nodes: bool = False
-    owned: bool = True
 
     @property
     def server(self) -> str:
@@ -306,7 +305,7 @@ def start(workdir: Path | None = None, nodes: bool = False, audit: bool = False,
     With $TIERWISE_KUBECONFIG set, return that cluster instead and start nothing.
     """
     if os.environ.get("TIERWISE_KUBECONFIG"):
-        return Cluster(kubeconfig=Path(os.environ["TIERWISE_KUBECONFIG"]), owned=False, nodes=nodes)
+        return Cluster(kubeconfig=Path(os.environ["TIERWISE_KUBECONFIG"]), nodes=nodes)
     bins = binaries()
     wd = workdir or Path(tempfile.mkdtemp(prefix="tierwise-cluster-"))
     wd.mkdir(parents=True, exist_ok=True)

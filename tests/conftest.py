@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,7 +63,3 @@ def namespace(crds: Cluster) -> Iterator[str]:
     crds.kubectl("create", "namespace", name)
     yield name
     crds.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def to_json(obj: object) -> str:
-    return json.dumps(obj)

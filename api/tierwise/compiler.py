@@ -34,6 +34,8 @@ class _World:
     budgets: list[CostBudget] = field(default_factory=list)
     caches: list[CachePolicy] = field(default_factory=list)
     labels: dict[str, Mapping[str, str]] = field(default_factory=dict)
+    # Filled on first use: the world is read-only once built, and checks ask per object.
+    _visible: dict[str, dict[str, InferenceTier]] = field(default_factory=dict)
 
     def namespaces(self) -> list[str]:
         names = {r.namespace for r in (*self.tiers, *self.budgets, *self.caches)} | set(self.labels)
@@ -48,6 +50,9 @@ class _World:
         A namespace's own tier shadows a platform tier of the same name, so a team can refine a
         shared tier without asking the platform team.
         """
+        cached = self._visible.get(namespace)
+        if cached is not None:
+            return cached
         out: dict[str, InferenceTier] = {}
         for t in self.tiers:
             if t.namespace == self.platform and t.namespace != namespace:
@@ -57,18 +62,15 @@ class _World:
         for t in self.tiers:
             if t.namespace == namespace:
                 out[t.name] = t
+        self._visible[namespace] = out
         return out
 
     def all_tier_names(self) -> set[str]:
         return {t.name for t in self.tiers}
 
 
-def _reaches_other_namespaces(sel: NamespaceSelection | None, own: str) -> bool:
-    return sel is not None and (sel.selector is not None or any(n != own for n in sel.names))
-
-
 def _check_reach(world: _World, obj: AnyResource, sel: NamespaceSelection | None, path: str) -> list[Problem]:
-    if obj.namespace != world.platform and _reaches_other_namespaces(sel, obj.namespace):
+    if obj.namespace != world.platform and sel is not None and sel.reaches_beyond(obj.namespace):
         return [
             Problem(
                 obj.ref,
@@ -215,8 +217,7 @@ def check(world: _World, resources: Sequence[AnyResource]) -> list[Problem]:
     return problems
 
 
-def _fallback_chain(world: _World, tier: InferenceTier) -> list[str]:
-    edges = _edges(world, "fallback")
+def _fallback_chain(edges: Mapping[tuple[str, str], tuple[str, str]], tier: InferenceTier) -> list[str]:
     chain: list[str] = []
     node = edges.get((tier.namespace, tier.name))
     while node is not None and node[1] not in chain and node != (tier.namespace, tier.name):
@@ -254,13 +255,16 @@ def compile_world(world: _World, namespace: str) -> Policy:
     defaults = _default_tiers(world, namespace)
     budgets = sorted((b for b in world.budgets if _applies(world, b, namespace)), key=lambda b: (b.namespace, b.name))
     caches = sorted((c for c in world.caches if _applies(world, c, namespace)), key=lambda c: (c.namespace, c.name))
+    fallback_edges = _edges(world, "fallback")
     used: list[AnyResource] = [*sorted(tiers.values(), key=lambda t: (t.namespace, t.name)), *budgets, *caches]
     return Policy(
         namespace=namespace,
         platform_namespace=world.platform,
         default_tier=defaults[0].name if defaults else None,
         tiers={
-            name: PolicyTier(name=name, namespace=t.namespace, spec=t.spec, fallback_chain=_fallback_chain(world, t))
+            name: PolicyTier(
+                name=name, namespace=t.namespace, spec=t.spec, fallback_chain=_fallback_chain(fallback_edges, t)
+            )
             for name, t in sorted(tiers.items())
         },
         budgets=[PolicyBudget(name=b.name, namespace=b.namespace, spec=b.spec) for b in budgets],

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tierwise.api.resources import AnyResource, Namespace, Problem, parse_objects
+from tierwise.api.resources import AnyResource, Namespace, Problem, object_ref, parse_objects
 
 Doc = tuple[Mapping[str, Any], str]
 
@@ -71,5 +71,5 @@ def load(path: Path, stdin: str | None = None) -> Loaded:
     out.problems += parse_problems
     for doc, source in docs:
         meta = doc.get("metadata") or {}
-        out.sources.setdefault(f"{doc.get('kind')} {meta.get('namespace') or 'default'}/{meta.get('name')}", source)
+        out.sources.setdefault(object_ref(doc.get("kind"), meta.get("namespace"), meta.get("name")), source)
     return out

@@ -60,7 +60,7 @@ def test_shell_up_and_down_leave_nothing_running(tmp_path: Path) -> None:
         status = json.loads(_run(["status"], env).stdout)
         assert status["running"] == {"etcd": True, "kube-apiserver": True}
         pids = json.loads((tmp_path / "state" / "state.json").read_text())["pids"]
-        ns = Cluster(kubeconfig=Path(kubeconfig), owned=False).kubectl("get", "namespaces", "-o", "name").stdout
+        ns = Cluster(kubeconfig=Path(kubeconfig)).kubectl("get", "namespaces", "-o", "name").stdout
         assert "namespace/default" in ns
     finally:
         down = _run(["down"], env)

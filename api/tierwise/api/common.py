@@ -52,13 +52,9 @@ class Invariant:
         return out
 
 
-def _camel(name: str) -> str:
-    return to_camel(name)
-
-
 def ordered(low: str, high: str) -> Invariant:
     """`low` <= `high` wherever both are set (snake_case attribute names)."""
-    lo, hi = _camel(low), _camel(high)
+    lo, hi = to_camel(low), to_camel(high)
     return Invariant(
         rule=f"!has(self.{lo}) || !has(self.{hi}) || self.{lo} <= self.{hi}",
         message=f"{lo} must not exceed {hi}",
@@ -69,7 +65,7 @@ def ordered(low: str, high: str) -> Invariant:
 
 def strictly_ascending(items: str, key: str) -> Invariant:
     """The list `items` is in strictly ascending order of each element's `key`."""
-    it, k = _camel(items), _camel(key)
+    it, k = to_camel(items), to_camel(key)
     return Invariant(
         rule=f"!has(self.{it}) || (self.{it}.map(x, x.{k}).isSorted()"
         f" && self.{it}.all(a, self.{it}.exists_one(b, b.{k} == a.{k})))",
@@ -232,10 +228,9 @@ class NamespaceSelection(ApiModel):
     def matches(self, namespace: str, labels: Mapping[str, str]) -> bool:
         return namespace in self.names or (self.selector is not None and self.selector.matches(labels))
 
-    @property
-    def reaches_beyond(self) -> bool:
-        """Whether this selection can name namespaces other than the owner's, by label at least."""
-        return self.selector is not None or bool(self.names)
+    def reaches_beyond(self, own: str) -> bool:
+        """Whether this selection can select a namespace other than `own` (a label selector can)."""
+        return self.selector is not None or any(n != own for n in self.names)
 
 
 class SecretKeyRef(ApiModel):

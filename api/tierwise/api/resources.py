@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -20,6 +21,11 @@ from tierwise.api.common import (
     InvariantError,
 )
 from tierwise.api.tier import InferenceTierSpec, InferenceTierStatus
+
+
+def object_ref(kind: object, namespace: object, name: object) -> str:
+    """How messages name an object: `Kind namespace/name` (namespace `default` when unset)."""
+    return f"{kind} {namespace or 'default'}/{name}"
 
 
 class ObjectMeta(BaseModel):
@@ -84,7 +90,7 @@ class Resource(ApiModel):
     @property
     def ref(self) -> str:
         """How messages name the object: `Kind namespace/name`."""
-        return f"{self.kind_name} {self.namespace}/{self.name}"
+        return object_ref(self.kind_name, self.namespace, self.name)
 
     def check_root(self) -> None:
         for inv in self.root_invariants:
@@ -184,8 +190,6 @@ AnyResource = InferenceTier | CostBudget | CachePolicy
 
 
 def _is_dns_label(name: str) -> bool:
-    import re
-
     return re.fullmatch(DNS_LABEL, name) is not None
 
 
@@ -228,7 +232,7 @@ def parse_object(doc: Mapping[str, Any], source: str = "") -> AnyResource | Prob
     if kind not in KINDS:
         return None
     meta = doc.get("metadata") or {}
-    ref = f"{kind} {meta.get('namespace') or 'default'}/{meta.get('name', '<unnamed>')}"
+    ref = object_ref(kind, meta.get("namespace"), meta.get("name", "<unnamed>"))
     if doc.get("apiVersion") != API_VERSION:
         return Problem(ref, "apiVersion", f"must be {API_VERSION}, not {doc.get('apiVersion')!r}", source)
     try:
