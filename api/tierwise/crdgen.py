@@ -84,8 +84,6 @@ def _convert(node: Schema, defs: Schema, models: dict[str, type[BaseModel]]) -> 
         if len(variants) != 1:
             raise ValueError(f"cannot express union in a structural schema: {node}")
         merged = {**variants[0], **{k: v for k, v in node.items() if k != "anyOf"}}
-        if "$ref" in variants[0]:
-            merged = {**_convert(variants[0], defs, models), **{k: v for k, v in node.items() if k != "anyOf"}}
         if merged.get("default", 0) is None:
             del merged["default"]
         return _convert(merged, defs, models)
