@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     c.set_defaults(func=_cmd_compile)
+    # The data path's commands live with the sidecar; imported here so `tierwise` is one command.
+    from tierwise_sidecar.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -267,6 +267,7 @@ def compile_world(world: _World, namespace: str) -> Policy:
             )
             for name, t in sorted(tiers.items())
         },
+        unavailable_tiers=sorted({t.name for t in world.tiers if t.namespace == world.platform} - set(tiers)),
         budgets=[PolicyBudget(name=b.name, namespace=b.namespace, spec=b.spec) for b in budgets],
         cache_policies=[
             PolicyCache(name=c.name, namespace=c.namespace, generation=c.metadata.generation or 0, spec=c.spec)

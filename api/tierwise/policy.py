@@ -64,6 +64,10 @@ class Policy(_Frozen):
     platform_namespace: str
     default_tier: str | None = None
     tiers: dict[str, PolicyTier] = Field(default_factory=dict)
+    unavailable_tiers: list[str] = Field(
+        default_factory=list,
+        description="Platform tiers the namespace is not granted: asking for one is forbidden, not unknown.",
+    )
     budgets: list[PolicyBudget] = Field(default_factory=list)
     cache_policies: list[PolicyCache] = Field(default_factory=list)
     sources: list[Source] = Field(default_factory=list)

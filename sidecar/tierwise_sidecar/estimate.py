@@ -45,7 +45,32 @@ def max_output_tokens(body: Mapping[str, Any], backend: Backend, input_tokens: i
 
 def estimate_chat(counter: TokenCounter, body: Mapping[str, Any], backend: Backend) -> Estimate:
     """Estimate of a /v1/chat/completions body on a backend (the model is the backend's)."""
-    n = int(body.get("n") or 1)
-    input_tokens = counter.count_chat(backend.model, body.get("messages") or [], body.get("tools") or ())
-    output_tokens = max_output_tokens(body, backend, input_tokens) * n
+    return estimate_request(counter, "chat", body, backend)
+
+
+def count_prompt(counter: TokenCounter, model: str, prompt: Any) -> int:
+    """Tokens of a completions prompt or an embeddings input: text, texts, or token id lists."""
+    if isinstance(prompt, str):
+        return counter.count_text(model, prompt)
+    if not isinstance(prompt, list):
+        return 0
+    if all(isinstance(p, int) for p in prompt):
+        return len(prompt)
+    return sum(
+        counter.count_text(model, p) if isinstance(p, str) else len(p) if isinstance(p, list) else 0 for p in prompt
+    )
+
+
+def count_input(counter: TokenCounter, kind: str, model: str, body: Mapping[str, Any]) -> int:
+    if kind == "chat":
+        return counter.count_chat(model, body.get("messages") or [], body.get("tools") or ())
+    return count_prompt(counter, model, body.get("prompt") if kind == "completions" else body.get("input"))
+
+
+def estimate_request(counter: TokenCounter, kind: str, body: Mapping[str, Any], backend: Backend) -> Estimate:
+    """Estimate of any request kind on a backend; embeddings produce no output tokens."""
+    input_tokens = count_input(counter, kind, backend.model, body)
+    output_tokens = (
+        0 if kind == "embeddings" else max_output_tokens(body, backend, input_tokens) * int(body.get("n") or 1)
+    )
     return Estimate(input_tokens, output_tokens, cost_usd(backend.pricing, input_tokens, output_tokens))

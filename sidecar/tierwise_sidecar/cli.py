@@ -1,0 +1,174 @@
+"""`tierwise sidecar`, `tierwise gateway` and `tierwise estimate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
+from tierwise_sidecar.app import Gateway, GatewayConfig, Source, run
+from tierwise_sidecar.difficulty import chat_difficulty, prompt_difficulty
+from tierwise_sidecar.errors import ApiError
+from tierwise_sidecar.estimate import estimate_request
+from tierwise_sidecar.identify import Priority, TierAccess
+from tierwise_sidecar.policy_source import CrFolder, PolicyFile, PolicyLoadError
+from tierwise_sidecar.route import order_backends
+from tierwise_sidecar.runtime import build_runtime
+from tierwise_sidecar.secrets import DEFAULT_DIR, SecretSource
+from tierwise_sidecar.tokens import TokenCounter
+from tierwise_sidecar.validate import Kind, Limits, validate
+
+DEFAULT_POLICY_FILE = Path("/etc/tierwise/policy/policy.json")
+
+
+def _serve_args(p: argparse.ArgumentParser, host: str) -> None:
+    p.add_argument("--host", default=host, help=f"address to listen on (default {host})")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument(
+        "--secrets-dir",
+        type=Path,
+        default=DEFAULT_DIR,
+        help=f"mounted Secrets, <dir>/<name>/<key> (default {DEFAULT_DIR})",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes, help="largest request body accepted")
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="how long SIGTERM waits for in-flight requests")
+    p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between checks for a changed Policy")
+    p.add_argument("--log-level", default=os.environ.get("TIERWISE_LOG_LEVEL", "INFO"))
+
+
+def _serve(args: argparse.Namespace, source: Source, dns_interval: float | None, wait: bool) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = GatewayConfig(
+        limits=Limits(max_body_bytes=args.max_body_bytes),
+        reload_interval=args.reload_interval,
+        drain_seconds=args.drain_seconds,
+        dns_interval=dns_interval,
+    )
+    gateway = Gateway(source, config, SecretSource(args.secrets_dir))
+    gateway.reload()
+    if gateway.runtime is None and not wait:
+        print("error: no usable Policy; see the log above", file=sys.stderr)
+        return 1
+    asyncio.run(run(gateway, args.host, args.port))
+    return 0
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    source = CrFolder(args.policy, args.namespace, args.platform_namespace, args.endpoints)
+    return _serve(args, source, None, wait=False)
+
+
+def _cmd_sidecar(args: argparse.Namespace) -> int:
+    in_cluster = "KUBERNETES_SERVICE_HOST" in os.environ
+    dns = args.dns_interval if (args.discover_endpoints or (args.discover_endpoints is None and in_cluster)) else None
+    return _serve(args, PolicyFile(args.policy_file), dns, wait=True)
+
+
+def _policy_of(path: Path, namespace: str | None, platform: str) -> Any:
+    if path.is_file():
+        try:
+            return PolicyFile(path).load().policy
+        except PolicyLoadError:
+            pass  # not a compiled Policy: a file of CRs
+    return CrFolder(path, namespace, platform).load().policy
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    try:
+        policy = _policy_of(args.policy, args.namespace, args.platform_namespace)
+        body = json.loads(Path(args.request).read_text() if args.request != "-" else sys.stdin.read())
+    except (PolicyLoadError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    runtime = build_runtime(policy, SecretSource(Path("/nonexistent"), {}))
+    kind: Kind = args.kind
+    try:
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request must be a JSON object", "invalid_request_error", "invalid_json")
+        validate(kind, body, Limits())
+        access: TierAccess = runtime.access
+        tier_name = args.tier or (body.get("model") if body.get("model") in access.tiers else access.default)
+        if tier_name not in runtime.tiers:
+            raise ApiError(404, f"tier {tier_name!r} is not available here", "not_found_error", "tier_not_found")
+    except ApiError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    tier = runtime.tiers[tier_name]
+    priority = Priority[args.priority.upper()]
+    counter = TokenCounter()
+    estimates = [(b, estimate_request(counter, kind, body, b.spec)) for b in tier.backends]
+    rows = [
+        {"backend": b.name, "model": b.model, "inputTokens": est.input_tokens,
+         "maxOutputTokens": est.output_tokens, "maxCostUsd": round(est.usd, 8)}
+        for b, est in estimates
+    ]  # fmt: skip
+    first = estimates[0][1].input_tokens
+    if kind == "chat":
+        difficulty = chat_difficulty(body["messages"], first, priority)
+    elif kind == "completions":
+        difficulty = prompt_difficulty(body["prompt"], first, priority)
+    else:
+        difficulty = None
+    decision = order_backends(
+        tier, difficulty.score if difficulty else None, {}, lambda b: first < b.max_context, random.Random(0)
+    )
+    out = {
+        "namespace": runtime.namespace,
+        "tier": tier.name,
+        "strategy": str(tier.strategy),
+        "score": difficulty.score if difficulty else None,
+        "decision": decision.decision,
+        "routedTo": decision.order[0].name if decision.order else None,
+        "backends": rows,
+    }
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        print(yaml.safe_dump(out, sort_keys=False), end="")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    g = sub.add_parser("gateway", help="serve the OpenAI API standalone, from a folder of tier/budget/cache YAML")
+    g.add_argument("--policy", type=Path, required=True, help="folder (or file) of InferenceTier/... YAML")
+    g.add_argument("-n", "--namespace", help="namespace to serve as (default: the one the files use)")
+    g.add_argument("--platform-namespace", default=DEFAULT_PLATFORM_NAMESPACE)
+    g.add_argument("--endpoints", type=Path, help="YAML of tier/backend: [base URLs] for self-hosted backends")
+    _serve_args(g, "127.0.0.1")
+    g.set_defaults(func=_cmd_gateway)
+
+    s = sub.add_parser("sidecar", help="serve the OpenAI API in a pod, from the Policy the operator mounts")
+    s.add_argument(
+        "--policy-file", type=Path, default=Path(os.environ.get("TIERWISE_POLICY_FILE", DEFAULT_POLICY_FILE))
+    )
+    s.add_argument(
+        "--discover-endpoints",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="resolve self-hosted replicas from headless Services (default: when in a cluster)",
+    )
+    s.add_argument("--dns-interval", type=float, default=10.0, help="seconds between endpoint lookups")
+    _serve_args(s, "127.0.0.1")
+    s.set_defaults(func=_cmd_sidecar)
+
+    e = sub.add_parser("estimate", help="print the token and cost estimate of a request under a Policy")
+    e.add_argument("request", help="JSON request body (a file, or - for standard input)")
+    e.add_argument("--policy", type=Path, required=True, help="compiled Policy file, or folder/file of CR YAML")
+    e.add_argument("-n", "--namespace")
+    e.add_argument("--platform-namespace", default=DEFAULT_PLATFORM_NAMESPACE)
+    e.add_argument("--kind", choices=["chat", "completions", "embeddings"], default="chat")
+    e.add_argument(
+        "--tier", help="tier to estimate on (default: the request's model if it names a tier, else the default tier)"
+    )
+    e.add_argument("--priority", choices=["low", "normal", "high"], default="normal")
+    e.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    e.set_defaults(func=_cmd_estimate)

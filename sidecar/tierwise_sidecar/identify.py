@@ -1,0 +1,109 @@
+"""The identify stage: who is calling, which tier, at what priority, in which session.
+
+The namespace comes from the pod's own identity (the Policy is compiled for it), never from the
+request. The tier comes from `x-tierwise-tier` (or a `model` that names a tier, so an unchanged
+OpenAI client can pick one), limited to the tiers the namespace may use; else the namespace's
+default tier.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from tierwise_sidecar.errors import NOT_FOUND, PERMISSION, ApiError, bad_request
+
+TIER_HEADER = "x-tierwise-tier"
+PRIORITY_HEADER = "x-tierwise-priority"
+SESSION_HEADER = "x-tierwise-session"
+TENANT_HEADER = "x-tierwise-tenant"
+
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+MAX_SESSION = 256
+
+
+class Priority(IntEnum):
+    """A request's priority within its tier; the tier's own priority orders the tiers."""
+
+    LOW = -1
+    NORMAL = 0
+    HIGH = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    namespace: str
+    tenant: str | None
+    tier: str
+    priority: Priority
+    session: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TierAccess:
+    """What identify needs to know of a Policy."""
+
+    namespace: str
+    tiers: Collection[str]
+    unavailable: Collection[str]
+    default: str | None
+
+
+def _tier(requested: str | None, model: Any, access: TierAccess) -> str:
+    if requested is not None:
+        if requested in access.tiers:
+            return requested
+        if requested in access.unavailable:
+            raise ApiError(
+                403,
+                f"tier {requested!r} is not available to namespace {access.namespace}",
+                PERMISSION,
+                "tier_not_allowed",
+                param=TIER_HEADER,
+            )
+        raise ApiError(404, f"tier {requested!r} does not exist", NOT_FOUND, "tier_not_found", param=TIER_HEADER)
+    if isinstance(model, str) and (model in access.tiers or model in access.unavailable):
+        return _tier(model, None, access)
+    if access.default is None:
+        raise bad_request(
+            f"no tier requested and namespace {access.namespace} has no default tier: set the {TIER_HEADER} header",
+            "tier_required",
+            TIER_HEADER,
+        )
+    return access.default
+
+
+def _priority(value: str | None) -> Priority:
+    if value is None:
+        return Priority.NORMAL
+    try:
+        return Priority[value.strip().upper()]
+    except KeyError:
+        raise bad_request(
+            f"{PRIORITY_HEADER} must be one of high, normal, low (got {value[:32]!r})",
+            "invalid_priority",
+            PRIORITY_HEADER,
+        ) from None
+
+
+def identify(headers: Mapping[str, str], body: Mapping[str, Any], access: TierAccess) -> Identity:
+    tenant = headers.get(TENANT_HEADER)
+    if tenant is not None and not _TENANT.match(tenant):
+        raise bad_request(
+            f"{TENANT_HEADER} must be 1-128 letters, digits or ._:@- starting with a letter or digit",
+            "invalid_tenant",
+            TENANT_HEADER,
+        )
+    session = headers.get(SESSION_HEADER) or body.get("user") or None
+    if session is not None and (not isinstance(session, str) or len(session) > MAX_SESSION):
+        raise bad_request(f"a session id is a string of at most {MAX_SESSION} characters", "invalid_session")
+    return Identity(
+        namespace=access.namespace,
+        tenant=tenant,
+        tier=_tier(headers.get(TIER_HEADER), body.get("model"), access),
+        priority=_priority(headers.get(PRIORITY_HEADER)),
+        session=session,
+    )

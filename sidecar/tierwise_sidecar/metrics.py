@@ -1,0 +1,105 @@
+"""Prometheus metrics of the sidecar (DESIGN §4): `tierwise_` prefix, base units, `_total`
+counters, histograms for latency.
+
+Label values come from the Policy (namespace, tier, backend: bounded by what was declared) or from
+fixed sets (outcome, decision, failure kind). The one caller-controlled label, tenant, is bounded:
+the first `max_tenants` distinct tenants keep their name, later ones are counted as `other`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+NO_TENANT = "none"
+OTHER_TENANT = "other"
+
+
+class TenantLabels:
+    """Caps the number of distinct tenant label values."""
+
+    def __init__(self, max_tenants: int = 100) -> None:
+        self._seen: set[str] = set()
+        self._max = max_tenants
+
+    def __call__(self, tenant: str | None) -> str:
+        if tenant is None:
+            return NO_TENANT
+        if tenant in self._seen:
+            return tenant
+        if len(self._seen) < self._max:
+            self._seen.add(tenant)
+            return tenant
+        return OTHER_TENANT
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, max_tenants: int = 100) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.tenant = TenantLabels(max_tenants)
+        who = ["namespace", "tenant", "tier"]
+        self.requests = Counter(
+            "tierwise_requests", "Requests answered, by served tier, backend and HTTP status.",
+            [*who, "backend", "code"], registry=r,
+        )  # fmt: skip
+        self.invalid = Counter(
+            "tierwise_invalid_requests", "Requests refused before routing, by error code.", ["namespace", "code"],
+            registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "tierwise_request_duration_seconds", "Time to the whole response, fallbacks included.", ["tier"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.first_byte = Histogram(
+            "tierwise_time_to_first_byte_seconds", "Time to the first streamed byte sent to the caller.", ["tier"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "tierwise_tokens", "Tokens used, as reported by the provider (or counted when it does not say).",
+            [*who, "backend", "kind"], registry=r,
+        )  # fmt: skip
+        self.cost = Counter(
+            "tierwise_cost_usd", "Actual cost in USD from the backend's pricing.", [*who, "backend"], registry=r
+        )
+        self.estimated_cost = Counter(
+            "tierwise_estimated_cost_usd", "Upper-bound cost estimated before the call.", who, registry=r
+        )
+        self.attempts = Counter(
+            "tierwise_upstream_attempts", "Attempts sent to backends, by result (ok, client_error or a failure kind).",
+            ["tier", "backend", "result"], registry=r,
+        )  # fmt: skip
+        self.fallbacks = Counter(
+            "tierwise_fallbacks", "Requests moved to a fallback tier.", ["from_tier", "to_tier", "reason"], registry=r
+        )
+        self.resumes = Counter(
+            "tierwise_stream_interruptions", "Streams cut mid-way, by how they ended (resumed or error_event).",
+            ["tier", "outcome"], registry=r,
+        )  # fmt: skip
+        self.open_circuits = Gauge(
+            "tierwise_circuit_open_targets", "Endpoints of a backend whose circuit breaker is open.",
+            ["tier", "backend"], registry=r,
+        )  # fmt: skip
+        self.route = Counter(
+            "tierwise_route_decisions", "Backend choices, by strategy decision.", ["tier", "decision", "backend"],
+            registry=r,
+        )  # fmt: skip
+        self.route_score = Histogram(
+            "tierwise_route_score", "Difficulty score of cost-aware routed requests (0 easy .. 1 hard).", ["tier"],
+            buckets=SCORE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.session_moves = Counter(
+            "tierwise_session_moves", "Sticky sessions moved to another target because theirs failed.", ["tier"],
+            registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("tierwise_in_flight_requests", "Requests being served.", ["tier"], registry=r)
+        self.reloads = Counter(
+            "tierwise_policy_reloads", "Policy reloads, by result (applied or refused).", ["result"], registry=r
+        )
+        self.policy_info = Gauge(
+            "tierwise_policy_info", "The Policy in force (value 1), by namespace and content hash.",
+            ["namespace", "hash"], registry=r,
+        )  # fmt: skip
+        self.policy_loaded = Gauge(
+            "tierwise_policy_loaded_timestamp_seconds", "When the Policy in force was loaded.", registry=r
+        )

@@ -1,0 +1,78 @@
+"""The choose-backend stage: in which order to try a tier's backends and replicas. Pure.
+
+Weighted: a weighted random pick, the rest by weight. LeastLoaded: fewest in-flight requests per
+unit of weight. CostAware: the difficulty score against the tier's thresholds picks the cheapest
+(easy), the strongest (hard) or a weighted pick (in between). Backends whose breakers are all open
+or whose context is too small are left out; the caller tells them apart to answer correctly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from tierwise.api.tier import RoutingStrategy
+from tierwise_sidecar.runtime import BackendRoute, TierRoute
+from tierwise_sidecar.sticky import rendezvous
+
+CHEAP, STRONG, WEIGHTED, LEAST_LOADED, PINNED = "cheap", "strong", "weighted", "least_loaded", "pinned"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    order: tuple[BackendRoute, ...]
+    decision: str
+    score: float | None
+
+
+def _weighted(backends: Sequence[BackendRoute], rng: random.Random) -> tuple[BackendRoute, ...]:
+    weighted = [b for b in backends if b.weight > 0]
+    if not weighted:
+        return tuple(backends)
+    first = rng.choices(weighted, weights=[b.weight for b in weighted])[0]
+    rest = sorted((b for b in backends if b is not first), key=lambda b: (-b.weight, b.price))
+    return (first, *rest)
+
+
+def order_backends(
+    tier: TierRoute,
+    score: float | None,
+    in_flight: Mapping[str, int],
+    usable: Callable[[BackendRoute], bool],
+    rng: random.Random,
+) -> Decision:
+    """The usable backends of `tier`, best first, and why."""
+    if tier.strategy is RoutingStrategy.COST_AWARE and score is not None:
+        if score < tier.cheap_below:
+            return Decision(tuple(b for b in tier.by_price if usable(b)), CHEAP, score)
+        if score >= tier.strong_at:
+            return Decision(tuple(b for b in tier.by_strength if usable(b)), STRONG, score)
+        return Decision(_weighted([b for b in tier.by_price if usable(b)], rng), WEIGHTED, score)
+    candidates = [b for b in tier.backends if usable(b)]
+    if tier.strategy is RoutingStrategy.LEAST_LOADED:
+        ranked = sorted(candidates, key=lambda b: (in_flight.get(b.key, 0) / max(b.weight, 1), b.price))
+        return Decision(tuple(ranked), LEAST_LOADED, score)
+    return Decision(_weighted(candidates, rng), WEIGHTED, score)
+
+
+def pin_first(decision: Decision, backend: str) -> Decision:
+    """Put a session's pinned backend first, if it is still usable."""
+    pinned = [b for b in decision.order if b.name == backend]
+    if not pinned:
+        return decision
+    return Decision((pinned[0], *(b for b in decision.order if b.name != backend)), PINNED, decision.score)
+
+
+def order_endpoints(endpoints: Sequence[str], session: str | None, turn: int, pinned: str | None = None) -> list[str]:
+    """Replicas to try: a session's by rendezvous hash (its pin first), others round-robin."""
+    if session is not None:
+        ordered = rendezvous(session, endpoints)
+        if pinned in ordered:
+            ordered.remove(pinned)
+            ordered.insert(0, pinned)
+        return ordered
+    if not endpoints:
+        return []
+    start = turn % len(endpoints)
+    return [*endpoints[start:], *endpoints[:start]]

@@ -1,0 +1,180 @@
+"""What a Policy becomes inside the sidecar: per-tier routing tables built once, not per request.
+
+A Runtime is immutable and swapped whole on reload; a request keeps the one it started with.
+State that must outlive a reload (breakers, session pins, in-flight counts) lives in `Health`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tierwise.api.tier import SLO, Backend, FailureKind, InferenceTierSpec, Pricing, RoutingStrategy
+from tierwise.policy import Policy
+from tierwise_sidecar.breaker import Breaker
+from tierwise_sidecar.endpoints import Endpoints, backend_key
+from tierwise_sidecar.identify import TierAccess
+from tierwise_sidecar.secrets import SecretSource
+from tierwise_sidecar.sticky import SessionPins
+
+CONNECT_SECONDS = 3.0
+FIRST_BYTE_SECONDS = 30.0
+TOTAL_SECONDS = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """connect: TCP/TLS; first_byte: to the first streamed byte and between chunks; attempt: one
+    non-streamed try (leaves room for a fallback); total: the whole request, fallbacks included."""
+
+    connect: float
+    first_byte: float
+    attempt: float
+    total: float
+
+
+def timeouts_for(slo: SLO) -> Timeouts:
+    """Timeouts from the tier's SLO: past its p99 a request is in the tail the SLO excludes, so it
+    is better retried elsewhere than waited for."""
+
+    def ms(p99: int | None, p95: int | None) -> float | None:
+        if p99 is not None:
+            return p99 / 1000
+        return 2 * p95 / 1000 if p95 is not None else None
+
+    first_byte = ms(slo.first_token_p99_milliseconds, slo.first_token_p95_milliseconds) or FIRST_BYTE_SECONDS
+    total = ms(slo.total_p99_milliseconds, slo.total_p95_milliseconds) or TOTAL_SECONDS
+    total = max(total, first_byte)
+    attempt = slo.total_p95_milliseconds / 1000 if slo.total_p95_milliseconds else total / 2
+    return Timeouts(min(CONNECT_SECONDS, first_byte), first_byte, max(min(attempt, total), first_byte), total)
+
+
+def blended_price(p: Pricing) -> float:
+    """One number to rank backends by price: three input tokens to one output, a typical chat mix."""
+    return (3 * p.input_per_million + p.output_per_million) / 4
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRoute:
+    tier: str
+    name: str
+    key: str
+    model: str
+    pricing: Pricing
+    price: float
+    strength: int
+    max_context: int
+    weight: int
+    url: str | None
+    spec: Backend = field(repr=False)
+    api_key: str | None = field(repr=False)
+
+    @classmethod
+    def of(cls, tier: str, b: Backend, secrets: SecretSource) -> BackendRoute:
+        return cls(
+            tier=tier,
+            name=b.name,
+            key=backend_key(tier, b.name),
+            model=b.model,
+            pricing=b.pricing,
+            price=blended_price(b.pricing),
+            strength=b.capabilities.strength,
+            max_context=b.capabilities.max_context_tokens,
+            weight=b.weight,
+            url=b.url.rstrip("/") if b.url else None,
+            spec=b,
+            api_key=secrets.get(b.api_key_secret_ref) if b.api_key_secret_ref else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TierRoute:
+    name: str
+    spec: InferenceTierSpec
+    backends: tuple[BackendRoute, ...]
+    by_price: tuple[BackendRoute, ...]
+    by_strength: tuple[BackendRoute, ...]
+    timeouts: Timeouts
+    fallback: tuple[str, ...]
+    triggers: frozenset[FailureKind]
+    strategy: RoutingStrategy
+    cheap_below: float
+    strong_at: float
+    sticky_ttl: float | None
+
+    @classmethod
+    def of(cls, name: str, spec: InferenceTierSpec, chain: Sequence[str], secrets: SecretSource) -> TierRoute:
+        backends = tuple(BackendRoute.of(name, b, secrets) for b in spec.backends)
+        return cls(
+            name=name,
+            spec=spec,
+            backends=backends,
+            by_price=tuple(sorted(backends, key=lambda b: (b.price, -b.strength))),
+            by_strength=tuple(sorted(backends, key=lambda b: (-b.strength, b.price))),
+            timeouts=timeouts_for(spec.slo),
+            fallback=tuple(chain),
+            triggers=frozenset(spec.fallback.triggers) if spec.fallback else frozenset(),
+            strategy=spec.routing.strategy,
+            cheap_below=spec.routing.cost_aware.cheap_below,
+            strong_at=spec.routing.cost_aware.strong_at_or_above,
+            sticky_ttl=float(spec.routing.stickiness.ttl_seconds) if spec.routing.stickiness.enabled else None,
+        )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    policy: Policy
+    tiers: dict[str, TierRoute]
+    access: TierAccess
+
+    @property
+    def namespace(self) -> str:
+        return self.policy.namespace
+
+
+def build_runtime(policy: Policy, secrets: SecretSource) -> Runtime:
+    tiers = {
+        name: TierRoute.of(name, t.spec, [c for c in t.fallback_chain if c in policy.tiers], secrets)
+        for name, t in policy.tiers.items()
+    }
+    access = TierAccess(policy.namespace, frozenset(tiers), frozenset(policy.unavailable_tiers), policy.default_tier)
+    return Runtime(policy, tiers, access)
+
+
+def self_hosted(policy: Policy) -> list[tuple[str, str, str, int]]:
+    """(tier, backend, namespace, port) of every self-hosted backend, for endpoint discovery."""
+    return [
+        (name, b.name, t.namespace, b.deployment.port)
+        for name, t in policy.tiers.items()
+        for b in t.spec.backends
+        if b.deployment is not None
+    ]
+
+
+class Health:
+    """What the sidecar learnt about its upstreams; survives Policy reloads."""
+
+    def __init__(self, endpoints: Endpoints, breaker_threshold: int = 5, breaker_cooldown: float = 10.0) -> None:
+        self.endpoints = endpoints
+        self.pins = SessionPins()
+        self.in_flight: dict[str, int] = {}
+        self._breakers: dict[tuple[str, str], Breaker] = {}
+        self._threshold = breaker_threshold
+        self._cooldown = breaker_cooldown
+
+    def targets(self, backend: BackendRoute) -> tuple[str, ...]:
+        return (backend.url,) if backend.url else self.endpoints.get(backend.key)
+
+    def breaker(self, backend: BackendRoute, endpoint: str) -> Breaker:
+        key = (backend.key, endpoint)
+        b = self._breakers.get(key)
+        if b is None:
+            b = self._breakers[key] = Breaker(self._threshold, self._cooldown)
+        return b
+
+    def usable(self, backend: BackendRoute, now: float) -> bool:
+        """Has the backend an endpoint whose breaker would let a request through?"""
+        return any(self.breaker(backend, e).available(now) for e in self.targets(backend))
+
+    def open_targets(self, backend: BackendRoute, now: float) -> int:
+        return sum(1 for e in self.targets(backend) if not self.breaker(backend, e).available(now))

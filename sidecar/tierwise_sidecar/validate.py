@@ -1,0 +1,139 @@
+"""The validate stage: is the body an OpenAI request this gateway may forward?
+
+Types are checked by pydantic in strict mode (a string where a number belongs is an error, as it
+is at OpenAI); sizes by the gateway's limits, so a huge body is refused before anything else reads
+it. Unknown fields are kept and forwarded: providers add parameters faster than gateways do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tierwise_sidecar.errors import ApiError, bad_request
+
+Kind = Literal["chat", "completions", "embeddings"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; the defaults fit every current OpenAI model."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_messages: int = 2048
+    max_output_tokens: int = 262_144
+    max_choices: int = 16
+    max_inputs: int = 2048
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Message(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = Field(default=None, max_length=256)
+
+
+class _Sampling(_Open):
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+
+class ChatRequest(_Sampling):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(_Open):
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[str] | list[int] | list[list[int]]
+    user: str | None = Field(default=None, max_length=256)
+
+
+_MODELS: dict[Kind, type[_Open]] = {
+    "chat": ChatRequest,
+    "completions": CompletionRequest,
+    "embeddings": EmbeddingRequest,
+}
+
+
+def check_size(content_length: int | None, limits: Limits) -> None:
+    if content_length is not None and content_length > limits.max_body_bytes:
+        raise too_large(limits)
+
+
+def too_large(limits: Limits) -> ApiError:
+    return ApiError(
+        413,
+        f"request body is larger than {limits.max_body_bytes} bytes",
+        "invalid_request_error",
+        "request_too_large",
+    )
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"request body is not valid JSON: {e}", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object", "invalid_json")
+    return body
+
+
+def _first_error(e: ValidationError) -> ApiError:
+    err = e.errors(include_url=False)[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    where = f"{param}: " if param else ""
+    return bad_request(f"{where}{err['msg']}", "invalid_value", param)
+
+
+def validate(kind: Kind, body: Mapping[str, Any], limits: Limits) -> None:
+    """Raise an OpenAI-shaped 400 naming the first wrong field, or 413 for too much of something."""
+    try:
+        _MODELS[kind].model_validate(body)
+    except ValidationError as e:
+        raise _first_error(e) from None
+    if kind == "chat" and len(body["messages"]) > limits.max_messages:
+        raise ApiError(
+            413,
+            f"messages: {len(body['messages'])} messages is more than the limit of {limits.max_messages}",
+            "invalid_request_error",
+            "too_many_messages",
+            param="messages",
+        )
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if value is not None and value > limits.max_output_tokens:
+            raise bad_request(
+                f"{field}: {value} is more than the limit of {limits.max_output_tokens}", "invalid_value", field
+            )
+    n = body.get("n")
+    if n is not None and n > limits.max_choices:
+        raise bad_request(f"n: {n} is more than the limit of {limits.max_choices}", "invalid_value", "n")
+    if kind == "embeddings" and isinstance(body["input"], list):
+        if not body["input"]:
+            raise bad_request("input: must not be empty", "invalid_value", "input")
+        if len(body["input"]) > limits.max_inputs:
+            raise bad_request(
+                f"input: {len(body['input'])} items is more than the limit of {limits.max_inputs}",
+                "invalid_value",
+                "input",
+            )
