@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from localcluster import Cluster, ClusterError, start
+from tests.servers import Fake, GatewayServer, Loop, Served, write_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,3 +66,43 @@ def namespace(crds: Cluster) -> Iterator[str]:
     crds.kubectl("create", "namespace", name)
     yield name
     crds.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def aio() -> Iterator[Loop]:
+    """One background event loop serving every fake provider and gateway of the run."""
+    loop = Loop()
+    yield loop
+    loop.close()
+
+
+class Net:
+    """Servers started by one test, all closed when it ends."""
+
+    def __init__(self, loop: Loop, tmp: Path) -> None:
+        self.loop = loop
+        self.tmp = tmp
+        self.started: list[Served] = []
+
+    def fake(self, name: str = "fake", **config: object) -> Fake:
+        f = Fake(self.loop, name, **config)
+        self.started.append(f)
+        return f
+
+    def gateway(self, *objects: Mapping[str, Any], namespace: str | None = None, **options: Any) -> GatewayServer:
+        folder = write_policy(self.tmp / f"policy{len(self.started)}", *objects)
+        g = GatewayServer(self.loop, folder, namespace, **options)
+        self.started.append(g)
+        return g
+
+    def close(self) -> None:
+        for s in reversed(self.started):
+            with contextlib.suppress(Exception):
+                s.close()
+
+
+@pytest.fixture
+def net(aio: Loop, tmp_path: Path) -> Iterator[Net]:
+    n = Net(aio, tmp_path)
+    yield n
+    n.close()

@@ -107,6 +107,8 @@ def record(metrics: Metrics, namespace: str, o: Outcome, duration: float) -> Non
     backend = o.backend.name if o.backend is not None else "none"
     metrics.requests.labels(namespace, tenant, tier, backend, str(o.status)).inc()
     metrics.duration.labels(tier).observe(duration)
+    if o.route is not None and o.backend is not None:
+        metrics.route.labels(tier, o.route, backend).inc()
     if o.estimate is not None:
         metrics.estimated_cost.labels(namespace, tenant, o.identity.tier).inc(o.estimate.usd)
     for s in o.segments:

@@ -33,8 +33,10 @@ _REASONING = re.compile(
     re.IGNORECASE,
 )
 
-# Weights of each feature in the score; they sum to 1 before the priority adjustment.
-W_LENGTH, W_CODE, W_MATH, W_REASONING, W_DEPTH = 0.25, 0.2, 0.2, 0.25, 0.1
+# How strongly each feature alone suggests a hard request. Features combine as a noisy OR
+# (1 - product of (1 - weight * feature)): any one strong cue raises the score, several together
+# raise it further, and none can push it past 1.
+W_LENGTH, W_CODE, W_MATH, W_REASONING, W_DEPTH = 0.4, 0.35, 0.35, 0.45, 0.25
 PRIORITY_SHIFT = 0.15
 
 
@@ -69,8 +71,11 @@ def score(text: str, input_tokens: int, user_turns: int, priority: Priority) -> 
     maths = 1.0 if _MATH.search(text) else 0.0
     reasoning = min(len(_REASONING.findall(text)) / 2, 1.0)
     depth = min(max(user_turns - 1, 0) / 8, 1.0)
-    raw = W_LENGTH * length + W_CODE * code + W_MATH * maths + W_REASONING * reasoning + W_DEPTH * depth
-    raw += PRIORITY_SHIFT * int(priority)
+    easy = 1.0
+    for weight, feature in ((W_LENGTH, length), (W_CODE, code), (W_MATH, maths), (W_REASONING, reasoning),
+                            (W_DEPTH, depth)):  # fmt: skip
+        easy *= 1 - weight * feature
+    raw = 1 - easy + PRIORITY_SHIFT * int(priority)
     return Difficulty(round(min(max(raw, 0.0), 1.0), 3), length, code, maths, reasoning, depth)
 
 

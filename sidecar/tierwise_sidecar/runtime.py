@@ -42,8 +42,12 @@ def timeouts_for(slo: SLO) -> Timeouts:
             return p99 / 1000
         return 2 * p95 / 1000 if p95 is not None else None
 
-    first_byte = ms(slo.first_token_p99_milliseconds, slo.first_token_p95_milliseconds) or FIRST_BYTE_SECONDS
-    total = ms(slo.total_p99_milliseconds, slo.total_p95_milliseconds) or TOTAL_SECONDS
+    first_byte = ms(slo.first_token_p99_milliseconds, slo.first_token_p95_milliseconds)
+    total = ms(slo.total_p99_milliseconds, slo.total_p95_milliseconds)
+    if total is None:
+        total = max(TOTAL_SECONDS, first_byte or 0)
+    if first_byte is None:
+        first_byte = min(FIRST_BYTE_SECONDS, total)
     total = max(total, first_byte)
     attempt = slo.total_p95_milliseconds / 1000 if slo.total_p95_milliseconds else total / 2
     return Timeouts(min(CONNECT_SECONDS, first_byte), first_byte, max(min(attempt, total), first_byte), total)
