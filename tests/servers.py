@@ -141,7 +141,9 @@ def tier(name: str, backends: list[dict[str, Any]], namespace: str = "apps", **s
     }
 
 
-def backend(name: str, url: str, model: str = "gpt-4o-mini", price: tuple[float, float] = (0.15, 0.6), **kw: Any) -> dict[str, Any]:
+def backend(
+    name: str, url: str, model: str = "gpt-4o-mini", price: tuple[float, float] = (0.15, 0.6), **kw: Any
+) -> dict[str, Any]:
     return {
         "name": name,
         "model": model,

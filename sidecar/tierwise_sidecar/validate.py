@@ -119,21 +119,26 @@ def validate(kind: Kind, body: Mapping[str, Any], limits: Limits) -> None:
             "too_many_messages",
             param="messages",
         )
+    if kind == "embeddings":
+        _check_inputs(body["input"], limits)
+        return
     for field in ("max_tokens", "max_completion_tokens"):
         value = body.get(field)
-        if value is not None and value > limits.max_output_tokens:
+        if isinstance(value, int) and value > limits.max_output_tokens:
             raise bad_request(
                 f"{field}: {value} is more than the limit of {limits.max_output_tokens}", "invalid_value", field
             )
     n = body.get("n")
-    if n is not None and n > limits.max_choices:
+    if isinstance(n, int) and n > limits.max_choices:
         raise bad_request(f"n: {n} is more than the limit of {limits.max_choices}", "invalid_value", "n")
-    if kind == "embeddings" and isinstance(body["input"], list):
-        if not body["input"]:
-            raise bad_request("input: must not be empty", "invalid_value", "input")
-        if len(body["input"]) > limits.max_inputs:
-            raise bad_request(
-                f"input: {len(body['input'])} items is more than the limit of {limits.max_inputs}",
-                "invalid_value",
-                "input",
-            )
+
+
+def _check_inputs(inputs: Any, limits: Limits) -> None:
+    if not isinstance(inputs, list):
+        return
+    if not inputs:
+        raise bad_request("input: must not be empty", "invalid_value", "input")
+    if len(inputs) > limits.max_inputs:
+        raise bad_request(
+            f"input: {len(inputs)} items is more than the limit of {limits.max_inputs}", "invalid_value", "input"
+        )

@@ -74,7 +74,7 @@ def test_sdk_async_and_other_endpoints(net: Net) -> None:
 
 
 def test_cost_headers_are_usage_times_pricing(net: Net) -> None:
-    fake, gw = _setup(net)
+    _, gw = _setup(net)
     status, headers, body = gw.post("/v1/chat/completions", {**CHAT, "max_tokens": 100}, {"x-tierwise-tier": "premium"})
     assert status == 200
     usage = json.loads(body)["usage"]
@@ -133,7 +133,7 @@ def test_bad_input_gets_openai_shaped_errors(net: Net, body: bytes, status: int,
         namespace="apps",
         limits=Limits(max_body_bytes=256 * 1024),
     )
-    got, headers, raw = gw.post("/v1/chat/completions", body)
+    got, _, raw = gw.post("/v1/chat/completions", body)
     assert got == status, raw
     error = json.loads(raw)["error"]
     assert error["code"] == code and error["param"] == param and error["message"]
@@ -144,7 +144,9 @@ def test_context_too_long_for_every_model(net: Net) -> None:
     fake = net.fake()
     small = backend("b", fake.v1, capabilities={"maxContextTokens": 1024})
     gw = net.gateway(tier("t", [small], access={"defaultFor": {"names": ["apps"]}}), namespace="apps")
-    status, _, raw = gw.post("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "word " * 2000}]})
+    status, _, raw = gw.post(
+        "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "word " * 2000}]}
+    )
     assert status == 400 and json.loads(raw)["error"]["code"] == "context_length_exceeded"
 
 

@@ -52,7 +52,7 @@ def test_fallback_on_connection_reset(net: Net) -> None:
 
 def test_fallback_on_first_byte_timeout_from_the_slo(net: Net) -> None:
     # gold promises a first token within 300 ms at p99; a provider slower than that is abandoned.
-    gold, silver, gw = _gold_silver(net, {"firstTokenP99Milliseconds": 300}, first_byte_ms=5000)
+    _, silver, gw = _gold_silver(net, {"firstTokenP99Milliseconds": 300}, first_byte_ms=5000)
     started = time.monotonic()
     chunks = list(gw.client().chat.completions.create(model="x", messages=CHAT["messages"], stream=True))
     assert time.monotonic() - started < 5, "waited for the slow provider instead of falling back"
@@ -97,7 +97,7 @@ def test_no_request_outlives_the_tiers_total_timeout(net: Net) -> None:
 
 
 def test_circuit_breaker_opens_and_recovers(net: Net) -> None:
-    gold, silver, gw = _gold_silver(net, error_rate=1.0)
+    gold, _, gw = _gold_silver(net, error_rate=1.0)
     for _ in range(5):
         assert gw.post("/v1/chat/completions", CHAT)[0] == 200
     # Five requests x two tries opened gold's breaker: requests now skip it without trying.

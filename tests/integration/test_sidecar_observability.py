@@ -56,7 +56,9 @@ def test_real_prometheus_scrapes_the_sidecar(net: Net, tmp_path: Path) -> None:
         assert prom.query('tierwise_invalid_requests_total{code="invalid_json"}')[0]["value"][1] == "1"
         assert prom.query("tierwise_tokens_total")
         assert prom.query("tierwise_request_duration_seconds_count")
-        decisions = {r["metric"]["decision"]: r["metric"]["backend"] for r in prom.query("tierwise_route_decisions_total")}
+        decisions = {
+            r["metric"]["decision"]: r["metric"]["backend"] for r in prom.query("tierwise_route_decisions_total")
+        }
         assert decisions == {"cheap": "cheap", "strong": "strong"}
         scores = prom.query('tierwise_route_score_count{tier="t"}')
         assert float(scores[0]["value"][1]) == 6
