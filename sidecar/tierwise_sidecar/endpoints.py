@@ -1,6 +1,6 @@
 """Where a self-hosted backend's replicas are.
 
-In the cluster each backend has a headless Service (`<tier>-<backend>-pods`) whose DNS name
+In the cluster each backend has a headless Service (`<tier>-<backend>-hl`) whose DNS name
 resolves to one address per ready replica; it is re-resolved periodically so stickiness hashes over
 the replicas that exist now. Standalone, an endpoints file lists them:
 
@@ -28,7 +28,7 @@ def backend_key(tier: str, backend: str) -> str:
 
 
 def headless_service(tier: str, backend: str) -> str:
-    return f"{tier}-{backend}-pods"
+    return f"{tier}-{backend}-hl"
 
 
 def service(tier: str, backend: str) -> str:

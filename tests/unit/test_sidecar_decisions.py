@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -10,6 +11,7 @@ from tierwise.api.tier import SLO, InferenceTierSpec
 from tierwise_sidecar.account import segment
 from tierwise_sidecar.breaker import Breaker, State
 from tierwise_sidecar.difficulty import chat_difficulty
+from tierwise_sidecar.endpoints import parse_endpoints, resolve
 from tierwise_sidecar.errors import ApiError
 from tierwise_sidecar.identify import Priority, TierAccess, identify
 from tierwise_sidecar.route import (
@@ -172,3 +174,11 @@ def test_segment_prices_usage_or_counts() -> None:
     )
     assert s.usd == pytest.approx((600 * 3 + 400 * 3 + 100 * 15) / 1e6)  # no cached price: input price
     assert segment(large, None, 10, 20).usd == pytest.approx((10 * 3 + 20 * 15) / 1e6)
+
+
+def test_endpoints_file_and_dns_resolution() -> None:
+    assert parse_endpoints({"t/b": ["http://10.0.0.1:8000/v1/"]}, "f") == {"t/b": ("http://10.0.0.1:8000/v1",)}
+    for bad in ({"tb": ["http://x"]}, {"t/b": "http://x"}, {"t/b": ["ftp://x"]}, ["t/b"]):
+        with pytest.raises(ValueError):
+            parse_endpoints(bad, "f")
+    assert "http://127.0.0.1:8000/v1" in asyncio.run(resolve("localhost", 8000))
