@@ -105,16 +105,16 @@ def record(metrics: Metrics, namespace: str, o: Outcome, duration: float) -> Non
     tenant = metrics.tenant(o.identity.tenant)
     tier = o.tier or o.identity.tier
     backend = o.backend.name if o.backend is not None else "none"
-    metrics.requests.labels(namespace, tenant, tier, backend, str(o.status)).inc()
-    metrics.duration.labels(tier).observe(duration)
+    metrics.child(metrics.requests, namespace, tenant, tier, backend, str(o.status)).inc()
+    metrics.child(metrics.duration, tier).observe(duration)
     if o.route is not None and o.backend is not None:
-        metrics.route.labels(tier, o.route, backend).inc()
+        metrics.child(metrics.route, tier, o.route, backend).inc()
     if o.estimate is not None:
-        metrics.estimated_cost.labels(namespace, tenant, o.identity.tier).inc(o.estimate.usd)
+        metrics.child(metrics.estimated_cost, namespace, tenant, o.identity.tier).inc(o.estimate.usd)
     for s in o.segments:
         b = s.backend
-        metrics.tokens.labels(namespace, tenant, b.tier, b.name, "input").inc(s.input_tokens)
-        metrics.tokens.labels(namespace, tenant, b.tier, b.name, "output").inc(s.output_tokens)
+        metrics.child(metrics.tokens, namespace, tenant, b.tier, b.name, "input").inc(s.input_tokens)
+        metrics.child(metrics.tokens, namespace, tenant, b.tier, b.name, "output").inc(s.output_tokens)
         if s.cached_tokens:
-            metrics.tokens.labels(namespace, tenant, b.tier, b.name, "cached_input").inc(s.cached_tokens)
-        metrics.cost.labels(namespace, tenant, b.tier, b.name).inc(s.usd)
+            metrics.child(metrics.tokens, namespace, tenant, b.tier, b.name, "cached_input").inc(s.cached_tokens)
+        metrics.child(metrics.cost, namespace, tenant, b.tier, b.name).inc(s.usd)

@@ -22,7 +22,7 @@ from tierwise_sidecar.account import Outcome, record
 from tierwise_sidecar.difficulty import chat_difficulty, prompt_difficulty
 from tierwise_sidecar.endpoints import Endpoints, refresh_dns
 from tierwise_sidecar.errors import SERVER, ApiError
-from tierwise_sidecar.estimate import count_input, estimate_request
+from tierwise_sidecar.estimate import count_input
 from tierwise_sidecar.forward import Call, ForwardConfig, Forwarder
 from tierwise_sidecar.identify import Identity, identify
 from tierwise_sidecar.metrics import Metrics
@@ -89,6 +89,9 @@ class Gateway:
         if old is not None and old.policy.hash == loaded.policy.hash and loaded.endpoints is None:
             return False
         runtime = build_runtime(loaded.policy, self.secrets)
+        for tier in runtime.tiers.values():
+            for b in tier.backends:
+                self.counter.encoding(b.model)  # loaded now, not on a request's clock
         if loaded.endpoints is not None:
             self.health.endpoints.replace(loaded.endpoints)
         self.runtime = runtime
@@ -168,17 +171,11 @@ class Gateway:
         validate(kind, body, limits)
         identity = identify(request.headers, body, runtime.access)
         call, outcome = self._call(kind, body, identity, runtime)
-        tier = runtime.tiers[identity.tier]
-        outcome.estimate = estimate_request(self.counter, kind, body, tier.by_price[0].spec)
         started = asyncio.get_running_loop().time()
-        gauge = self.metrics.in_flight.labels(identity.tier)
+        gauge = self.metrics.child(self.metrics.in_flight, identity.tier)
         gauge.inc()
         try:
-            response = await self.forwarder.serve(request, runtime, call, outcome)
-            if outcome.backend is not None and outcome.backend.spec is not tier.by_price[0].spec:
-                # The estimate a caller sees is for the backend that served, not the first guess.
-                outcome.estimate = estimate_request(self.counter, kind, body, outcome.backend.spec)
-            return response
+            return await self.forwarder.serve(request, runtime, call, outcome)
         except ApiError as e:
             outcome.status = e.status
             raise

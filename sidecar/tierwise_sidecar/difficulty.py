@@ -11,27 +11,79 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from tierwise_sidecar.identify import Priority
 
 SCAN_CHARS = 8192
 
-_CODE = re.compile(
-    r"```|\b(?:def|class|import|return|function|const|SELECT|FROM|#include|public static)\b|[{};]\s*$|=>|\w+\(.*\)\s*:",
-    re.MULTILINE,
+# Cues, matched on words (a set lookup) and a few substrings: regular expressions with many
+# case-insensitive alternatives cost more than the rest of the request's decisions together.
+_WORD = re.compile(r"[a-z]+")
+_CODE_WORDS = frozenset(
+    {
+        "def",
+        "class",
+        "import",
+        "return",
+        "function",
+        "const",
+        "lambda",
+        "async",
+        "await",
+        "struct",
+        "impl",
+        "fn",
+        "println",
+        "printf",
+        "sql",
+        "regex",
+        "stacktrace",
+        "traceback",
+    }
 )
-_MATH = re.compile(
-    r"\d\s*[-+*/^=<>]\s*\d|\\(?:frac|sum|int|sqrt)|\b(?:integral|derivative|prove|theorem|equation|probability|"
-    r"matrix|eigen\w*|lemma|solve for)\b",
-    re.IGNORECASE,
+_CODE_MARKS = ("```", "=>", "();", "){", ") {", "#include", "SELECT ", "</")
+_LINE_CODE = re.compile(r"[;{}]\s*$", re.MULTILINE)
+_MATH_WORDS = frozenset(
+    {
+        "integral",
+        "derivative",
+        "prove",
+        "proof",
+        "theorem",
+        "equation",
+        "probability",
+        "matrix",
+        "eigenvalue",
+        "eigenvalues",
+        "lemma",
+        "solve",
+        "calculate",
+        "compute",
+    }
 )
-_REASONING = re.compile(
-    r"\b(?:step[- ]by[- ]step|explain why|why does|reason(?:ing)?|analy[sz]e|compare|trade-?offs?|plan|design|"
-    r"justify|evaluate|debug|root cause|architecture|pros and cons|in depth|think)\b",
-    re.IGNORECASE,
+_ARITHMETIC = re.compile(r"\d\s*[-+*/^=<>]\s*\d")
+_LATEX = ("\\frac", "\\sum", "\\int", "\\sqrt", "$$")
+_REASONING_WORDS = frozenset(
+    {
+        "why",
+        "reason",
+        "reasoning",
+        "analyze",
+        "analyse",
+        "compare",
+        "tradeoffs",
+        "plan",
+        "design",
+        "justify",
+        "evaluate",
+        "debug",
+        "architecture",
+        "think",
+        "explain",
+    }
 )
+_REASONING_PHRASES = ("step by step", "step-by-step", "trade-off", "root cause", "pros and cons", "in depth")
 
 # How strongly each feature alone suggests a hard request. Features combine as a noisy OR
 # (1 - product of (1 - weight * feature)): any one strong cue raises the score, several together
@@ -40,8 +92,7 @@ W_LENGTH, W_CODE, W_MATH, W_REASONING, W_DEPTH = 0.4, 0.35, 0.35, 0.45, 0.25
 PRIORITY_SHIFT = 0.15
 
 
-@dataclass(frozen=True, slots=True)
-class Difficulty:
+class Difficulty(NamedTuple):
     score: float
     length: float
     code: float
@@ -67,15 +118,21 @@ def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
 
 def score(text: str, input_tokens: int, user_turns: int, priority: Priority) -> Difficulty:
     length = min(math.log2(1 + input_tokens / 64) / 6, 1.0)
-    code = 1.0 if _CODE.search(text) else 0.0
-    maths = 1.0 if _MATH.search(text) else 0.0
-    reasoning = min(len(_REASONING.findall(text)) / 2, 1.0)
+    lower = text.lower()
+    words = set(_WORD.findall(lower))
+    code = 1.0 if (words & _CODE_WORDS or any(m in text for m in _CODE_MARKS) or _LINE_CODE.search(text)) else 0.0
+    maths = 1.0 if (words & _MATH_WORDS or any(m in text for m in _LATEX) or _ARITHMETIC.search(text)) else 0.0
+    cues = len(words & _REASONING_WORDS) + sum(1 for p in _REASONING_PHRASES if p in lower)
+    reasoning = min(cues / 2, 1.0)
     depth = min(max(user_turns - 1, 0) / 8, 1.0)
-    easy = 1.0
-    for weight, feature in ((W_LENGTH, length), (W_CODE, code), (W_MATH, maths), (W_REASONING, reasoning),
-                            (W_DEPTH, depth)):  # fmt: skip
-        easy *= 1 - weight * feature
-    raw = 1 - easy + PRIORITY_SHIFT * int(priority)
+    easy = (
+        (1 - W_LENGTH * length)
+        * (1 - W_CODE * code)
+        * (1 - W_MATH * maths)
+        * (1 - W_REASONING * reasoning)
+        * (1 - W_DEPTH * depth)
+    )
+    raw = 1 - easy + PRIORITY_SHIFT * priority.value
     return Difficulty(round(min(max(raw, 0.0), 1.0), 3), length, code, maths, reasoning, depth)
 
 

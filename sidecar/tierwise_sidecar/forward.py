@@ -24,8 +24,9 @@ from aiohttp import web
 
 from tierwise.api.tier import FailureKind, RoutingStrategy
 from tierwise_sidecar.account import Outcome, Segment, final_headers, segment, served_headers, usd
+from tierwise_sidecar.breaker import State
 from tierwise_sidecar.errors import RATE_LIMIT, UPSTREAM, ApiError
-from tierwise_sidecar.estimate import count_input
+from tierwise_sidecar.estimate import count_input, estimate_request
 from tierwise_sidecar.identify import Identity
 from tierwise_sidecar.metrics import Metrics
 from tierwise_sidecar.route import Decision, order_backends, order_endpoints, pin_first
@@ -320,6 +321,7 @@ class Forwarder:
                 if outcome.attempts >= cfg.max_attempts:
                     raise self.exhausted(state, outcome)
                 breaker = self.health.breaker(cand.backend, cand.endpoint)
+                was = breaker.state
                 if not breaker.acquire(self.now()):
                     state.last, state.detail = FailureKind.CIRCUIT_OPEN, f"circuit open for {cand.backend.key}"
                     break
@@ -331,7 +333,8 @@ class Forwarder:
                     self.metrics.attempts.labels(cand.tier.name, cand.backend.name, str(f.kind)).inc()
                     if f.kind in UNHEALTHY:
                         breaker.failure(self.now())
-                        self._gauge_circuits(cand.backend)
+                        if breaker.state is not was:
+                            self._gauge_circuits(cand.backend)
                     else:
                         breaker.release()
                     delay = min(cfg.backoff_cap, cfg.backoff_base * 2**retry) * self.rng.random()
@@ -347,13 +350,17 @@ class Forwarder:
                     breaker.release()
                     raise
                 breaker.success()
-                self._gauge_circuits(cand.backend)
-                self.metrics.attempts.labels(cand.tier.name, cand.backend.name, "ok").inc()
+                if was is not State.CLOSED:
+                    self._gauge_circuits(cand.backend)
+                self.metrics.child(self.metrics.attempts, cand.tier.name, cand.backend.name, "ok").inc()
                 self._served_by(cand, call, outcome, state)
                 return started
         raise self.exhausted(state, outcome)
 
     def _served_by(self, cand: Candidate, call: Call, outcome: Outcome, state: PlanState) -> None:
+        if outcome.backend is None:
+            # The estimate is on the backend that answers, which routing and failover decided.
+            outcome.estimate = estimate_request(self.counter, call.kind, call.body, cand.backend.spec)
         outcome.tier, outcome.backend = cand.tier.name, cand.backend
         if cand.session_key is not None and cand.tier.sticky_ttl is not None:
             moved = state.pinned is not None and (state.pinned.backend, state.pinned.endpoint) != (
