@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import yaml
@@ -90,16 +89,18 @@ def test_policy_hot_reload_keeps_streams_and_refuses_broken_policies(net: Net) -
     assert new.requests == 1 and old.requests == 1
 
     good_hash = gw.gateway.runtime.policy.hash  # type: ignore[union-attr]
+
+    def refused(n: int) -> bool:
+        return f'tierwise_policy_reloads_total{{result="refused"}} {n}.0' in gw.get("/metrics")[1].decode()
+
     (folder / "policy.yaml").write_text("kind: InferenceTier\nspec: [this is not, a tier")
-    time.sleep(0.5)
+    wait_for("invalid YAML to be refused", lambda: refused(1), timeout=10)
     assert gw.gateway.runtime.policy.hash == good_hash  # type: ignore[union-attr]
     bad_tier = tier("t", [backend("b", new.v1)], access=DEFAULT, fallback={"tier": "missing"})
     (folder / "policy.yaml").write_text(yaml.safe_dump(bad_tier))
-    time.sleep(0.5)
+    wait_for("a fallback to a missing tier to be refused", lambda: refused(2), timeout=10)
     assert gw.gateway.runtime.policy.hash == good_hash  # type: ignore[union-attr]
     assert gw.post("/v1/chat/completions", CHAT)[0] == 200
-    _, metrics = gw.get("/metrics")
-    text = metrics.decode()
-    assert 'tierwise_policy_reloads_total{result="refused"} 2.0' in text
+    text = gw.get("/metrics")[1].decode()
     assert f'tierwise_policy_info{{hash="{good_hash}",namespace="apps"}} 1.0' in text
     assert json.loads(gw.get("/readyz")[1])["policy"] == good_hash
