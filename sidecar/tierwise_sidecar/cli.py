@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,14 @@ def _serve_args(p: argparse.ArgumentParser, host: str) -> None:
     p.add_argument("--log-level", default=os.environ.get("TIERWISE_LOG_LEVEL", "INFO"))
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def _serve(args: argparse.Namespace, source: Source, dns_interval: float | None, wait: bool) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = GatewayConfig(
@@ -58,7 +67,8 @@ def _serve(args: argparse.Namespace, source: Source, dns_interval: float | None,
     if gateway.runtime is None and not wait:
         print("error: no usable Policy; see the log above", file=sys.stderr)
         return 1
-    asyncio.run(run(gateway, args.host, args.port))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(run(gateway, args.host, args.port))
     return 0
 
 
