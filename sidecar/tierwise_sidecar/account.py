@@ -50,7 +50,7 @@ def segment(backend: BackendRoute, usage: Mapping[str, Any] | None, input_tokens
     return Segment(backend, prompt, completion, cached, cost_usd(backend.pricing, prompt, completion, cached))
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """What happened to one request, filled in as it goes."""
 

@@ -143,9 +143,10 @@ class Gateway:
             kind=kind,
             body=body,
             identity=identity,
-            deadline=asyncio.get_running_loop().time() + tier.timeouts.total,
+            deadline=time.monotonic() + tier.timeouts.total,
             input_tokens=input_tokens,
             score=score,
+            counted_with=first.model,
             stream=stream,
             client_usage=isinstance(options, dict) and bool(options.get("include_usage")),
         )
@@ -171,7 +172,7 @@ class Gateway:
         validate(kind, body, limits)
         identity = identify(request.headers, body, runtime.access)
         call, outcome = self._call(kind, body, identity, runtime)
-        started = asyncio.get_running_loop().time()
+        started = time.monotonic()
         gauge = self.metrics.child(self.metrics.in_flight, identity.tier)
         gauge.inc()
         try:
@@ -181,7 +182,7 @@ class Gateway:
             raise
         finally:
             gauge.dec()
-            record(self.metrics, runtime.namespace, outcome, asyncio.get_running_loop().time() - started)
+            record(self.metrics, runtime.namespace, outcome, time.monotonic() - started)
 
     async def models(self, request: web.Request) -> web.Response:
         runtime = self.runtime

@@ -67,9 +67,13 @@ def count_input(counter: TokenCounter, kind: str, model: str, body: Mapping[str,
     return count_prompt(counter, model, body.get("prompt") if kind == "completions" else body.get("input"))
 
 
-def estimate_request(counter: TokenCounter, kind: str, body: Mapping[str, Any], backend: Backend) -> Estimate:
-    """Estimate of any request kind on a backend; embeddings produce no output tokens."""
-    input_tokens = count_input(counter, kind, backend.model, body)
+def estimate_request(
+    counter: TokenCounter, kind: str, body: Mapping[str, Any], backend: Backend, input_tokens: int | None = None
+) -> Estimate:
+    """Estimate of any request kind on a backend; embeddings produce no output tokens. Pass
+    `input_tokens` when the prompt was already counted with this backend's encoding."""
+    if input_tokens is None:
+        input_tokens = count_input(counter, kind, backend.model, body)
     output_tokens = (
         0 if kind == "embeddings" else max_output_tokens(body, backend, input_tokens) * int(body.get("n") or 1)
     )

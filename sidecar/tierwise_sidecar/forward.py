@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ class ClientGoneError(Exception):
     """The caller hung up while a stream was being relayed."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One request on its way through the pipeline."""
 
@@ -87,6 +88,7 @@ class Call:
     deadline: float
     input_tokens: int
     score: float | None
+    counted_with: str = ""
     stream: bool = False
     client_usage: bool = False
     resume_text: str = ""
@@ -106,7 +108,7 @@ class Candidate:
     session_key: str | None
 
 
-@dataclass
+@dataclass(slots=True)
 class PlanState:
     last: FailureKind | None = None
     detail: str = ""
@@ -114,7 +116,7 @@ class PlanState:
     pinned: Pin | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Flight:
     """A request in progress: what was asked, what happened so far, and the targets left to try."""
 
@@ -124,7 +126,7 @@ class Flight:
     plan: Iterator[Candidate] = field(default_factory=lambda: iter(()))
 
 
-@dataclass
+@dataclass(slots=True)
 class Started:
     candidate: Candidate
     status: int = 200
@@ -201,9 +203,8 @@ class Forwarder:
         if self.session is not None:
             await self.session.close()
 
-    @staticmethod
-    def now() -> float:
-        return asyncio.get_running_loop().time()
+    # Deadlines are on the monotonic clock; calling it is cheaper than asking the running loop.
+    now = staticmethod(time.monotonic)
 
     # ------------------------------------------------------------ choosing
 
@@ -243,7 +244,7 @@ class Forwarder:
                 for endpoint in order_endpoints(
                     self.health.targets(backend), call.identity.session, self._turn, pinned
                 ):
-                    if self.health.breaker(backend, endpoint).available(self.now()):
+                    if self.health.breaker(backend, endpoint).available(now):
                         yield Candidate(tier, backend, endpoint, session_key)
                     elif state.last is None:
                         state.last, state.detail = FailureKind.CIRCUIT_OPEN, f"circuit open for {backend.key}"
@@ -359,8 +360,12 @@ class Forwarder:
 
     def _served_by(self, cand: Candidate, call: Call, outcome: Outcome, state: PlanState) -> None:
         if outcome.backend is None:
-            # The estimate is on the backend that answers, which routing and failover decided.
-            outcome.estimate = estimate_request(self.counter, call.kind, call.body, cand.backend.spec)
+            # The estimate is on the backend that answers, which routing and failover decided;
+            # the prompt was already counted with its encoding unless the models' encodings differ.
+            counter = self.counter
+            same = counter.encoding(cand.backend.model) is counter.encoding(call.counted_with)
+            known = call.input_tokens if same else None
+            outcome.estimate = estimate_request(counter, call.kind, call.body, cand.backend.spec, known)
         outcome.tier, outcome.backend = cand.tier.name, cand.backend
         if cand.session_key is not None and cand.tier.sticky_ttl is not None:
             moved = state.pinned is not None and (state.pinned.backend, state.pinned.endpoint) != (
@@ -434,8 +439,7 @@ class Forwarder:
         out = web.StreamResponse(status=200, headers=headers)
         await out.prepare(request)
         outcome.status = 200
-        loop = asyncio.get_running_loop()
-        began = loop.time()
+        began = self.now()
         first_write = True
 
         async def write(data: bytes) -> None:
@@ -446,7 +450,7 @@ class Forwarder:
                 raise ClientGoneError() from None
             if first_write:
                 first_write = False
-                self.metrics.first_byte.labels(outcome.tier or call.identity.tier).observe(loop.time() - began)
+                self.metrics.first_byte.labels(outcome.tier or call.identity.tier).observe(self.now() - began)
 
         while True:
             cand = started.candidate
@@ -455,7 +459,7 @@ class Forwarder:
             outcome.segments.append(self._stream_segment(cand.backend, seg, call))
             if failure is None:
                 break
-            self.health.breaker(cand.backend, cand.endpoint).failure(loop.time())
+            self.health.breaker(cand.backend, cand.endpoint).failure(self.now())
             self._gauge_circuits(cand.backend)
             self.metrics.attempts.labels(cand.tier.name, cand.backend.name, str(failure.kind)).inc()
             state.last, state.detail = failure.kind, failure.detail

@@ -29,6 +29,7 @@ _ENCODING_URLS = {
     "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
 }
 DEFAULT_ENCODING = "o200k_base"
+MAX_MODELS = 1024
 
 # The chat format wraps every message in framing tokens and primes the reply (OpenAI's rule for
 # gpt-3.5-turbo and later, which providers' usage blocks agree with).
@@ -86,15 +87,22 @@ class TokenCounter:
     def __init__(self, max_cached: int = 50_000) -> None:
         seed_tiktoken_cache()
         self._encodings: dict[str, tiktoken.Encoding] = {}
+        # tiktoken finds a model's encoding by trying prefixes; remembered per model name.
+        self._by_model: dict[str, tiktoken.Encoding] = {}
         self._cache: OrderedDict[bytes, int] = OrderedDict()
         self._max = max_cached
 
     def encoding(self, model: str) -> tiktoken.Encoding:
+        enc = self._by_model.get(model)
+        if enc is not None:
+            return enc
         name = encoding_name(model)
         enc = self._encodings.get(name)
         if enc is None:
             enc = self._encodings[name] = tiktoken.get_encoding(name)
             _release_load_memory(enc)
+        if len(self._by_model) < MAX_MODELS:
+            self._by_model[model] = enc
         return enc
 
     def count_text(self, model: str, text: str) -> int:
