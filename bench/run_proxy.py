@@ -650,7 +650,7 @@ def render_env(env: dict[str, Any], args: argparse.Namespace, loop: str) -> str:
         f"- CPU: {env['cpu']} ({env['cores']} cores), Linux {env['kernel']}",
         f"- placement: {env['placement']} (taskset)",
         f"- project venv: Python {proj.get('python')}, aiohttp {proj.get('aiohttp')}; load generator loop: {loop}"
-        "; minimal proxy and fake backend: asyncio's default loop",
+        "; minimal proxy and tierwise: uvloop (when installed); fake backend: asyncio's default loop",
     ]
     ll = env.get("litellm_venv")
     if ll:

@@ -16,7 +16,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,8 +273,11 @@ class Forwarder:
             timeout = aiohttp.ClientTimeout(total=min(t.attempt, remaining), connect=t.connect)
         payload = render(call, cand.backend, self.counter)
         url = cand.endpoint + PATHS[call.kind]
+        # A whole answer is bounded by aiohttp's total timeout; a stream's wait for its first byte
+        # (aiohttp only bounds each read) by this one.
+        guard = asyncio.timeout(remaining) if call.stream else nullcontext()
         try:
-            async with asyncio.timeout(remaining):
+            async with guard:
                 resp = await self.session.post(url, data=payload, headers=headers, timeout=timeout)
                 try:
                     return await self._read_start(cand, call, resp)

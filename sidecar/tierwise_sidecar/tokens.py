@@ -89,7 +89,7 @@ class TokenCounter:
         self._encodings: dict[str, tiktoken.Encoding] = {}
         # tiktoken finds a model's encoding by trying prefixes; remembered per model name.
         self._by_model: dict[str, tiktoken.Encoding] = {}
-        self._cache: OrderedDict[bytes, int] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], int] = OrderedDict()
         self._max = max_cached
 
     def encoding(self, model: str) -> tiktoken.Encoding:
@@ -109,7 +109,10 @@ class TokenCounter:
         return len(self.encoding(model).encode(text, disallowed_special=()))
 
     def _cached(self, enc: tiktoken.Encoding, text: str) -> int:
-        key = hashlib.blake2b(f"{enc.name}\0{text}".encode(), digest_size=16).digest()
+        # Python's string hash is 64-bit SipHash with a per-process random key: collisions among
+        # 50k entries are ~1e-10 likely and cannot be aimed at, and the text is neither copied
+        # nor kept (a conversation's messages may be megabytes).
+        key = (enc.name, hash(text))
         n = self._cache.get(key)
         if n is None:
             n = len(enc.encode(text, disallowed_special=()))
