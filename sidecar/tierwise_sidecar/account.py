@@ -40,14 +40,18 @@ class Segment:
 
 def segment(backend: BackendRoute, usage: Mapping[str, Any] | None, input_tokens: int, counted_output: int) -> Segment:
     """A backend's share of a request, from its usage block or, without one, from our counts."""
-    if usage and isinstance(usage.get("prompt_tokens"), int):
-        prompt = int(usage["prompt_tokens"])
-        completion = int(usage.get("completion_tokens") or 0)
-        details = usage.get("prompt_tokens_details") or {}
-        cached = int(details.get("cached_tokens") or 0) if isinstance(details, Mapping) else 0
+    if isinstance(usage, Mapping) and isinstance(usage.get("prompt_tokens"), int):
+        prompt = usage["prompt_tokens"]
+        completion = _count(usage.get("completion_tokens"))
+        details = usage.get("prompt_tokens_details")
+        cached = _count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
     else:
         prompt, completion, cached = input_tokens, counted_output, 0
     return Segment(backend, prompt, completion, cached, cost_usd(backend.pricing, prompt, completion, cached))
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
 
 
 @dataclass(slots=True)

@@ -13,13 +13,13 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tierwise_sidecar.account import Outcome, record
-from tierwise_sidecar.difficulty import chat_difficulty, prompt_difficulty
+from tierwise_sidecar.difficulty import difficulty_of
 from tierwise_sidecar.endpoints import Endpoints, refresh_dns
 from tierwise_sidecar.errors import SERVER, ApiError
 from tierwise_sidecar.estimate import count_input
@@ -48,6 +48,7 @@ class GatewayConfig:
     reload_interval: float = 1.0
     dns_interval: float | None = None
     drain_seconds: float = 30.0
+    unready_seconds: float = 2.0
     breaker_threshold: int = 5
     breaker_cooldown: float = 10.0
     max_tenants: int = 100
@@ -76,7 +77,7 @@ class Gateway:
         """Load the source if it changed; True when a new Policy is in force."""
         signature = self.source.signature()
         if signature == self._signature:
-            return False
+            return self._refresh_keys()
         self._signature = signature
         try:
             loaded = self.source.load()
@@ -94,6 +95,7 @@ class Gateway:
                 self.counter.encoding(b.model)  # loaded now, not on a request's clock
         if loaded.endpoints is not None:
             self.health.endpoints.replace(loaded.endpoints)
+            self.health.prune()
         self.runtime = runtime
         if old is not None:
             self.metrics.policy_info.remove(old.namespace, old.policy.hash)
@@ -102,6 +104,15 @@ class Gateway:
         self.metrics.reloads.labels("applied").inc()
         log.info("policy %s in force for namespace %s: tiers %s", runtime.policy.hash, runtime.namespace,
                  ", ".join(runtime.tiers))  # fmt: skip
+        return True
+
+    def _refresh_keys(self) -> bool:
+        """A rotated API key (a Secret's mounted file changes in place) is used from the next request."""
+        runtime = self.runtime
+        if runtime is None or not runtime.keys_changed(self.secrets):
+            return False
+        self.runtime = build_runtime(runtime.policy, self.secrets)
+        log.info("API keys changed; in force for new requests")
         return True
 
     async def _watch(self) -> None:
@@ -114,21 +125,23 @@ class Gateway:
 
     async def _discover(self, interval: float) -> None:
         while True:
-            if self.runtime is not None:
-                await refresh_dns(self.health.endpoints, self_hosted(self.runtime.policy))
+            try:
+                if self.runtime is not None:
+                    await refresh_dns(self.health.endpoints, self_hosted(self.runtime.policy))
+                    self.health.prune()
+            except Exception:
+                log.exception("endpoint discovery failed; keeping the endpoints known")
             await asyncio.sleep(interval)
 
     # ------------------------------------------------------------ requests
 
-    def _call(self, kind: Kind, body: dict[str, object], identity: Identity, runtime: Runtime) -> tuple[Call, Outcome]:
+    def _call(
+        self, kind: Kind, body: dict[str, Any], identity: Identity, runtime: Runtime, started: float
+    ) -> tuple[Call, Outcome]:
         tier = runtime.tiers[identity.tier]
         first = tier.by_price[0]
         input_tokens = count_input(self.counter, kind, first.model, body)
-        score = None
-        if kind == "chat":
-            score = chat_difficulty(body["messages"], input_tokens, identity.priority).score  # type: ignore[arg-type]
-        elif kind == "completions":
-            score = prompt_difficulty(body["prompt"], input_tokens, identity.priority).score
+        score = difficulty_of(kind, body, input_tokens, identity.priority) if tier.needs_score else None
         if not any(input_tokens < b.max_context for b in tier.backends):
             raise ApiError(
                 400,
@@ -143,7 +156,8 @@ class Gateway:
             kind=kind,
             body=body,
             identity=identity,
-            deadline=time.monotonic() + tier.timeouts.total,
+            started=started,
+            deadline=started + tier.timeouts.total,
             input_tokens=input_tokens,
             score=score,
             counted_with=first.model,
@@ -159,9 +173,32 @@ class Gateway:
         return handle
 
     async def serve(self, kind: Kind, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
         runtime = self.runtime
         if runtime is None:
             raise ApiError(503, "no Policy loaded yet", SERVER, "policy_not_loaded", headers={"Retry-After": "1"})
+        try:
+            body = await self._read(kind, request)
+            identity = identify(request.headers, body, runtime.access)
+            call, outcome = self._call(kind, body, identity, runtime, started)
+        except ApiError as e:
+            self.metrics.child(self.metrics.invalid, runtime.namespace, e.code).inc()
+            raise
+        gauge = self.metrics.child(self.metrics.in_flight, identity.tier)
+        gauge.inc()
+        try:
+            return await self.forwarder.serve(request, runtime, call, outcome)
+        except ApiError as e:
+            outcome.status = e.status
+            raise
+        except Exception:
+            outcome.status = 500
+            raise
+        finally:
+            gauge.dec()
+            record(self.metrics, runtime.namespace, outcome, time.monotonic() - started)
+
+    async def _read(self, kind: Kind, request: web.Request) -> dict[str, Any]:
         limits = self.config.limits
         check_size(request.content_length, limits)
         try:
@@ -170,19 +207,7 @@ class Gateway:
             raise too_large(limits) from None
         body = parse_body(raw)
         validate(kind, body, limits)
-        identity = identify(request.headers, body, runtime.access)
-        call, outcome = self._call(kind, body, identity, runtime)
-        started = time.monotonic()
-        gauge = self.metrics.child(self.metrics.in_flight, identity.tier)
-        gauge.inc()
-        try:
-            return await self.forwarder.serve(request, runtime, call, outcome)
-        except ApiError as e:
-            outcome.status = e.status
-            raise
-        finally:
-            gauge.dec()
-            record(self.metrics, runtime.namespace, outcome, time.monotonic() - started)
+        return body
 
     async def models(self, request: web.Request) -> web.Response:
         runtime = self.runtime
@@ -211,9 +236,6 @@ class Gateway:
         try:
             return await handler(request)
         except ApiError as e:
-            if e.status < 500:
-                namespace = self.runtime.namespace if self.runtime else ""
-                self.metrics.invalid.labels(namespace, e.code).inc()
             return web.Response(status=e.status, body=e.body(), content_type="application/json", headers=e.headers)
         except web.HTTPException as e:
             if e.status >= 400:
@@ -277,6 +299,8 @@ async def run(gateway: Gateway, host: str, port: int, ready: Callable[[int], Non
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     gateway.draining = True
+    # Still serving while /readyz says 503, so load balancers and Endpoints stop sending first.
+    await asyncio.sleep(gateway.config.unready_seconds)
     log.info("draining %d in-flight request(s)", gateway.in_flight)
     await runner.cleanup()
     log.info("stopped")

@@ -17,10 +17,10 @@ import yaml
 
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
 from tierwise_sidecar.app import Gateway, GatewayConfig, Source, run
-from tierwise_sidecar.difficulty import chat_difficulty, prompt_difficulty
+from tierwise_sidecar.difficulty import difficulty_of
 from tierwise_sidecar.errors import ApiError
 from tierwise_sidecar.estimate import estimate_request
-from tierwise_sidecar.identify import Priority, TierAccess
+from tierwise_sidecar.identify import identify
 from tierwise_sidecar.policy_source import CrFolder, PolicyFile, PolicyLoadError
 from tierwise_sidecar.route import order_backends
 from tierwise_sidecar.runtime import build_runtime
@@ -101,19 +101,17 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         return 1
     runtime = build_runtime(policy, SecretSource(Path("/nonexistent"), {}))
     kind: Kind = args.kind
+    headers = {"x-tierwise-tier": args.tier} if args.tier else {}
+    headers["x-tierwise-priority"] = args.priority
     try:
         if not isinstance(body, dict):
             raise ApiError(400, "the request must be a JSON object", "invalid_request_error", "invalid_json")
         validate(kind, body, Limits())
-        access: TierAccess = runtime.access
-        tier_name = args.tier or (body.get("model") if body.get("model") in access.tiers else access.default)
-        if tier_name not in runtime.tiers:
-            raise ApiError(404, f"tier {tier_name!r} is not available here", "not_found_error", "tier_not_found")
+        identity = identify(headers, body, runtime.access)
     except ApiError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 1
-    tier = runtime.tiers[tier_name]
-    priority = Priority[args.priority.upper()]
+    tier = runtime.tiers[identity.tier]
     counter = TokenCounter()
     estimates = [(b, estimate_request(counter, kind, body, b.spec)) for b in tier.backends]
     rows = [
@@ -121,21 +119,15 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
          "maxOutputTokens": est.output_tokens, "maxCostUsd": round(est.usd, 8)}
         for b, est in estimates
     ]  # fmt: skip
-    first = estimates[0][1].input_tokens
-    if kind == "chat":
-        difficulty = chat_difficulty(body["messages"], first, priority)
-    elif kind == "completions":
-        difficulty = prompt_difficulty(body["prompt"], first, priority)
-    else:
-        difficulty = None
-    decision = order_backends(
-        tier, difficulty.score if difficulty else None, {}, lambda b: first < b.max_context, random.Random(0)
-    )
+    # Counted with the cheapest backend's encoding, as the sidecar does.
+    tokens = next(est.input_tokens for b, est in estimates if b is tier.by_price[0])
+    score = difficulty_of(kind, body, tokens, identity.priority)
+    decision = order_backends(tier, score, {}, lambda b: tokens < b.max_context, random.Random(0))
     out = {
         "namespace": runtime.namespace,
         "tier": tier.name,
         "strategy": str(tier.strategy),
-        "score": difficulty.score if difficulty else None,
+        "score": score,
         "decision": decision.decision,
         "routedTo": decision.order[0].name if decision.order else None,
         "backends": rows,

@@ -144,3 +144,12 @@ def chat_difficulty(messages: Sequence[Mapping[str, Any]], input_tokens: int, pr
 def prompt_difficulty(prompt: Any, input_tokens: int, priority: Priority) -> Difficulty:
     text = prompt if isinstance(prompt, str) else " ".join(p for p in prompt if isinstance(p, str))
     return score(text[-SCAN_CHARS:], input_tokens, 1, priority)
+
+
+def difficulty_of(kind: str, body: Mapping[str, Any], input_tokens: int, priority: Priority) -> float | None:
+    """The score of a validated request body; embeddings have none."""
+    if kind == "chat":
+        return chat_difficulty(body["messages"], input_tokens, priority).score
+    if kind == "completions":
+        return prompt_difficulty(body["prompt"], input_tokens, priority).score
+    return None

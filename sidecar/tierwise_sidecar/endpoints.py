@@ -31,10 +31,6 @@ def headless_service(tier: str, backend: str) -> str:
     return f"{tier}-{backend}-hl"
 
 
-def service(tier: str, backend: str) -> str:
-    return f"{tier}-{backend}"
-
-
 def parse_endpoints(data: object, source: str) -> dict[str, tuple[str, ...]]:
     """Validate an endpoints file's content: `tier/backend` to a list of base URLs."""
     if data is None:

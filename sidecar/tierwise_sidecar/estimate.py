@@ -43,11 +43,6 @@ def max_output_tokens(body: Mapping[str, Any], backend: Backend, input_tokens: i
     return room
 
 
-def estimate_chat(counter: TokenCounter, body: Mapping[str, Any], backend: Backend) -> Estimate:
-    """Estimate of a /v1/chat/completions body on a backend (the model is the backend's)."""
-    return estimate_request(counter, "chat", body, backend)
-
-
 def count_prompt(counter: TokenCounter, model: str, prompt: Any) -> int:
     """Tokens of a completions prompt or an embeddings input: text, texts, or token id lists."""
     if isinstance(prompt, str):

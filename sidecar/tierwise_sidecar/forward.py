@@ -15,7 +15,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +46,7 @@ UNHEALTHY = frozenset(
 )
 CONTINUE_PROMPT = "Continue exactly where your previous message was cut off, without repeating anything."
 MAX_ERROR_BODY = 64 * 1024
+LAST_WRITE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,13 @@ class Call:
     deadline: float
     input_tokens: int
     score: float | None
+    started: float = 0.0
     counted_with: str = ""
     stream: bool = False
     client_usage: bool = False
     resume_text: str = ""
+    # Rendered bodies by (model, resume text): retries and same-model backends reuse them.
+    payloads: dict[tuple[str, str], bytes] = field(default_factory=dict)
 
     @property
     def resumable(self) -> bool:
@@ -129,7 +133,6 @@ class Flight:
 @dataclass(slots=True)
 class Started:
     candidate: Candidate
-    status: int = 200
     body: bytes = b""
     data: dict[str, Any] = field(default_factory=dict)
     response: aiohttp.ClientResponse | None = None
@@ -150,6 +153,14 @@ def _classify(status: int) -> FailureKind | None:
 
 def render(call: Call, backend: BackendRoute, counter: TokenCounter) -> bytes:
     """The body sent to a backend: its model, usage asked for on streams, and a resume's context."""
+    key = (backend.model, call.resume_text)
+    cached = call.payloads.get(key)
+    if cached is None:
+        cached = call.payloads[key] = _render(call, backend, counter)
+    return cached
+
+
+def _render(call: Call, backend: BackendRoute, counter: TokenCounter) -> bytes:
     body = dict(call.body)
     body["model"] = backend.model
     if call.stream:
@@ -171,11 +182,30 @@ def render(call: Call, backend: BackendRoute, counter: TokenCounter) -> bytes:
 
 
 def _text_of(data: dict[str, Any]) -> str:
+    """The text of a whole answer's choices; whatever does not have the expected shape is none."""
+    choices = data.get("choices")
+    if not isinstance(choices, list):
+        return ""
     parts = []
-    for c in data.get("choices") or ():
-        msg = c.get("message") or {}
-        parts.append(str(msg.get("content") or c.get("text") or ""))
+    for c in choices:
+        if not isinstance(c, dict):
+            continue
+        msg = c.get("message")
+        text = msg.get("content") if isinstance(msg, dict) else c.get("text")
+        if isinstance(text, str):
+            parts.append(text)
     return "".join(parts)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """A body up to `cap` bytes, however it is chunked."""
+    out = bytearray()
+    while len(out) < cap:
+        chunk = await resp.content.read(cap - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
 
 
 class Forwarder:
@@ -235,7 +265,7 @@ class Forwarder:
             if first:
                 outcome.route, outcome.score, first = decision.decision, decision.score, False
                 if decision.score is not None:
-                    self.metrics.route_score.labels(tier.name).observe(decision.score)
+                    self.metrics.child(self.metrics.route_score, tier.name).observe(decision.score)
             if not decision.order and state.last is None:
                 state.last, state.detail = FailureKind.CIRCUIT_OPEN, f"no backend of tier {tier.name} is available"
             self._turn += 1
@@ -244,10 +274,7 @@ class Forwarder:
                 for endpoint in order_endpoints(
                     self.health.targets(backend), call.identity.session, self._turn, pinned
                 ):
-                    if self.health.breaker(backend, endpoint).available(now):
-                        yield Candidate(tier, backend, endpoint, session_key)
-                    elif state.last is None:
-                        state.last, state.detail = FailureKind.CIRCUIT_OPEN, f"circuit open for {backend.key}"
+                    yield Candidate(tier, backend, endpoint, session_key)
             if state.last not in tier.triggers:
                 return
             nxt = next(chain, None)
@@ -262,8 +289,6 @@ class Forwarder:
         assert self.session is not None
         t = cand.tier.timeouts
         remaining = call.deadline - self.now()
-        if remaining <= 0:
-            raise UpstreamError(FailureKind.TIMEOUT, "the request's deadline passed")
         headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if cand.backend.api_key:
             headers["Authorization"] = f"Bearer {cand.backend.api_key}"
@@ -295,7 +320,7 @@ class Forwarder:
             resp.close()
             raise UpstreamError(kind, f"{cand.backend.key} answered {resp.status}", resp.headers.get("Retry-After"))
         if resp.status >= 400:
-            body = await resp.content.read(MAX_ERROR_BODY)
+            body = await _read_capped(resp, MAX_ERROR_BODY)
             resp.close()
             raise UpstreamRefusalError(resp.status, body, resp.content_type)
         if call.stream:
@@ -324,12 +349,19 @@ class Forwarder:
             for retry in range(cfg.retries + 1):
                 if outcome.attempts >= cfg.max_attempts:
                     raise self.exhausted(state, outcome)
+                if self.now() >= call.deadline:
+                    # Out of time is the request's verdict, not the target's: no breaker counts it.
+                    state.last, state.detail = FailureKind.TIMEOUT, "the request's total timeout passed"
+                    raise self.exhausted(state, outcome)
                 breaker = self.health.breaker(cand.backend, cand.endpoint)
                 was = breaker.state
                 if not breaker.acquire(self.now()):
                     state.last, state.detail = FailureKind.CIRCUIT_OPEN, f"circuit open for {cand.backend.key}"
                     break
                 outcome.attempts += 1
+                in_flight = self.health.in_flight
+                key = cand.backend.key
+                in_flight[key] = in_flight.get(key, 0) + 1
                 try:
                     started = await self.attempt(cand, call)
                 except UpstreamError as f:
@@ -349,10 +381,13 @@ class Forwarder:
                 except UpstreamRefusalError:
                     breaker.success()
                     self.metrics.attempts.labels(cand.tier.name, cand.backend.name, "client_error").inc()
+                    self._served_by(cand, call, outcome, state)
                     raise
                 except BaseException:
                     breaker.release()
                     raise
+                finally:
+                    in_flight[key] -= 1
                 breaker.success()
                 if was is not State.CLOSED:
                     self._gauge_circuits(cand.backend)
@@ -410,31 +445,29 @@ class Forwarder:
             return web.Response(
                 status=p.status, body=p.body, content_type=p.content_type, headers=served_headers(outcome)
             )
-        key = started.candidate.backend.key
-        in_flight = self.health.in_flight
-        in_flight[key] = in_flight.get(key, 0) + 1
-        try:
-            if not call.stream:
-                return self._whole(started, call, outcome)
-            return await self._relay(request, flight, started)
-        finally:
-            in_flight[key] -= 1
+        if not call.stream:
+            return self._whole(started, call, outcome)
+        return await self._relay(request, flight, started)
 
     def _whole(self, started: Started, call: Call, outcome: Outcome) -> web.Response:
-        backend = started.candidate.backend
         usage = started.data.get("usage")
-        if usage:
-            outcome.segments.append(segment(backend, usage, 0, 0))
-        else:
-            counted = 0 if call.kind == "embeddings" else self.counter.count_text(backend.model, _text_of(started.data))
-            outcome.segments.append(segment(backend, None, self._input_on(backend, call), counted))
+        text = "" if usage or call.kind == "embeddings" else _text_of(started.data)
+        outcome.segments.append(self._segment(started.candidate.backend, usage, text, call))
         outcome.status = 200
         return web.Response(
             status=200, body=started.body, content_type="application/json", headers=final_headers(outcome)
         )
 
-    def _input_on(self, backend: BackendRoute, call: Call) -> int:
-        return count_input(self.counter, call.kind, backend.model, call.body)
+    def _segment(self, backend: BackendRoute, usage: Any, text: str, call: Call) -> Segment:
+        """A backend's share, from its usage block or, without a usable one, counted here."""
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            return segment(backend, usage, 0, 0)
+        counter = self.counter
+        if counter.encoding(backend.model) is counter.encoding(call.counted_with) and not call.resume_text:
+            prompt = call.input_tokens
+        else:
+            prompt = count_input(counter, call.kind, backend.model, call.body)
+        return segment(backend, None, prompt, counter.count_text(backend.model, text) if text else 0)
 
     async def _relay(self, request: web.Request, flight: Flight, started: Started) -> web.StreamResponse:
         call, outcome, state = flight.call, flight.outcome, flight.state
@@ -442,74 +475,75 @@ class Forwarder:
         out = web.StreamResponse(status=200, headers=headers)
         await out.prepare(request)
         outcome.status = 200
-        began = self.now()
-        first_write = True
-
-        async def write(data: bytes) -> None:
-            nonlocal first_write
-            try:
-                await out.write(data)
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                raise ClientGoneError() from None
-            if first_write:
-                first_write = False
-                self.metrics.first_byte.labels(outcome.tier or call.identity.tier).observe(self.now() - began)
-
+        writer = _Writer(out, self.metrics.child(self.metrics.first_byte, outcome.tier or call.identity.tier), call)
         while True:
             cand = started.candidate
             seg = StreamState(chat=call.kind == "chat", strip_usage=not call.client_usage)
-            failure = await self._pump(started, seg, call, write)
-            outcome.segments.append(self._stream_segment(cand.backend, seg, call))
+            try:
+                failure = await self._pump(started, seg, call, writer)
+            except ClientGoneError:
+                outcome.segments.append(self._segment(cand.backend, seg.usage, "".join(seg.text), call))
+                outcome.status = 499  # the caller hung up; what the provider produced is still billed
+                return out
+            outcome.segments.append(self._segment(cand.backend, seg.usage, "".join(seg.text), call))
             if failure is None:
                 break
-            self.health.breaker(cand.backend, cand.endpoint).failure(self.now())
-            self._gauge_circuits(cand.backend)
             self.metrics.attempts.labels(cand.tier.name, cand.backend.name, str(failure.kind)).inc()
             state.last, state.detail = failure.kind, failure.detail
+            out_of_time = self.now() >= call.deadline
+            if not out_of_time:
+                self.health.breaker(cand.backend, cand.endpoint).failure(self.now())
+                self._gauge_circuits(cand.backend)
             call.resume_text += "".join(seg.text)
-            resumed = await self._resume(flight)
+            resumed = None if out_of_time or seg.tool_calls else await self._resume(flight)
             if resumed is None:
-                with suppress(ClientGoneError):
-                    await write(error_event(f"stream interrupted: {failure.detail}", "stream_interrupted"))
+                if out_of_time or seg.tool_calls:
+                    self.metrics.resumes.labels(outcome.tier or call.identity.tier, "error_event").inc()
+                await writer.last(error_event(f"stream interrupted: {failure.detail}", "stream_interrupted"))
                 outcome.status = 502
                 return out
             started = resumed
-        with suppress(ClientGoneError):
-            await write(f": tierwise cost_usd={usd(outcome.usd)} attempts={outcome.attempts}\n\n".encode() + DONE_EVENT)
-            await out.write_eof()
+        closing = f": tierwise cost_usd={usd(outcome.usd)} attempts={outcome.attempts}\n\n".encode()
+        await writer.last(closing + DONE_EVENT)
         return out
 
-    async def _pump(
-        self, started: Started, seg: StreamState, call: Call, write: Callable[[bytes], Any]
-    ) -> UpstreamError | None:
+    async def _pump(self, started: Started, seg: StreamState, call: Call, writer: _Writer) -> UpstreamError | None:
         """Relay one upstream stream to the caller; the failure that cut it, if any."""
         resp = started.response
         assert resp is not None
         relay = Relay(seg)
+        key = started.candidate.backend.key
+        in_flight = self.health.in_flight
+        in_flight[key] = in_flight.get(key, 0) + 1
         try:
             async with asyncio.timeout(call.deadline - self.now()):
                 data = relay.feed(started.first)
                 if data:
-                    await write(data)
+                    await writer.write(data)
                 async for chunk in resp.content.iter_any():
                     data = relay.feed(chunk)
                     if data:
-                        await write(data)
+                        await writer.write(data)
+                    if seg.error is not None:
+                        break
+        except TimeoutError:
+            if writer.writing:
+                # The deadline passed while the caller was not reading: its doing, not the provider's.
+                resp.close()
+                raise ClientGoneError() from None
+            return UpstreamError(FailureKind.TIMEOUT, f"{key} stalled mid-stream")
         except ClientGoneError:
             resp.close()
             raise
-        except TimeoutError:
-            return UpstreamError(FailureKind.TIMEOUT, f"{started.candidate.backend.key} stalled mid-stream")
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            return UpstreamError(FailureKind.CONNECTION_ERROR, f"{started.candidate.backend.key}: {type(e).__name__}")
+            return UpstreamError(FailureKind.CONNECTION_ERROR, f"{key}: {type(e).__name__}")
         finally:
+            in_flight[key] -= 1
             resp.release()
         if seg.error is not None:
             return UpstreamError(FailureKind.SERVER_ERROR, str(seg.error.get("message") or "error event"))
         if not seg.complete:
-            return UpstreamError(
-                FailureKind.CONNECTION_ERROR, f"{started.candidate.backend.key} ended the stream early"
-            )
+            return UpstreamError(FailureKind.CONNECTION_ERROR, f"{key} ended the stream early")
         return None
 
     async def _resume(self, flight: Flight) -> Started | None:
@@ -525,8 +559,33 @@ class Forwarder:
         self.metrics.resumes.labels(tier, "resumed").inc()
         return started
 
-    def _stream_segment(self, backend: BackendRoute, seg: StreamState, call: Call) -> Segment:
-        if seg.usage:
-            return segment(backend, seg.usage, 0, 0)
-        counted = self.counter.count_text(backend.model, "".join(seg.text))
-        return segment(backend, None, self._input_on(backend, call), counted)
+
+class _Writer:
+    """Writes a stream to the caller: notes the first byte, and tells a caller who hung up (or
+    stopped reading) from a provider that failed."""
+
+    def __init__(self, out: web.StreamResponse, first_byte: Any, call: Call) -> None:
+        self.out = out
+        self.first_byte = first_byte
+        self.call = call
+        self.writing = False
+        self._first = True
+
+    async def write(self, data: bytes) -> None:
+        self.writing = True
+        try:
+            await self.out.write(data)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            raise ClientGoneError() from None
+        finally:
+            self.writing = False
+        if self._first:
+            self._first = False
+            self.first_byte.observe(time.monotonic() - self.call.started)
+
+    async def last(self, data: bytes) -> None:
+        """The final bytes, bounded in time: a caller that stopped reading cannot hold the handler."""
+        with suppress(ClientGoneError, TimeoutError):
+            async with asyncio.timeout(LAST_WRITE_SECONDS):
+                await self.write(data)
+                await self.out.write_eof()

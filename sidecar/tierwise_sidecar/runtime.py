@@ -6,8 +6,9 @@ State that must outlive a reload (breakers, session pins, in-flight counts) live
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tierwise.api.tier import SLO, Backend, FailureKind, InferenceTierSpec, Pricing, RoutingStrategy
 from tierwise.policy import Policy
@@ -16,6 +17,8 @@ from tierwise_sidecar.endpoints import Endpoints, backend_key
 from tierwise_sidecar.identify import TierAccess
 from tierwise_sidecar.secrets import SecretSource
 from tierwise_sidecar.sticky import SessionPins
+
+log = logging.getLogger("tierwise.sidecar")
 
 CONNECT_SECONDS = 3.0
 FIRST_BYTE_SECONDS = 30.0
@@ -94,7 +97,6 @@ class BackendRoute:
 @dataclass(frozen=True, slots=True)
 class TierRoute:
     name: str
-    spec: InferenceTierSpec
     backends: tuple[BackendRoute, ...]
     by_price: tuple[BackendRoute, ...]
     by_strength: tuple[BackendRoute, ...]
@@ -105,13 +107,15 @@ class TierRoute:
     cheap_below: float
     strong_at: float
     sticky_ttl: float | None
+    # Whether a request entering this tier needs a difficulty score (this tier or a fallback
+    # routes by cost): scoring is skipped for everyone else.
+    needs_score: bool = False
 
     @classmethod
     def of(cls, name: str, spec: InferenceTierSpec, chain: Sequence[str], secrets: SecretSource) -> TierRoute:
         backends = tuple(BackendRoute.of(name, b, secrets) for b in spec.backends)
         return cls(
             name=name,
-            spec=spec,
             backends=backends,
             by_price=tuple(sorted(backends, key=lambda b: (b.price, -b.strength))),
             by_strength=tuple(sorted(backends, key=lambda b: (-b.strength, b.price))),
@@ -135,12 +139,27 @@ class Runtime:
     def namespace(self) -> str:
         return self.policy.namespace
 
+    def keys_changed(self, secrets: SecretSource) -> bool:
+        """Does any backend's Secret now hold another key than the one in use?"""
+        return any(
+            b.spec.api_key_secret_ref is not None and secrets.get(b.spec.api_key_secret_ref) != b.api_key
+            for t in self.tiers.values()
+            for b in t.backends
+        )
+
 
 def build_runtime(policy: Policy, secrets: SecretSource) -> Runtime:
     tiers = {
         name: TierRoute.of(name, t.spec, [c for c in t.fallback_chain if c in policy.tiers], secrets)
         for name, t in policy.tiers.items()
     }
+    cost_aware = {n for n, t in tiers.items() if t.strategy is RoutingStrategy.COST_AWARE}
+    tiers = {n: replace(t, needs_score=bool(cost_aware & {n, *t.fallback})) for n, t in tiers.items()}
+    for t in tiers.values():
+        for b in t.backends:
+            ref = b.spec.api_key_secret_ref
+            if ref is not None and b.api_key is None:
+                log.warning("backend %s: Secret %s key %s not found; sending no API key", b.key, ref.name, ref.key)
     access = TierAccess(policy.namespace, frozenset(tiers), frozenset(policy.unavailable_tiers), policy.default_tier)
     return Runtime(policy, tiers, access)
 
@@ -179,6 +198,15 @@ class Health:
     def usable(self, backend: BackendRoute, now: float) -> bool:
         """Has the backend an endpoint whose breaker would let a request through?"""
         return any(self.breaker(backend, e).available(now) for e in self.targets(backend))
+
+    def prune(self) -> None:
+        """Forget breakers of replicas that are gone (pod IPs come and go)."""
+
+        def alive(key: str, endpoint: str) -> bool:
+            known = self.endpoints.get(key)  # empty for external backends: their URL stays
+            return not known or endpoint in known
+
+        self._breakers = {k: b for k, b in self._breakers.items() if alive(*k)}
 
     def open_targets(self, backend: BackendRoute, now: float) -> int:
         return sum(1 for e in self.targets(backend) if not self.breaker(backend, e).available(now))

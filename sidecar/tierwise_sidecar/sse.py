@@ -25,7 +25,8 @@ class StreamState:
     usage: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     done: bool = False
-    events: int = 0
+    # A stream that was sending tool calls cannot be resumed from its text.
+    tool_calls: bool = False
 
     @property
     def complete(self) -> bool:
@@ -70,23 +71,36 @@ class Relay:
                 return True
             if not isinstance(obj, dict):
                 return True
-            st.events += 1
             if obj.get("error"):
                 # Held back: the failure may yet be resumed elsewhere; if not, the owner reports it.
                 st.error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
                 return False
-            choices = obj.get("choices") or ()
-            for c in choices:
-                piece = (c.get("delta") or {}).get("content") if st.chat else c.get("text")
-                if piece:
-                    st.text.append(piece)
-                if c.get("finish_reason"):
-                    st.finish_reason = c["finish_reason"]
-            if obj.get("usage"):
-                st.usage = obj["usage"]
+            choices = obj.get("choices")
+            if isinstance(choices, list):
+                self._choices(choices)
+            usage = obj.get("usage")
+            if isinstance(usage, dict) and usage:
+                st.usage = usage
                 if st.strip_usage and not choices:
                     return False
         return True
+
+    def _choices(self, choices: list[Any]) -> None:
+        st = self.state
+        for c in choices:
+            if not isinstance(c, dict):
+                continue
+            delta = c.get("delta")
+            if st.chat and isinstance(delta, dict):
+                piece = delta.get("content")
+                if delta.get("tool_calls"):
+                    st.tool_calls = True
+            else:
+                piece = c.get("text")
+            if isinstance(piece, str) and piece:
+                st.text.append(piece)
+            if isinstance(c.get("finish_reason"), str):
+                st.finish_reason = c["finish_reason"]
 
 
 def _next_boundary(buf: bytes, start: int) -> tuple[int, int]:

@@ -138,7 +138,8 @@ class TokenCounter:
                 if part.get("type") == "text":
                     n += self._cached(enc, str(part.get("text", "")))
                 elif part.get("type") == "image_url":
-                    detail = (part.get("image_url") or {}).get("detail", "auto")
+                    image = part.get("image_url")
+                    detail = image.get("detail", "auto") if isinstance(image, Mapping) else "auto"
                     n += IMAGE_LOW_DETAIL if detail == "low" else IMAGE_DEFAULT
         if message.get("tool_calls"):
             n += self._cached(enc, json.dumps(message["tool_calls"], sort_keys=True, separators=(",", ":")))

@@ -9,7 +9,7 @@ import json
 import openai
 import pytest
 
-from tests.conftest import Net
+from tests.conftest import Net, wait_for
 from tests.servers import CHAT, backend, tier
 from tierwise_sidecar.tokens import TokenCounter
 from tierwise_sidecar.validate import Limits
@@ -157,3 +157,29 @@ def test_no_default_tier_asks_for_the_header(net: Net) -> None:
         gw.client().chat.completions.create(model="gpt-4o", messages=CHAT["messages"])
     assert e.value.code == "tier_required"
     assert gw.client().chat.completions.create(model="t", messages=CHAT["messages"]).choices
+
+
+def test_caller_hanging_up_mid_stream_is_billed_and_not_an_error(net: Net) -> None:
+    fake = net.fake("slow", per_token_ms=50, completion_tokens=40)
+    gw = net.gateway(tier("t", [backend("b", fake.v1)], access={"defaultFor": {"names": ["apps"]}}), namespace="apps")
+    with gw.client().chat.completions.create(model="x", messages=CHAT["messages"], stream=True) as stream:
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break  # closes the connection
+    wait_for("the hang-up to be recorded", lambda: 'code="499"' in gw.get("/metrics")[1].decode(), timeout=10)
+    text = gw.get("/metrics")[1].decode()
+    assert 'code="500"' not in text
+    output = [
+        line for line in text.splitlines() if line.startswith("tierwise_tokens_total") and 'kind="output"' in line
+    ]
+    assert output and float(output[0].split()[-1]) >= 3
+
+
+def test_image_parts_in_either_form_are_counted(net: Net) -> None:
+    _, gw = _setup(net)
+    for image in ("https://example.com/cat.png", {"url": "https://example.com/cat.png", "detail": "low"}):
+        content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": image}]
+        status, _, raw = gw.post(
+            "/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": content}]}
+        )
+        assert status == 200, raw

@@ -182,3 +182,16 @@ def test_endpoints_file_and_dns_resolution() -> None:
         with pytest.raises(ValueError):
             parse_endpoints(bad, "f")
     assert "http://127.0.0.1:8000/v1" in asyncio.run(resolve("localhost", 8000))
+
+
+def test_sse_relay_flags_tool_calls_and_survives_odd_shapes() -> None:
+    state = StreamState(chat=True, strip_usage=False)
+    relay = Relay(state)
+    relay.feed(b'data: {"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"f"}}]}}]}\n\n')
+    assert state.tool_calls
+    odd = StreamState(chat=True, strip_usage=True)
+    events = (
+        b'data: {"choices":{"a":1}}\n\ndata: {"choices":[1,{"delta":"x"}],"usage":[1]}\n\ndata: [1]\n\ndata: nope\n\n'
+    )
+    assert Relay(odd).feed(events) == events
+    assert odd.text == [] and odd.usage is None

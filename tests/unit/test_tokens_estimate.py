@@ -11,7 +11,7 @@ import tiktoken
 
 from tests.cases import tier
 from tierwise.api import InferenceTier, parse_object
-from tierwise_sidecar.estimate import cost_usd, estimate_chat
+from tierwise_sidecar.estimate import cost_usd, estimate_request
 from tierwise_sidecar.tokens import TokenCounter, encoding_name, seed_tiktoken_cache
 
 
@@ -87,7 +87,7 @@ def _backend(**pricing: float) -> InferenceTier:
 def test_estimate_uses_max_tokens_and_prices(counter: TokenCounter) -> None:
     backend = _backend(inputPerMillion=2.5, outputPerMillion=10).spec.backends[0]
     body = {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 100}
-    est = estimate_chat(counter, body, backend)
+    est = estimate_request(counter, "chat", body, backend)
     n_in = counter.count_chat(backend.model, body["messages"])
     assert (est.input_tokens, est.output_tokens) == (n_in, 100)
     assert est.usd == pytest.approx((n_in * 2.5 + 100 * 10) / 1e6)
@@ -96,7 +96,7 @@ def test_estimate_uses_max_tokens_and_prices(counter: TokenCounter) -> None:
 def test_estimate_without_max_tokens_is_bounded_by_the_context(counter: TokenCounter) -> None:
     backend = _backend(inputPerMillion=1, outputPerMillion=1).spec.backends[0]
     body = {"messages": [{"role": "user", "content": "hello world"}], "n": 2}
-    est = estimate_chat(counter, body, backend)
+    est = estimate_request(counter, "chat", body, backend)
     assert est.output_tokens == 2 * (1000 - est.input_tokens)
 
 
