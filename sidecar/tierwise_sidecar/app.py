@@ -78,14 +78,19 @@ class Gateway:
         signature = self.source.signature()
         if signature == self._signature:
             return self._refresh_keys()
-        self._signature = signature
         try:
             loaded = self.source.load()
         except PolicyLoadError as e:
+            if self.source.signature() != signature:
+                return False  # caught mid-write: judge what the next tick finds
+            self._signature = signature
             self.metrics.reloads.labels("refused").inc()
             kept = f"keeping Policy {self.runtime.policy.hash}" if self.runtime else "no Policy in force"
             log.error("policy refused: %s; %s", e, kept)
             return False
+        if self.source.signature() != signature:
+            return False
+        self._signature = signature
         old = self.runtime
         if old is not None and old.policy.hash == loaded.policy.hash and loaded.endpoints is None:
             return False

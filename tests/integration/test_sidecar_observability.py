@@ -4,6 +4,7 @@ is picked up (or refused) while requests are in flight."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -90,15 +91,18 @@ def test_policy_hot_reload_keeps_streams_and_refuses_broken_policies(net: Net) -
 
     good_hash = gw.gateway.runtime.policy.hash  # type: ignore[union-attr]
 
-    def refused(n: int) -> bool:
-        return f'tierwise_policy_reloads_total{{result="refused"}} {n}.0' in gw.get("/metrics")[1].decode()
+    def refused() -> float:
+        found = re.search(r'tierwise_policy_reloads_total\{result="refused"\} (\S+)', gw.get("/metrics")[1].decode())
+        return float(found.group(1)) if found else 0.0
 
+    # A file caught half-written may be refused twice (once per state seen): count at least one.
     (folder / "policy.yaml").write_text("kind: InferenceTier\nspec: [this is not, a tier")
-    wait_for("invalid YAML to be refused", lambda: refused(1), timeout=10)
+    wait_for("invalid YAML to be refused", lambda: refused() >= 1, timeout=10)
     assert gw.gateway.runtime.policy.hash == good_hash  # type: ignore[union-attr]
+    before = refused()
     bad_tier = tier("t", [backend("b", new.v1)], access=DEFAULT, fallback={"tier": "missing"})
     (folder / "policy.yaml").write_text(yaml.safe_dump(bad_tier))
-    wait_for("a fallback to a missing tier to be refused", lambda: refused(2), timeout=10)
+    wait_for("a fallback to a missing tier to be refused", lambda: refused() > before, timeout=10)
     assert gw.gateway.runtime.policy.hash == good_hash  # type: ignore[union-attr]
     assert gw.post("/v1/chat/completions", CHAT)[0] == 200
     text = gw.get("/metrics")[1].decode()
