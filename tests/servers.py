@@ -7,8 +7,7 @@ import asyncio
 import json
 import threading
 import urllib.request
-from collections.abc import Coroutine, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -157,15 +156,6 @@ def write_policy(folder: Path, *objects: Mapping[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "policy.yaml").write_text(yaml.safe_dump_all(list(objects), sort_keys=False))
     return folder
-
-
-@contextmanager
-def servers() -> Iterator[Loop]:
-    loop = Loop()
-    try:
-        yield loop
-    finally:
-        loop.close()
 
 
 CHAT = {"model": "any", "messages": [{"role": "user", "content": "Say hello."}]}

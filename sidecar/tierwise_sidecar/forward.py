@@ -398,12 +398,9 @@ class Forwarder:
 
     def _served_by(self, cand: Candidate, call: Call, outcome: Outcome, state: PlanState) -> None:
         if outcome.backend is None:
-            # The estimate is on the backend that answers, which routing and failover decided;
-            # the prompt was already counted with its encoding unless the models' encodings differ.
-            counter = self.counter
-            same = counter.encoding(cand.backend.model) is counter.encoding(call.counted_with)
-            known = call.input_tokens if same else None
-            outcome.estimate = estimate_request(counter, call.kind, call.body, cand.backend.spec, known)
+            # The estimate is on the backend that answers, which routing and failover decided.
+            prompt = self._prompt_tokens(cand.backend, call)
+            outcome.estimate = estimate_request(self.counter, call.kind, call.body, cand.backend.spec, prompt)
         outcome.tier, outcome.backend = cand.tier.name, cand.backend
         if cand.session_key is not None and cand.tier.sticky_ttl is not None:
             moved = state.pinned is not None and (state.pinned.backend, state.pinned.endpoint) != (
@@ -462,12 +459,16 @@ class Forwarder:
         """A backend's share, from its usage block or, without a usable one, counted here."""
         if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
             return segment(backend, usage, 0, 0)
+        completion = self.counter.count_text(backend.model, text) if text else 0
+        return segment(backend, None, self._prompt_tokens(backend, call), completion)
+
+    def _prompt_tokens(self, backend: BackendRoute, call: Call) -> int:
+        """The request's prompt in the backend's encoding: the count made on arrival when the
+        encodings agree (the usual case), else counted again."""
         counter = self.counter
         if counter.encoding(backend.model) is counter.encoding(call.counted_with) and not call.resume_text:
-            prompt = call.input_tokens
-        else:
-            prompt = count_input(counter, call.kind, backend.model, call.body)
-        return segment(backend, None, prompt, counter.count_text(backend.model, text) if text else 0)
+            return call.input_tokens
+        return count_input(counter, call.kind, backend.model, call.body)
 
     async def _relay(self, request: web.Request, flight: Flight, started: Started) -> web.StreamResponse:
         call, outcome, state = flight.call, flight.outcome, flight.state
