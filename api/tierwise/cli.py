@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     from tierwise_sidecar.cli import add_commands
 
     add_commands(sub)
+    from tierwise_operator.run import add_arguments
+    from tierwise_operator.run import main as operator_main
+
+    o = sub.add_parser(
+        "operator", help="run the operator: reconcile tiers into Deployments, Services, scaling, Policies"
+    )
+    add_arguments(o)
+    o.set_defaults(func=operator_main)
     return parser
 
 

@@ -172,7 +172,8 @@ def _default_tiers(world: _World, namespace: str) -> list[InferenceTier]:
         (
             t
             for t in world.visible_tiers(namespace).values()
-            if t.spec.access.default_for is not None and world.selection_matches(t.spec.access.default_for, namespace)
+            if (t.spec.access.default and t.namespace == namespace)
+            or (t.spec.access.default_for is not None and world.selection_matches(t.spec.access.default_for, namespace))
         ),
         key=lambda t: t.name,
     )

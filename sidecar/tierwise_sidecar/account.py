@@ -110,7 +110,7 @@ def record(metrics: Metrics, namespace: str, o: Outcome, duration: float) -> Non
     tier = o.tier or o.identity.tier
     backend = o.backend.name if o.backend is not None else "none"
     metrics.child(metrics.requests, namespace, tenant, tier, backend, str(o.status)).inc()
-    metrics.child(metrics.duration, tier).observe(duration)
+    metrics.child(metrics.duration, namespace, tier).observe(duration)
     if o.route is not None and o.backend is not None:
         metrics.child(metrics.route, tier, o.route, backend).inc()
     if o.estimate is not None:

@@ -70,6 +70,18 @@ class Gateway:
         self.in_flight = 0
         self._signature: object = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics.watch_backends(self._backend_load)
+
+    def _backend_load(self) -> list[tuple[str, str, str, int]]:
+        runtime = self.runtime
+        if runtime is None:
+            return []
+        in_flight = self.health.in_flight
+        return [
+            (runtime.namespace, t.name, b.name, in_flight.get(b.key, 0))
+            for t in runtime.tiers.values()
+            for b in t.backends
+        ]
 
     # ------------------------------------------------------------ policy
 

@@ -19,16 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from tierwise.naming import backend_key, headless_service
+
 log = logging.getLogger("tierwise.endpoints")
 _SCHEMES = ("http://", "https://")
-
-
-def backend_key(tier: str, backend: str) -> str:
-    return f"{tier}/{backend}"
-
-
-def headless_service(tier: str, backend: str) -> str:
-    return f"{tier}-{backend}-hl"
 
 
 def parse_endpoints(data: object, source: str) -> dict[str, tuple[str, ...]]:

@@ -366,7 +366,7 @@ class Forwarder:
                     started = await self.attempt(cand, call)
                 except UpstreamError as f:
                     state.last, state.detail, state.retry_after = f.kind, f.detail, f.retry_after
-                    self.metrics.attempts.labels(cand.tier.name, cand.backend.name, str(f.kind)).inc()
+                    self._attempt(call, cand, str(f.kind))
                     if f.kind in UNHEALTHY:
                         breaker.failure(self.now())
                         if breaker.state is not was:
@@ -380,7 +380,7 @@ class Forwarder:
                     break
                 except UpstreamRefusalError:
                     breaker.success()
-                    self.metrics.attempts.labels(cand.tier.name, cand.backend.name, "client_error").inc()
+                    self._attempt(call, cand, "client_error")
                     self._served_by(cand, call, outcome, state)
                     raise
                 except BaseException:
@@ -391,7 +391,7 @@ class Forwarder:
                 breaker.success()
                 if was is not State.CLOSED:
                     self._gauge_circuits(cand.backend)
-                self.metrics.child(self.metrics.attempts, cand.tier.name, cand.backend.name, "ok").inc()
+                self._attempt(call, cand, "ok")
                 self._served_by(cand, call, outcome, state)
                 return started
         raise self.exhausted(state, outcome)
@@ -412,6 +412,10 @@ class Forwarder:
             now = self.now()
             self.health.pins.put(cand.session_key, Pin(cand.backend.name, cand.endpoint, now + cand.tier.sticky_ttl))
             state.pinned = self.health.pins.get(cand.session_key, now)
+
+    def _attempt(self, call: Call, cand: Candidate, result: str) -> None:
+        labels = (call.identity.namespace, cand.tier.name, cand.backend.name, result)
+        self.metrics.child(self.metrics.attempts, *labels).inc()
 
     def _gauge_circuits(self, backend: BackendRoute) -> None:
         self.metrics.open_circuits.labels(backend.tier, backend.name).set(self.health.open_targets(backend, self.now()))
@@ -476,7 +480,8 @@ class Forwarder:
         out = web.StreamResponse(status=200, headers=headers)
         await out.prepare(request)
         outcome.status = 200
-        writer = _Writer(out, self.metrics.child(self.metrics.first_byte, outcome.tier or call.identity.tier), call)
+        ttfb = self.metrics.child(self.metrics.first_byte, call.identity.namespace, outcome.tier or call.identity.tier)
+        writer = _Writer(out, ttfb, call)
         while True:
             cand = started.candidate
             seg = StreamState(chat=call.kind == "chat", strip_usage=not call.client_usage)
@@ -489,7 +494,7 @@ class Forwarder:
             outcome.segments.append(self._segment(cand.backend, seg.usage, "".join(seg.text), call))
             if failure is None:
                 break
-            self.metrics.attempts.labels(cand.tier.name, cand.backend.name, str(failure.kind)).inc()
+            self._attempt(call, cand, str(failure.kind))
             state.last, state.detail = failure.kind, failure.detail
             out_of_time = self.now() >= call.deadline
             if not out_of_time:

@@ -8,10 +8,13 @@ the first `max_tenants` distinct tenants keep their name, later ones are counted
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -39,6 +42,31 @@ class TenantLabels:
         return OTHER_TENANT
 
 
+# (namespace, tier, backend, attempts in flight)
+BackendLoad = Callable[[], Iterable[tuple[str, str, str, int]]]
+
+
+class BackendInFlight(Collector):
+    """Attempts in flight per backend, read at scrape time from the counts routing already keeps.
+
+    Every declared backend is exported, idle ones as 0: the operator's autoscaler tells "no load"
+    (scale down) from "no data" (hold) by whether the series exists.
+    """
+
+    def __init__(self, load: BackendLoad) -> None:
+        self._load = load
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily(
+            "tierwise_backend_in_flight_requests",
+            "Attempts in flight to a backend from this sidecar.",
+            labels=["namespace", "tier", "backend"],
+        )
+        for namespace, tier, backend, n in self._load():
+            g.add_metric([namespace, tier, backend], n)
+        yield g
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, max_tenants: int = 100) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -54,11 +82,13 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.duration = Histogram(
-            "tierwise_request_duration_seconds", "Time to the whole response, fallbacks included.", ["tier"],
+            "tierwise_request_duration_seconds", "Time to the whole response, fallbacks included.",
+            ["namespace", "tier"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.first_byte = Histogram(
-            "tierwise_time_to_first_byte_seconds", "Time to the first streamed byte sent to the caller.", ["tier"],
+            "tierwise_time_to_first_byte_seconds", "Time to the first streamed byte sent to the caller.",
+            ["namespace", "tier"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.tokens = Counter(
@@ -73,7 +103,7 @@ class Metrics:
         )
         self.attempts = Counter(
             "tierwise_upstream_attempts", "Attempts sent to backends, by result (ok, client_error or a failure kind).",
-            ["tier", "backend", "result"], registry=r,
+            ["namespace", "tier", "backend", "result"], registry=r,
         )  # fmt: skip
         self.fallbacks = Counter(
             "tierwise_fallbacks", "Requests moved to a fallback tier.", ["from_tier", "to_tier", "reason"], registry=r
@@ -109,6 +139,9 @@ class Metrics:
         self.policy_loaded = Gauge(
             "tierwise_policy_loaded_timestamp_seconds", "When the Policy in force was loaded.", registry=r
         )
+
+    def watch_backends(self, load: BackendLoad) -> None:
+        self.registry.register(BackendInFlight(load))
 
     def child(self, metric: M, *labels: str) -> M:
         """The labelled series, remembered: prometheus_client's labels() validates and locks on

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from tierwise.api.tier import SLO, Backend, FailureKind, InferenceTierSpec, Pricing, RoutingStrategy
+from tierwise.naming import backend_key, serving_port
 from tierwise.policy import Policy
 from tierwise_sidecar.breaker import Breaker
-from tierwise_sidecar.endpoints import Endpoints, backend_key
+from tierwise_sidecar.endpoints import Endpoints
 from tierwise_sidecar.identify import TierAccess
 from tierwise_sidecar.secrets import SecretSource
 from tierwise_sidecar.sticky import SessionPins
@@ -167,7 +168,7 @@ def build_runtime(policy: Policy, secrets: SecretSource) -> Runtime:
 def self_hosted(policy: Policy) -> list[tuple[str, str, str, int]]:
     """(tier, backend, namespace, port) of every self-hosted backend, for endpoint discovery."""
     return [
-        (name, b.name, t.namespace, b.deployment.port)
+        (name, b.name, t.namespace, serving_port(b.deployment.port, b.deployment.sidecar))
         for name, t in policy.tiers.items()
         for b in t.spec.backends
         if b.deployment is not None

@@ -419,6 +419,11 @@ class Access(ApiModel):
         description="Namespaces allowed to use the tier besides its own. Only tiers in the platform "
         "namespace may reach other namespaces.",
     )
+    default: bool = Field(
+        default=False,
+        description="Requests from the tier's own namespace without a tier header use this tier "
+        "(a team's quickstart needs no namespace name).",
+    )
     default_for: NamespaceSelection | None = Field(
         default=None, description="Namespaces whose requests without a tier header use this tier."
     )

@@ -1,0 +1,239 @@
+"""The operator's Kubernetes client: the handful of verbs it uses, on plain dicts.
+
+kopf watches; this applies. kopf patches with merge/JSON patches only, so children are written
+here with server-side apply under one field manager, through kubernetes_asyncio's authenticated
+transport (kubeconfig or in-cluster service account). Every write is counted, so the operator can
+prove it makes none when nothing changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+
+from tierwise.naming import FIELD_MANAGER
+
+Obj = dict[str, Any]
+USER_AGENT = "tierwise-operator"
+TRANSIENT = frozenset({0, 408, 409, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class Kind:
+    api_version: str
+    kind: str
+    plural: str
+    namespaced: bool = True
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    @property
+    def version(self) -> str:
+        return self.api_version.rpartition("/")[2]
+
+    @property
+    def group_path(self) -> str:
+        return f"/apis/{self.api_version}" if "/" in self.api_version else f"/api/{self.api_version}"
+
+    def path(self, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
+        base = self.group_path
+        if self.namespaced and namespace is not None:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name is not None:
+            base += f"/{name}"
+        if sub is not None:
+            base += f"/{sub}"
+        return base
+
+
+DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
+SERVICE = Kind("v1", "Service", "services")
+PDB = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
+HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
+SCALED_OBJECT = Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects")
+CONFIGMAP = Kind("v1", "ConfigMap", "configmaps")
+NAMESPACE = Kind("v1", "Namespace", "namespaces", namespaced=False)
+TIER = Kind("tierwise.dev/v1alpha1", "InferenceTier", "inferencetiers")
+BUDGET = Kind("tierwise.dev/v1alpha1", "CostBudget", "costbudgets")
+CACHE = Kind("tierwise.dev/v1alpha1", "CachePolicy", "cachepolicies")
+EVENT = Kind("v1", "Event", "events")
+KINDS = {k.kind: k for k in (DEPLOYMENT, SERVICE, PDB, HPA, SCALED_OBJECT, CONFIGMAP, NAMESPACE, TIER, BUDGET, CACHE)}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}" if status else message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying with backoff; anything else is the request's fault and will fail again."""
+        return self.status in TRANSIENT
+
+
+def kind_of(obj: Obj) -> Kind:
+    return KINDS[str(obj["kind"])]
+
+
+Counter = Callable[[str, Kind], None]
+
+
+class Kube:
+    def __init__(self, api: k8s.ApiClient, on_write: Counter | None = None) -> None:
+        self.api = api
+        self._on_write = on_write or (lambda verb, kind: None)
+
+    @classmethod
+    async def connect(cls, kubeconfig: str | None = None, on_write: Counter | None = None) -> Kube:
+        """From a kubeconfig (argument, $KUBECONFIG, ~/.kube/config) or, inside a pod, its service account."""
+        cfg = k8s.Configuration()
+        if kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ and "KUBECONFIG" not in os.environ:
+            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        else:
+            await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        api = k8s.ApiClient(configuration=cfg)
+        api.user_agent = USER_AGENT
+        return cls(api, on_write)
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, str]] | None = None,
+        body: Obj | None = None,
+        content_type: str = "application/json",
+    ) -> Obj:
+        try:
+            resp = await self.api.call_api(
+                path,
+                method,
+                query_params=query or [],
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=30,
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise ApiError(0, "Unreachable", f"{method} {path}: {type(e).__name__}: {e}") from e
+        try:
+            raw = await resp.read()
+        finally:
+            resp.release()
+        try:
+            data: Obj = json.loads(raw) if raw else {}
+        except ValueError:
+            data = {"message": raw[:200].decode(errors="replace")}
+        if not 200 <= resp.status < 300:
+            raise ApiError(resp.status, str(data.get("reason", "")), str(data.get("message", "")))
+        return data
+
+    async def get(self, kind: Kind, namespace: str | None, name: str) -> Obj | None:
+        try:
+            return await self._call("GET", kind.path(namespace, name))
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def list(self, kind: Kind, namespace: str | None = None, label_selector: str | None = None) -> list[Obj]:
+        query = [("labelSelector", label_selector)] if label_selector else []
+        items: list[Obj] = []
+        while True:
+            page = await self._call("GET", kind.path(namespace), [*query, ("limit", "500")])
+            for item in page.get("items", []):
+                item.setdefault("apiVersion", kind.api_version)
+                item.setdefault("kind", kind.kind)
+                items.append(item)
+            cont = page.get("metadata", {}).get("continue")
+            if not cont:
+                return items
+            query = [*query[:1], ("continue", cont)] if label_selector else [("continue", cont)]
+
+    async def apply(self, obj: Obj) -> Obj:
+        """Server-side apply under the operator's field manager; conflicts are forced (we own these fields)."""
+        kind = kind_of(obj)
+        meta = obj["metadata"]
+        self._on_write("apply", kind)
+        return await self._call(
+            "PATCH",
+            kind.path(meta.get("namespace"), meta["name"]),
+            [("fieldManager", FIELD_MANAGER), ("force", "true")],
+            obj,
+            "application/apply-patch+yaml",
+        )
+
+    async def delete(self, kind: Kind, namespace: str | None, name: str) -> bool:
+        self._on_write("delete", kind)
+        try:
+            await self._call("DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"})
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    async def patch_status(self, kind: Kind, namespace: str, name: str, status: Obj) -> Obj:
+        """Merge-patch the status subresource (status is the operator's alone; spec is never touched)."""
+        self._on_write("status", kind)
+        return await self._call(
+            "PATCH", kind.path(namespace, name, "status"), body={"status": status},
+            content_type="application/merge-patch+json",
+        )  # fmt: skip
+
+    async def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event about `obj` (creations, scale changes, errors)."""
+        meta = obj["metadata"]
+        ns = meta.get("namespace") or "default"
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": ns},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": meta["name"],
+                "namespace": ns,
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "eventTime": now,
+            "action": reason,
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": os.environ.get("HOSTNAME", FIELD_MANAGER),
+            "count": 1,
+        }
+        self._on_write("create", EVENT)
+        await self._call("POST", EVENT.path(ns), body=event)
+
+    async def serves(self, kind: Kind) -> bool:
+        """Does the API server know this kind (e.g. is KEDA installed)?"""
+        try:
+            found = await self._call("GET", kind.group_path)
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+        return any(r.get("name") == kind.plural for r in found.get("resources", []))

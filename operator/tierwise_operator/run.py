@@ -1,0 +1,142 @@
+"""`tierwise operator`: kopf's watches, the controller's workers, and a small HTTP server for
+liveness (/healthz), readiness (/readyz: the cache is primed and kopf is watching) and /metrics.
+
+One active operator at a time: it is deployed as a single replica with the Recreate strategy
+(docs/operator.md says why not kopf peering or a Lease).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import threading
+
+import kopf
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
+from tierwise_operator import handlers
+from tierwise_operator.controller import Config, Controller
+from tierwise_operator.kube import SCALED_OBJECT, ApiError, Kube
+from tierwise_operator.metrics import OperatorMetrics
+from tierwise_operator.store import Store
+
+log = logging.getLogger("tierwise.operator")
+
+
+async def prime(kube: Kube, controller: Controller) -> None:
+    """List every watched kind once before the first reconcile, so no Policy is ever compiled from
+    a half-filled cache (which would write a wrong Policy, then the right one)."""
+    for kind, managed in handlers.WATCHED:
+        try:
+            items = await kube.list(kind, label_selector=handlers.MANAGED_SELECTOR if managed else None)
+        except ApiError as e:
+            if e.status == 404:  # e.g. KEDA not installed
+                continue
+            raise
+        for obj in items:
+            controller.observe(kind.kind, obj, deleted=False)
+
+
+async def serve_health(
+    port: int, ready: asyncio.Event, alive: asyncio.Event, metrics: OperatorMetrics
+) -> web.AppRunner:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n") if alive.is_set() else web.Response(status=503, text="starting\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        return web.Response(text="ready\n") if ready.is_set() else web.Response(status=503, text="not ready\n")
+
+    async def metrics_view(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, os.environ.get("TIERWISE_HEALTH_HOST", "0.0.0.0"), port).start()
+    return runner
+
+
+async def operate(args: argparse.Namespace) -> None:
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    metrics = OperatorMetrics()
+    kube = await Kube.connect(args.kubeconfig, on_write=lambda verb, kind: metrics.count_write(verb, kind.kind))
+    config = Config(
+        platform_namespace=args.platform_namespace,
+        prometheus_url=args.prometheus_url,
+        sidecar_image=args.sidecar_image,
+        autoscale_interval=args.autoscale_interval,
+        slo_interval=args.slo_interval,
+    )
+    controller = Controller(kube, Store(), config, metrics)
+    ready, alive, stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    kopf_ready = threading.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = await serve_health(args.health_port, ready, alive, metrics)
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, controller)
+    controller.keda_installed = await kube.serves(SCALED_OBJECT)
+    await prime(kube, controller)
+    alive.set()
+    kopf_task = asyncio.create_task(
+        kopf.operator(
+            registry=registry,
+            settings=handlers.settings(),
+            clusterwide=True,
+            standalone=True,
+            ready_flag=kopf_ready,
+            stop_flag=stop,
+        )
+    )
+    controller.start()
+    controller.requeue_all()
+    while not kopf_ready.is_set() and not kopf_task.done():
+        await asyncio.sleep(0.1)
+    ready.set()
+    log.info("operator ready: %d tiers cached", len(list(controller.store.all("InferenceTier"))))
+    try:
+        await kopf_task
+    finally:
+        ready.clear()
+        await controller.stop()
+        await runner.cleanup()
+        await kube.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kubeconfig", help="kubeconfig to use (default: $KUBECONFIG, else the in-cluster service account)")
+    p.add_argument(
+        "--platform-namespace",
+        default=os.environ.get("TIERWISE_PLATFORM_NAMESPACE", DEFAULT_PLATFORM_NAMESPACE),
+        help="namespace whose objects may govern other namespaces (where tierwise is installed)",
+    )
+    p.add_argument(
+        "--prometheus-url",
+        default=os.environ.get("TIERWISE_PROMETHEUS_URL"),
+        help="Prometheus that scrapes the sidecars: autoscaling signals and SLO status",
+    )
+    p.add_argument(
+        "--sidecar-image",
+        default=os.environ.get("TIERWISE_SIDECAR_IMAGE", "ghcr.io/tierwise/tierwise:latest"),
+        help="image of the sidecar put in front of self-hosted model servers (backend.deployment.sidecar)",
+    )
+    p.add_argument("--health-port", type=int, default=8081, help="port of /healthz, /readyz and /metrics")
+    p.add_argument("--autoscale-interval", type=float, default=15.0, help="seconds between autoscaler passes")
+    p.add_argument("--slo-interval", type=float, default=30.0, help="seconds between SLO observations")
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    asyncio.run(operate(args))
+    return 0
