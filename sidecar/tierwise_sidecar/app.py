@@ -52,6 +52,8 @@ class GatewayConfig:
     breaker_threshold: int = 5
     breaker_cooldown: float = 10.0
     max_tenants: int = 100
+    # The ingress role: every request is served by the Policy's default tier, whatever it names.
+    pin_tier: bool = False
 
 
 class Gateway:
@@ -106,7 +108,7 @@ class Gateway:
         old = self.runtime
         if old is not None and old.policy.hash == loaded.policy.hash and loaded.endpoints is None:
             return False
-        runtime = build_runtime(loaded.policy, self.secrets)
+        runtime = build_runtime(loaded.policy, self.secrets, self.config.pin_tier)
         for tier in runtime.tiers.values():
             for b in tier.backends:
                 self.counter.encoding(b.model)  # loaded now, not on a request's clock
@@ -128,7 +130,7 @@ class Gateway:
         runtime = self.runtime
         if runtime is None or not runtime.keys_changed(self.secrets):
             return False
-        self.runtime = build_runtime(runtime.policy, self.secrets)
+        self.runtime = build_runtime(runtime.policy, self.secrets, self.config.pin_tier)
         log.info("API keys changed; in force for new requests")
         return True
 
@@ -307,7 +309,7 @@ async def run(gateway: Gateway, host: str, port: int, ready: Callable[[int], Non
     site = web.TCPSite(runner, host, port, shutdown_timeout=gateway.config.drain_seconds)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
-    log.info("serving on %s:%d", host, bound)
+    log.info("serving on %s:%d", host or "*", bound)
     if ready is not None:
         ready(bound)
     stop = asyncio.Event()

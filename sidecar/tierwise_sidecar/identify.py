@@ -3,7 +3,8 @@
 The namespace comes from the pod's own identity (the Policy is compiled for it), never from the
 request. The tier comes from `x-tierwise-tier` (or a `model` that names a tier, so an unchanged
 OpenAI client can pick one), limited to the tiers the namespace may use; else the namespace's
-default tier.
+default tier. A pinned TierAccess (the ingress role, in front of one tier's replica) answers every
+request with its default tier, whatever the request names.
 """
 
 from __future__ import annotations
@@ -50,9 +51,14 @@ class TierAccess:
     tiers: Collection[str]
     unavailable: Collection[str]
     default: str | None
+    # Every request is the default tier's: set in the ingress role, where the request is already
+    # inside one of that tier's replicas and naming another tier cannot take it anywhere else.
+    pinned: bool = False
 
 
 def _tier(requested: str | None, model: Any, access: TierAccess) -> str:
+    if access.pinned and access.default is not None:
+        return access.default
     if requested is not None:
         if requested in access.tiers:
             return requested

@@ -149,7 +149,8 @@ class Runtime:
         )
 
 
-def build_runtime(policy: Policy, secrets: SecretSource) -> Runtime:
+def build_runtime(policy: Policy, secrets: SecretSource, pin_tier: bool = False) -> Runtime:
+    """`pin_tier`: every request is served by the Policy's default tier (the ingress role)."""
     tiers = {
         name: TierRoute.of(name, t.spec, [c for c in t.fallback_chain if c in policy.tiers], secrets)
         for name, t in policy.tiers.items()
@@ -161,7 +162,9 @@ def build_runtime(policy: Policy, secrets: SecretSource) -> Runtime:
             ref = b.spec.api_key_secret_ref
             if ref is not None and b.api_key is None:
                 log.warning("backend %s: Secret %s key %s not found; sending no API key", b.key, ref.name, ref.key)
-    access = TierAccess(policy.namespace, frozenset(tiers), frozenset(policy.unavailable_tiers), policy.default_tier)
+    access = TierAccess(
+        policy.namespace, frozenset(tiers), frozenset(policy.unavailable_tiers), policy.default_tier, pin_tier
+    )
     return Runtime(policy, tiers, access)
 
 
