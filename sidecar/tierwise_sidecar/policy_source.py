@@ -62,16 +62,23 @@ def read_policy(path: Path) -> Policy:
 
 
 class PolicyFile:
-    """A compiled Policy, as the operator writes it."""
+    """A compiled Policy, as the operator writes it; with `namespace`, only one compiled for that
+    namespace is accepted (a Policy of another namespace would label and route as that one)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, namespace: str | None = None) -> None:
         self.path = path
+        self.namespace = namespace
 
     def signature(self) -> object:
         return _stat(self.path)
 
     def load(self) -> Loaded:
-        return Loaded(read_policy(self.path), None)
+        policy = read_policy(self.path)
+        if self.namespace is not None and policy.namespace != self.namespace:
+            raise PolicyLoadError(
+                f"{self.path}: the Policy is namespace {policy.namespace}'s, this sidecar serves {self.namespace}"
+            )
+        return Loaded(policy, None)
 
 
 class CrFolder:
