@@ -11,7 +11,7 @@ import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -20,7 +20,9 @@ from tierwise_sidecar.app import Gateway, GatewayConfig, Source, run
 from tierwise_sidecar.difficulty import difficulty_of
 from tierwise_sidecar.errors import ApiError
 from tierwise_sidecar.estimate import estimate_request
+from tierwise_sidecar.forward import ForwardConfig
 from tierwise_sidecar.identify import identify
+from tierwise_sidecar.ingress import Ingress, IngressSource, parse_target, parse_upstream
 from tierwise_sidecar.policy_source import CrFolder, PolicyFile, PolicyLoadError
 from tierwise_sidecar.route import order_backends
 from tierwise_sidecar.runtime import build_runtime
@@ -29,10 +31,11 @@ from tierwise_sidecar.tokens import TokenCounter
 from tierwise_sidecar.validate import Kind, Limits, validate
 
 DEFAULT_POLICY_FILE = Path("/etc/tierwise/policy/policy.json")
+T = TypeVar("T")
 
 
-def _serve_args(p: argparse.ArgumentParser, host: str) -> None:
-    p.add_argument("--host", default=host, help=f"address to listen on (default {host})")
+def _serve_args(p: argparse.ArgumentParser, host_help: str) -> None:
+    p.add_argument("--host", help=f"address to listen on (default {host_help})")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument(
         "--secrets-dir",
@@ -54,21 +57,30 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _serve(args: argparse.Namespace, source: Source, dns_interval: float | None, wait: bool) -> int:
+def _serve(
+    args: argparse.Namespace, source: Source, dns_interval: float | None, wait: bool, ingress: bool = False
+) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = GatewayConfig(
         limits=Limits(max_body_bytes=args.max_body_bytes),
+        # An ingress passes its replica's failure back at once: the caller's sidecar retries and
+        # fails over itself, and two layers of retries would multiply the load on a sick replica.
+        forward=ForwardConfig(retries=0) if ingress else ForwardConfig(),
         reload_interval=args.reload_interval,
         drain_seconds=args.drain_seconds,
         dns_interval=dns_interval,
+        pin_tier=ingress,
     )
+    # The app's own sidecar is for the pod alone; an ingress is reached by Services on the pod IP,
+    # so it listens on every interface ("": IPv4 and IPv6).
+    host = args.host if args.host is not None else ("" if ingress else "127.0.0.1")
     gateway = Gateway(source, config, SecretSource(args.secrets_dir))
     gateway.reload()
     if gateway.runtime is None and not wait:
         print("error: no usable Policy; see the log above", file=sys.stderr)
         return 1
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(run(gateway, args.host, args.port))
+        runner.run(run(gateway, host, args.port))
     return 0
 
 
@@ -78,9 +90,39 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def _cmd_sidecar(args: argparse.Namespace) -> int:
+    source = PolicyFile(args.policy_file, args.namespace)
+    if args.ingress is not None:
+        return _cmd_ingress(args, source)
+    if args.upstream is not None:
+        print("error: --upstream is only valid with --ingress", file=sys.stderr)
+        return 2
     in_cluster = "KUBERNETES_SERVICE_HOST" in os.environ
     dns = args.dns_interval if (args.discover_endpoints or (args.discover_endpoints is None and in_cluster)) else None
-    return _serve(args, PolicyFile(args.policy_file), dns, wait=True)
+    return _serve(args, source, dns, wait=True)
+
+
+def _cmd_ingress(args: argparse.Namespace, source: PolicyFile) -> int:
+    """The front door of one self-hosted replica: one tier, one backend, one upstream."""
+    if args.upstream is None:
+        print("error: --ingress needs --upstream, the model server's base URL", file=sys.stderr)
+        return 2
+    if args.discover_endpoints:
+        print("error: --ingress serves only its --upstream; it discovers no endpoints", file=sys.stderr)
+        return 2
+    tier, backend = args.ingress
+    return _serve(args, IngressSource(source, Ingress(tier, backend, args.upstream)), None, wait=True, ingress=True)
+
+
+def _arg_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """A parser raising ValueError, as an argparse type whose message reaches the user."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
 def _policy_of(path: Path, namespace: str | None, platform: str) -> Any:
@@ -159,7 +201,20 @@ def add_commands(sub: Any) -> None:
         help="resolve self-hosted replicas from headless Services (default: when in a cluster)",
     )
     s.add_argument("--dns-interval", type=float, default=10.0, help="seconds between endpoint lookups")
-    _serve_args(s, "127.0.0.1")
+    s.add_argument("-n", "--namespace", help="namespace the sidecar runs in: a Policy compiled for another is refused")
+    s.add_argument(
+        "--ingress",
+        metavar="TIER/BACKEND",
+        type=_arg_type(parse_target),
+        help="serve as the front door of one replica of this self-hosted backend (set by the operator)",
+    )
+    s.add_argument(
+        "--upstream",
+        metavar="URL",
+        type=_arg_type(parse_upstream),
+        help="with --ingress: base URL of the model server in the same pod, e.g. http://127.0.0.1:8000/v1",
+    )
+    _serve_args(s, "127.0.0.1; with --ingress every interface")
     s.set_defaults(func=_cmd_sidecar)
 
     e = sub.add_parser("estimate", help="print the token and cost estimate of a request under a Policy")
