@@ -90,6 +90,7 @@ class Controller:
         self.metrics = metrics
         self.prom = signals.Prometheus(config.prometheus_url) if config.prometheus_url else None
         self.queue: WorkQueue[Key] = WorkQueue(self._reconcile, workers=config.workers, on_error=self._failed)
+        metrics.queue_depth.set_function(lambda: len(self.queue))
         self.keda_installed = False
         self._derived: Derived | None = None
         self._scaling: dict[tuple[str, str, str], BackendScaling] = {}
@@ -183,7 +184,15 @@ class Controller:
             for name, t in world.visible_tiers(ns).items():
                 callers.setdefault((t.namespace, name), []).append(ns)
         d = Derived(self.store.version, world, problems, {k: tuple(v) for k, v in callers.items()})
+        before = self._derived
         self._derived = d
+        if before is not None:
+            # A tier's verdict can change without the tier changing (the tier it falls back to
+            # just arrived or went away): revisit every tier whose problems or callers moved.
+            for t in world.tiers:
+                ref, key = t.ref, (t.namespace, t.name)
+                if before.problems.get(ref) != problems.get(ref) or before.callers.get(key) != d.callers.get(key):
+                    self.queue.add(("tier", t.namespace, t.name))
         return d
 
     def scope(self, tier: InferenceTier, backend: str | None) -> Scope:
@@ -244,7 +253,7 @@ class Controller:
             live = self.store.get(kind, tier.namespace, name)
             if live is not None and covers(live, want):
                 continue
-            new = await self.kube.apply(want)
+            new = await self._apply(want)
             self.store.put(kind, new)
             if live is None:
                 await self.event(owner, "Normal", "Created", f"created {kind} {name}")
@@ -263,6 +272,20 @@ class Controller:
                     if await self.kube.delete(KINDS[kind], tier.namespace, name):
                         await self.event(owner, "Normal", "Deleted", f"deleted {kind} {name}: no longer declared")
                     self.store.remove(kind, live)
+
+    async def _apply(self, want: Obj) -> Obj:
+        try:
+            new: Obj | None = await self.kube.apply(want)
+        except ApiError as e:
+            if e.status != 422:
+                raise
+            new = None
+        if new is None or not covers(new, want):
+            # Someone edited a list we own with a plain update (kubectl edit/patch): server-side
+            # apply keeps their entry beside ours (e.g. two ports both named http, which is
+            # invalid). A merge patch replaces lists wholesale, so the declared state wins.
+            new = await self.kube.replace_fields(want)
+        return new
 
     def _observed(self, tier: InferenceTier, generation: int, problems: list[str]) -> Observed:
         backends = []

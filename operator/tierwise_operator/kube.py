@@ -179,6 +179,20 @@ class Kube:
             "application/apply-patch+yaml",
         )
 
+    async def replace_fields(self, obj: Obj) -> Obj:
+        """JSON merge patch of the whole declared object: lists are replaced wholesale, so entries
+        another manager added to a list we own (a port, a container) are dropped."""
+        kind = kind_of(obj)
+        meta = obj["metadata"]
+        self._on_write("patch", kind)
+        return await self._call(
+            "PATCH",
+            kind.path(meta.get("namespace"), meta["name"]),
+            [("fieldManager", FIELD_MANAGER)],
+            obj,
+            "application/merge-patch+json",
+        )
+
     async def delete(self, kind: Kind, namespace: str | None, name: str) -> bool:
         self._on_write("delete", kind)
         try:
