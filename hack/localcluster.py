@@ -387,6 +387,10 @@ def _start_node_components(cluster: Cluster, bins: Path, certs: Path, detach: bo
             f"--root-ca-file={certs / 'ca.crt'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--use-service-account-credentials=false",
+            # kwok's simulated node has no kubelet that can really fail; on two busy cores (or a
+            # paused VM) its heartbeat can lag past the default 50 s, and the node controller then
+            # marks every pod NotReady for good. Tests that need a node to fail delete it instead.
+            "--node-monitor-grace-period=10m",
         ],
         detach,
     )

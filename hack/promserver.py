@@ -39,7 +39,10 @@ class Prometheus:
             self.process.wait(5)
 
 
-def start_prometheus(workdir: Path, targets: Sequence[str], interval: str = "1s") -> Prometheus:
+def start_prometheus(
+    workdir: Path, targets: Sequence[str], interval: str = "1s", port: int | None = None
+) -> Prometheus:
+    """Start Prometheus (again, with `port` and the same workdir: same address, same data)."""
     binary = shutil.which("prometheus")
     if binary is None:
         raise RuntimeError("prometheus is not installed (hack/setup.sh installs the Debian package)")
@@ -53,7 +56,7 @@ def start_prometheus(workdir: Path, targets: Sequence[str], interval: str = "1s"
             }
         )
     )
-    port = free_port()
+    port = port or free_port()
     log = (workdir / "prometheus.log").open("wb")
     proc = subprocess.Popen(
         [
