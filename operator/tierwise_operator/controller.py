@@ -31,7 +31,7 @@ from tierwise.naming import (
 )
 from tierwise_operator import children, scaling, signals
 from tierwise_operator.drift import covers
-from tierwise_operator.kube import CONFIGMAP, KINDS, TIER, ApiError, Kube, Obj
+from tierwise_operator.kube import CONFIGMAP, KINDS, SCALED_OBJECT, TIER, ApiError, Kube, Obj
 from tierwise_operator.metrics import OperatorMetrics
 from tierwise_operator.promql import Scope
 from tierwise_operator.status import (
@@ -232,6 +232,8 @@ class Controller:
         tier = parsed
         d = self.derived()
         problems = list(d.problems.get(tier.ref, []))
+        if tier.spec.autoscaling.mode is AutoscalingMode.KEDA and not self.keda_installed:
+            self.keda_installed = await self.kube.serves(SCALED_OBJECT)  # installed since we started?
         rendering = children.Rendering(self.config.sidecar_image, self.config.prometheus_url, self.keda_installed)
         ref = children.TierRef(ns, name, str(obj["metadata"]["uid"]), tier.spec)
         scopes = {b.name: self.scope(tier, b.name) for b, _ in children.self_hosted(tier.spec)}

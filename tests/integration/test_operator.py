@@ -257,3 +257,56 @@ def test_killed_mid_reconcile_converges_on_restart_without_duplicates(
         assert len(get(crds, kind, "-n", namespace)["items"]) == per_tier * len(names)
     replicasets = get(crds, "replicasets", "-n", namespace)["items"]
     assert len(replicasets) == len(names)  # one rollout each: the restart changed no pod template
+
+
+KEDA_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "scaledobjects.keda.sh"},
+    "spec": {
+        "group": "keda.sh",
+        "scope": "Namespaced",
+        "names": {"kind": "ScaledObject", "plural": "scaledobjects", "singular": "scaledobject"},
+        "versions": [
+            {
+                "name": "v1alpha1",
+                "served": True,
+                "storage": True,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            }
+        ],
+    },
+}
+
+
+def test_hpa_mode_leaves_replicas_to_the_hpa_and_keda_needs_its_crd(operator: OperatorProcess, namespace: str) -> None:
+    c = operator.cluster
+    apply(c, namespace, self_hosted_tier("auto", autoscaling={"mode": "HPA", "target": 4}))
+    hpa = wait_for("the HPA", lambda: get(c, "hpa", "auto-llama", "-n", namespace), timeout=60)
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "auto-llama" and hpa["spec"]["maxReplicas"] == 3
+    dep = wait_for(
+        "the Deployment", lambda: get(c, "deployment", "auto-llama", "-n", namespace, "--show-managed-fields")
+    )
+    ours = [m for m in dep["metadata"]["managedFields"] if m["manager"] == "tierwise-operator"]
+    assert ours and all("f:replicas" not in json.dumps(m.get("fieldsV1", {}).get("f:spec", {})) for m in ours)
+
+    # Back to the built-in autoscaler: the HPA goes, the operator owns replicas again.
+    apply(c, namespace, self_hosted_tier("auto", autoscaling={"mode": "Builtin"}))
+    wait_for("the HPA removed", lambda: get(c, "hpa", "auto-llama", "-n", namespace) is None)
+
+    # KEDA without its CRD (and without a Prometheus for its trigger) is a spec error, reported once.
+    apply(c, namespace, self_hosted_tier("auto", autoscaling={"mode": "KEDA"}))
+
+    def refused() -> dict[str, Any]:
+        cond = condition(get(c, "inferencetier", "auto", "-n", namespace), "Ready")
+        return cond if cond.get("observedGeneration") == 3 and cond.get("status") == "False" else {}
+
+    assert "KEDA" in wait_for("KEDA refused", refused)["message"]
+    c.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(KEDA_CRD))
+    try:
+        c.kubectl("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s")
+        c.kubectl("annotate", "inferencetier", "auto", "-n", namespace, "touch=1")  # any event: re-check
+        cond = wait_for("the missing Prometheus reported", refused)
+        assert "--prometheus-url" in cond["message"]
+    finally:
+        c.kubectl("delete", "crd", "scaledobjects.keda.sh", "--wait=false", check=False)
