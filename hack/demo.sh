@@ -21,13 +21,30 @@ kubectl apply --server-side -f crds/
 kubectl wait --for=condition=Established --timeout=60s -f crds/ >/dev/null
 kubectl get crds -l app.kubernetes.io/part-of=tierwise
 
+step "starting the operator (tierwise operator, out of cluster, with the same kubeconfig)"
+kubectl label namespace default tierwise.dev/injection=enabled --overwrite
+tierwise operator --kubeconfig "$KUBECONFIG" --health-port 18081 >"${TMPDIR:-/tmp}/tierwise-demo-operator.log" 2>&1 &
+operator_pid=$!
+trap 'kill $operator_pid 2>/dev/null; wait $operator_pid 2>/dev/null; [ "${KEEP:-0}" = 1 ] || python hack/localcluster.py down >/dev/null' EXIT
+until curl -fs localhost:18081/readyz >/dev/null; do sleep 0.5; done
+echo "operator ready (log: ${TMPDIR:-/tmp}/tierwise-demo-operator.log)"
+
 step "applying examples/quickstart (gold/silver/bronze tiers, two budgets, a cache policy)"
 kubectl apply --server-side -f examples/quickstart/
+kubectl wait --for=condition=Ready --timeout=90s inferencetier --all
 kubectl get tierwise
 echo
 kubectl get inferencetiers -o wide
 echo
 kubectl get costbudgets
+
+step "what the operator made of the self-hosted backend (silver/llama-8b): Deployment, Services, PDB, Running pods"
+kubectl get deployments,services,poddisruptionbudgets,pods -l tierwise.dev/tier=silver
+echo
+kubectl get events --field-selector involvedObject.kind=InferenceTier | tail -n 8
+
+step "the Policy ConfigMap the operator wrote for the namespace's sidecars"
+kubectl get configmap tierwise-policy -o jsonpath='{.metadata.annotations}{"\n"}'
 
 step "the API server itself rejects an invalid tier (it falls back to itself)"
 cat <<'YAML' | kubectl apply --server-side -f - || true

@@ -50,6 +50,7 @@ log = logging.getLogger("tierwise.operator")
 Key = tuple[str, str, str]
 POLICIES: Key = ("policies", "", "")
 OWNED = tuple(k.kind for k in children.OWNED_KINDS)
+SETTLE_SECONDS = 0.3
 
 
 @dataclass
@@ -108,14 +109,18 @@ class Controller:
         meta = obj.get("metadata") or {}
         ns, name = str(meta.get("namespace") or ""), str(meta.get("name", ""))
         if kind == "InferenceTier":
-            self.queue.add(("tier", ns, name))
+            # A short settle time: `kubectl apply -f` of several tiers arrives as a burst, and a
+            # tier judged before the tier it falls back to has arrived would flap to invalid.
+            self.queue.add_after(("tier", ns, name), SETTLE_SECONDS)
             if deleted:
                 self._forget(ns, name)
         elif kind in OWNED:
             tier = (meta.get("labels") or {}).get(TIER_LABEL)
             if tier:
                 self.queue.add(("tier", ns, tier))
-        if kind in ("InferenceTier", "CostBudget", "CachePolicy", "Namespace", "ConfigMap"):
+        if kind in ("InferenceTier", "CostBudget", "CachePolicy", "Namespace"):
+            self.queue.add_after(POLICIES, SETTLE_SECONDS)
+        elif kind == "ConfigMap":
             self.queue.add(POLICIES)
 
     def start(self) -> None:
