@@ -72,7 +72,10 @@ class Gateway:
         self.in_flight = 0
         self._signature: object = None
         self._tasks: list[asyncio.Task[None]] = []
-        self.metrics.watch_backends(self._backend_load)
+        if not self.config.pin_tier:
+            # In the ingress role the callers' sidecars already count these attempts under the
+            # same labels; exporting them twice would double the autoscaler's load signal.
+            self.metrics.watch_backends(self._backend_load)
 
     def _backend_load(self) -> list[tuple[str, str, str, int]]:
         runtime = self.runtime
