@@ -10,6 +10,7 @@ tier's conditions and waits for the spec to change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -97,6 +98,9 @@ class Controller:
         self._scaling: dict[tuple[str, str, str], BackendScaling] = {}
         self._slo: dict[tuple[str, str], SLOObservation] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Set when a backend appears that the autoscaler has not judged yet: its first decision
+        # (and the status it implies) should not wait for the next tick.
+        self._wake_autoscaler = asyncio.Event()
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     # ------------------------------------------------------------ wiring
@@ -126,7 +130,7 @@ class Controller:
     def start(self) -> None:
         self.queue.start()
         self._tasks = [
-            asyncio.create_task(self._every(self.config.autoscale_interval, self.autoscale), name="autoscaler"),
+            asyncio.create_task(self._autoscale_loop(), name="autoscaler"),
             asyncio.create_task(self._every(self.config.slo_interval, self.observe_slos), name="slo"),
         ]
 
@@ -148,6 +152,16 @@ class Controller:
                 await job()  # type: ignore[misc]
             except Exception:
                 log.exception("%s failed; trying again in %.0fs", getattr(job, "__name__", job), interval)
+
+    async def _autoscale_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_autoscaler.wait(), self.config.autoscale_interval)
+            self._wake_autoscaler.clear()
+            try:
+                await self.autoscale()
+            except Exception:
+                log.exception("autoscaler pass failed; trying again in %.0fs", self.config.autoscale_interval)
 
     def _failed(self, key: Key, e: BaseException) -> None:
         self.metrics.errors.labels(key[0], type(e).__name__).inc()
@@ -249,6 +263,10 @@ class Controller:
             wanted = []
         else:
             await self._converge(tier, obj, wanted)
+            if tier.spec.autoscaling.mode is AutoscalingMode.BUILTIN and any(
+                (ns, name, b) not in self._scaling for b in scopes
+            ):
+                self._wake_autoscaler.set()
         await self._write_status(obj, tier, self._observed(tier, generation, problems))
 
     async def _converge(self, tier: InferenceTier, owner: Obj, wanted: list[Obj]) -> None:
@@ -321,7 +339,8 @@ class Controller:
             problems=problems,
             slo=slo,
             scaling={b: dec.reason for b, dec in decisions.items()},
-            scaling_blind=any(not dec.metrics_available for dec in decisions.values()),
+            # Without a Prometheus configured, holding replicas is the setup, not a degradation.
+            scaling_blind=self.prom is not None and any(not dec.metrics_available for dec in decisions.values()),
         )
 
     async def _write_status(self, obj: Obj, tier: InferenceTier | None, seen: Observed) -> None:

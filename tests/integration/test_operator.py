@@ -225,13 +225,19 @@ def test_an_idle_operator_makes_no_writes(operator: OperatorProcess, namespace: 
     c.kubectl("label", "namespace", namespace, "tierwise.dev/injection=enabled")
     apply(c, namespace, self_hosted_tier("idle"))
     wait_for("idle Ready", lambda: ready(c, namespace, "idle"), timeout=90)
+    # Idle means the whole cluster: earlier tests' namespaces must be gone, not still terminating.
+    wait_for(
+        "no namespace terminating",
+        lambda: all(n["status"]["phase"] != "Terminating" for n in get(c, "namespaces")["items"]),
+        timeout=180,
+    )
     wait_for("the operator idle", operator.idle)
     time.sleep(2)
     since, before = time.time(), operator.writes()
     time.sleep(60)
-    assert operator.writes() == before
     if c.workdir is not None:  # our own control plane keeps an audit log
         assert audit_writes(c, since) == []
+    assert operator.writes() == before
 
 
 def test_killed_mid_reconcile_converges_on_restart_without_duplicates(
