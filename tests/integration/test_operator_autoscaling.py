@@ -4,6 +4,7 @@ window; with Prometheus gone it scales nothing down and the tier's status says w
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -156,3 +157,32 @@ def test_sidecar_load_scales_the_deployment_up_then_down_and_missing_metrics_hol
             raise AssertionError(f"{e}; Degraded: {seen[-1:]}") from None
     finally:
         revived.stop()
+
+
+def test_keda_mode_renders_a_scaled_object_on_the_same_query(scaled: tuple[Any, ...]) -> None:
+    from tests.integration.test_operator import KEDA_CRD
+
+    c, ns, _gw, prom, _op, _tmp = scaled
+    c.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(KEDA_CRD))
+    c.kubectl("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s")
+    try:
+        tier = chat_tier(ns)
+        tier["spec"]["autoscaling"] = {
+            "mode": "KEDA",
+            "target": TARGET,
+            "schedules": [{"name": "nights", "start": "22:00", "end": "06:00", "minReplicas": 2}],
+        }
+        apply(c, ns, tier)
+        so = wait_for("the ScaledObject", lambda: get(c, "scaledobject", "chat-llama", "-n", ns), timeout=60)
+        load, nights = so["spec"]["triggers"]
+        assert load["metadata"]["serverAddress"] == prom.url and load["metadata"]["threshold"] == str(TARGET)
+        assert load["metadata"]["query"] == (
+            f'sum(tierwise_backend_in_flight_requests{{namespace=~"{ns}",tier="chat",backend="llama"}})'
+        )
+        assert nights["type"] == "cron" and nights["metadata"]["desiredReplicas"] == "2"
+        wait_for("chat Ready", lambda: ready(c, ns, "chat"), timeout=90)
+        dep = get(c, "deployment", "chat-llama", "-n", ns, "--show-managed-fields")
+        ours = [m for m in dep["metadata"]["managedFields"] if m["manager"] == "tierwise-operator"]
+        assert ours and all('"f:replicas"' not in json.dumps(m["fieldsV1"].get("f:spec", {})) for m in ours)
+    finally:
+        c.kubectl("delete", "crd", "scaledobjects.keda.sh", "--wait=false", check=False)
