@@ -415,6 +415,9 @@ def _start_node_components(cluster: Cluster, bins: Path, certs: Path, detach: bo
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             f"--cidr={POD_CIDR}",
             "--node-ip=10.240.0.1",
+            # Renew the simulated node's Lease, as a kubelet would; without it the node controller
+            # marks the node and its pods NotReady once the grace period passes.
+            "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{free_port()}",
         ],
         detach,

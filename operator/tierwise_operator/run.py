@@ -80,8 +80,13 @@ async def operate(args: argparse.Namespace) -> None:
     ready, alive, stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
     kopf_ready = threading.Event()
     loop = asyncio.get_running_loop()
+
+    def stopping(sig: signal.Signals) -> None:
+        log.info("%s received: stopping (work in flight is finished or resumed by the next operator)", sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping, sig)
     runner = await serve_health(args.health_port, ready, alive, metrics)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controller)
@@ -106,6 +111,7 @@ async def operate(args: argparse.Namespace) -> None:
     log.info("operator ready: %d tiers cached", len(list(controller.store.all("InferenceTier"))))
     try:
         await kopf_task
+        log.info("watches stopped; operator exiting")
     finally:
         ready.clear()
         await controller.stop()

@@ -167,6 +167,9 @@ def tier_status(spec: InferenceTierSpec, seen: Observed, old: Obj, now: str) -> 
     return status
 
 
+STARTING = frozenset({"BackendsNotReady", "ReplicasNotReady"})
+
+
 def _bad(c: Obj) -> bool:
     return c.get("status") == ("True" if c.get("type") == "Degraded" else "False")
 
@@ -178,6 +181,8 @@ def transitions(old: Sequence[Obj], new: Sequence[Obj]) -> list[tuple[str, str, 
     out = []
     for c in new:
         prev = before.get(c["type"])
+        if prev is None and c["reason"] in STARTING:
+            continue  # a new tier's pods not being ready yet is how every tier starts
         if _bad(c) and (prev is None or not _bad(prev) or prev.get("reason") != c["reason"]):
             out.append(("Warning", c["reason"], c["message"]))
         elif c["type"] == "Ready" and c["status"] == "True" and (prev is None or prev.get("status") != "True"):

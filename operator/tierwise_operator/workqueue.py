@@ -60,10 +60,18 @@ class WorkQueue(Generic[K]):
         self._ready.put_nowait(key)
 
     def add_after(self, key: K, delay: float) -> None:
-        if key in self._queued or key in self._timers:
+        """Queue `key` in `delay` seconds, or sooner if it was already due sooner (a change to a
+        key waiting out a failure's backoff is worked after `delay`, not after the backoff)."""
+        if key in self._queued:
             return
+        loop = asyncio.get_running_loop()
+        timer = self._timers.get(key)
+        if timer is not None:
+            if timer.when() <= loop.time() + delay:
+                return
+            timer.cancel()
         self._idle.clear()
-        self._timers[key] = asyncio.get_running_loop().call_later(delay, self._fire, key)
+        self._timers[key] = loop.call_later(delay, self._fire, key)
 
     def _fire(self, key: K) -> None:
         self._timers.pop(key, None)
