@@ -548,15 +548,7 @@ class Operator:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
+        procstat.stop_group(self.proc, grace=15)
 
     def wait_quiet(self, quiet: float, timeout: float, not_before: float = 0.0) -> tuple[float, Metrics]:
         """Poll /metrics until writes, reconciles and errors have not moved for `quiet` seconds and
