@@ -29,6 +29,7 @@ from tierwise.naming import (
     POLICY_HASH_ANNOTATION,
     POLICY_KEY,
     TIER_LABEL,
+    backend_service,
 )
 from tierwise_operator import children, scaling, signals
 from tierwise_operator.drift import covers
@@ -231,7 +232,7 @@ class Controller:
             if state is not None and state.decision is not None:
                 out[b.name] = state.decision.replicas
                 continue
-            live = self.store.get("Deployment", tier.namespace, f"{tier.name}-{b.name}")
+            live = self.store.get("Deployment", tier.namespace, backend_service(tier.name, b.name))
             low = scaling.floor(a, d.replicas, self.clock(), idle=None)
             current = (live or {}).get("spec", {}).get("replicas")
             out[b.name] = low if current is None else min(max(int(current), low), d.replicas.max)
@@ -319,7 +320,7 @@ class Controller:
             if b.deployment is None:
                 backends.append(BackendState(b.name, self_hosted=False))
                 continue
-            live = self.store.get("Deployment", tier.namespace, f"{tier.name}-{b.name}") or {}
+            live = self.store.get("Deployment", tier.namespace, backend_service(tier.name, b.name)) or {}
             st = live.get("status") or {}
             desired = (live.get("spec") or {}).get("replicas", wanted.get(b.name, 0))
             backends.append(
@@ -443,7 +444,7 @@ class Controller:
             if not isinstance(tier, InferenceTier) or tier.spec.autoscaling.mode is not AutoscalingMode.BUILTIN:
                 continue
             for b, d in children.self_hosted(tier.spec):
-                live = self.store.get("Deployment", tier.namespace, f"{tier.name}-{b.name}")
+                live = self.store.get("Deployment", tier.namespace, backend_service(tier.name, b.name))
                 if live is not None:
                     await self._scale_backend(tier, b.name, d.replicas, live, now=now, clock=clock)
 
