@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(o)
     o.set_defaults(func=operator_main)
+    from tierwise_operator.webhook import add_arguments as webhook_arguments
+    from tierwise_operator.webhook import main as webhook_main
+
+    w = sub.add_parser("webhook", help="serve the sidecar-injection admission webhook over TLS")
+    webhook_arguments(w)
+    w.set_defaults(func=webhook_main)
     return parser
 
 

@@ -1,0 +1,139 @@
+"""What the mutating webhook does to a pod (pure): a JSON patch adding the sidecar, or nothing.
+
+The sidecar is a native sidecar (an init container with `restartPolicy: Always`, Kubernetes 1.29+):
+it starts before the application's containers, so the first LLM call finds it ready, and stops
+after them, so the last call is not cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tierwise.naming import INGRESS_PORT, POLICY_CONFIGMAP, POLICY_KEY
+
+Obj = dict[str, Any]
+SIDECAR = "tierwise-sidecar"
+INJECT = "tierwise.dev/inject"  # label or annotation: "false" opts a pod out, "true" opts it in
+BASE_URL_ANNOTATION = "tierwise.dev/openai-base-url"  # "true": point OPENAI_BASE_URL at the sidecar
+INJECTED_ANNOTATION = "tierwise.dev/injected"
+SIDECAR_PORT = INGRESS_PORT
+POLICY_MOUNT = "/etc/tierwise/policy"
+DEFAULT_RESOURCES: Obj = {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
+
+
+@dataclass(frozen=True)
+class InjectionConfig:
+    image: str
+    resources: Obj = field(
+        default_factory=lambda: {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
+    )
+    # A Secret (in the pod's namespace) whose keys become the sidecar's environment, e.g.
+    # TIERWISE_REDIS_URL and TIERWISE_POSTGRES_DSN; optional, so pods start without it.
+    stores_secret: str | None = None
+    version: str = "v1"
+
+
+def opted_out(pod: Obj) -> bool:
+    meta = pod.get("metadata") or {}
+    return "false" in ((meta.get("labels") or {}).get(INJECT), (meta.get("annotations") or {}).get(INJECT))
+
+
+def injected(pod: Obj) -> bool:
+    spec = pod.get("spec") or {}
+    return any(c.get("name") == SIDECAR for c in [*spec.get("initContainers", []), *spec.get("containers", [])])
+
+
+def _field_env(name: str, path: str) -> Obj:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def sidecar_container(cfg: InjectionConfig) -> Obj:
+    c: Obj = {
+        "name": SIDECAR,
+        "image": cfg.image,
+        "restartPolicy": "Always",
+        "args": [
+            "sidecar",
+            f"--policy-file={POLICY_MOUNT}/{POLICY_KEY}",
+            "--namespace=$(TIERWISE_POD_NAMESPACE)",
+            "--discover-endpoints",
+            "--host=127.0.0.1",
+            f"--port={SIDECAR_PORT}",
+        ],
+        "env": [
+            # Identity comes from the pod itself, never from requests.
+            _field_env("TIERWISE_POD_NAMESPACE", "metadata.namespace"),
+            _field_env("TIERWISE_POD_NAME", "metadata.name"),
+            _field_env("TIERWISE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            {"name": "TIKTOKEN_CACHE_DIR", "value": "/tmp/tiktoken"},
+        ],
+        "ports": [{"name": "tierwise", "containerPort": SIDECAR_PORT, "protocol": "TCP"}],
+        "startupProbe": {
+            "httpGet": {"path": "/healthz", "port": SIDECAR_PORT},
+            "periodSeconds": 1,
+            "failureThreshold": 60,
+        },
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": SIDECAR_PORT}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": SIDECAR_PORT}, "periodSeconds": 10},
+        "resources": cfg.resources,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "tierwise-policy", "mountPath": POLICY_MOUNT, "readOnly": True},
+            {"name": "tierwise-tmp", "mountPath": "/tmp"},
+        ],
+    }
+    if cfg.stores_secret:
+        c["envFrom"] = [{"secretRef": {"name": cfg.stores_secret, "optional": True}}]
+    return c
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def patch(pod: Obj, cfg: InjectionConfig) -> list[Obj]:
+    """JSON patch operations injecting the sidecar; empty when the pod is opted out or already has it."""
+    if opted_out(pod) or injected(pod):
+        return []
+    spec = pod.get("spec") or {}
+    meta = pod.get("metadata") or {}
+    ops: list[Obj] = []
+    sidecar = sidecar_container(cfg)
+    if spec.get("initContainers"):
+        # After the pod's own init containers: they may prepare what the application needs, and a
+        # native sidecar only starts its successors once it is started itself.
+        ops.append({"op": "add", "path": "/spec/initContainers/-", "value": sidecar})
+    else:
+        ops.append({"op": "add", "path": "/spec/initContainers", "value": [sidecar]})
+    volumes = [
+        # optional: the pod starts before the operator has written the Policy; the sidecar stays
+        # unready until it appears.
+        {"name": "tierwise-policy", "configMap": {"name": POLICY_CONFIGMAP, "optional": True}},
+        {"name": "tierwise-tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+    ]
+    if spec.get("volumes"):
+        ops += [{"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes]
+    else:
+        ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
+    if (meta.get("annotations") or {}).get(BASE_URL_ANNOTATION) == "true":
+        url = {"name": "OPENAI_BASE_URL", "value": f"http://127.0.0.1:{SIDECAR_PORT}/v1"}
+        for i, c in enumerate(spec.get("containers", [])):
+            env = c.get("env")
+            if env is None:
+                ops.append({"op": "add", "path": f"/spec/containers/{i}/env", "value": [url]})
+            elif not any(e.get("name") == "OPENAI_BASE_URL" for e in env):
+                ops.append({"op": "add", "path": f"/spec/containers/{i}/env/-", "value": url})
+    if meta.get("annotations"):
+        ops.append({"op": "add", "path": f"/metadata/annotations/{_escape(INJECTED_ANNOTATION)}", "value": cfg.version})
+    else:
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": {INJECTED_ANNOTATION: cfg.version}})
+    return ops

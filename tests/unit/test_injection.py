@@ -1,0 +1,58 @@
+"""The injection decision and certificate renewal, without a cluster."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import jsonpatch
+
+from tierwise_operator.certs import issue, renew_at
+from tierwise_operator.injection import InjectionConfig, patch
+
+CFG = InjectionConfig(image="tw:1", stores_secret="tierwise-stores")
+
+
+def pod(**meta: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "p", **meta},
+        "spec": {
+            "initContainers": [{"name": "setup", "image": "busybox"}],
+            "containers": [
+                {"name": "app", "image": "a", "env": [{"name": "X", "value": "1"}]},
+                {"name": "b", "image": "b"},
+            ],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        },
+    }
+
+
+def test_patch_appends_after_the_pods_own_and_is_idempotent() -> None:
+    p = pod(annotations={"tierwise.dev/openai-base-url": "true"})
+    out = jsonpatch.apply_patch(p, patch(p, CFG))
+    assert [c["name"] for c in out["spec"]["initContainers"]] == ["setup", "tierwise-sidecar"]
+    side = out["spec"]["initContainers"][1]
+    assert side["envFrom"] == [{"secretRef": {"name": "tierwise-stores", "optional": True}}]
+    assert [v["name"] for v in out["spec"]["volumes"]] == ["data", "tierwise-policy", "tierwise-tmp"]
+    assert out["spec"]["containers"][0]["env"][-1] == {"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:8480/v1"}
+    assert out["spec"]["containers"][1]["env"] == [{"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:8480/v1"}]
+    assert out["metadata"]["annotations"]["tierwise.dev/injected"] == "v1"
+    assert patch(out, CFG) == []
+
+
+def test_opt_out_by_label_or_annotation_and_an_existing_base_url_kept() -> None:
+    assert patch(pod(labels={"tierwise.dev/inject": "false"}), CFG) == []
+    assert patch(pod(annotations={"tierwise.dev/inject": "false"}), CFG) == []
+    p = pod(annotations={"tierwise.dev/openai-base-url": "true"})
+    p["spec"]["containers"][0]["env"].append({"name": "OPENAI_BASE_URL", "value": "http://mine/v1"})
+    out = jsonpatch.apply_patch(p, patch(p, CFG))
+    assert [e["value"] for e in out["spec"]["containers"][0]["env"] if e["name"] == "OPENAI_BASE_URL"] == [
+        "http://mine/v1"
+    ]
+
+
+def test_certificates_are_renewed_at_two_thirds_of_their_life() -> None:
+    now = datetime.datetime(2026, 11, 22, tzinfo=datetime.UTC)
+    cert = issue(["tierwise-webhook.tierwise-system.svc", "10.0.0.1"], now, datetime.timedelta(days=90))
+    at = renew_at(cert.cert_pem)
+    assert now + datetime.timedelta(days=59) < at < now + datetime.timedelta(days=61)
