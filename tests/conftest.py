@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
-from collections.abc import Iterator, Mapping
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from localcluster import Cluster, ClusterError, start
+from localcluster import Cluster, ClusterError, free_port, start
 from tests.servers import Fake, GatewayServer, Loop, Served, write_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,3 +109,38 @@ def net(aio: Loop, tmp_path: Path) -> Iterator[Net]:
     n = Net(aio, tmp_path)
     yield n
     n.close()
+
+
+TIERWISE = [sys.executable, "-m", "tierwise.cli"]
+Launch = Callable[..., tuple[subprocess.Popen[bytes], str]]
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launch]:
+    """Start a `tierwise` command on a free port and wait until its /readyz says 200; kill it after."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        log_path = tmp_path / f"proc{len(procs)}.log"
+        with log_path.open("wb") as log:
+            p = subprocess.Popen([*TIERWISE, *args, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        procs.append(p)
+        url = f"http://127.0.0.1:{port}"
+        wait_for(f"{args[0]} to be ready", lambda: _ready(url) or p.poll() is not None, timeout=30)
+        assert p.poll() is None, log_path.read_text()
+        return p, url
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)

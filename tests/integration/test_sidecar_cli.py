@@ -6,55 +6,22 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 import yaml
 
-from localcluster import free_port
-from tests.conftest import Net, wait_for
+from tests.conftest import TIERWISE, Launch, Net, wait_for
 from tests.servers import CHAT, backend, tier
 from tierwise_sidecar.tokens import TokenCounter
 
-TIERWISE = [sys.executable, "-m", "tierwise.cli"]
 DEFAULT = {"defaultFor": {"names": ["apps"]}}
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str) -> tuple[subprocess.Popen[bytes], str]:
-        port = free_port()
-        log = (tmp_path / f"proc{len(procs)}.log").open("wb")
-        p = subprocess.Popen([*TIERWISE, *args, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-        procs.append(p)
-        url = f"http://127.0.0.1:{port}"
-        wait_for(f"{args[0]} to be ready", lambda: _ready(url) or p.poll() is not None, timeout=30)
-        assert p.poll() is None, (tmp_path / f"proc{len(procs) - 1}.log").read_text()
-        return p, url
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
-def test_gateway_drains_in_flight_streams_on_sigterm(net: Net, tmp_path: Path, launch) -> None:  # type: ignore[no-untyped-def]
+def test_gateway_drains_in_flight_streams_on_sigterm(net: Net, tmp_path: Path, launch: Launch) -> None:
     fake = net.fake("slow", per_token_ms=100, completion_tokens=15)
     (tmp_path / "tiers.yaml").write_text(yaml.safe_dump(tier("t", [backend("b", fake.v1)], access=DEFAULT)))
     proc, url = launch("gateway", "--policy", str(tmp_path / "tiers.yaml"), "--drain-seconds", "20")
@@ -78,9 +45,7 @@ def test_gateway_drains_in_flight_streams_on_sigterm(net: Net, tmp_path: Path, l
 
 
 def test_sidecar_serves_the_compiled_policy_file_and_refuses_a_tampered_one(
-    net: Net,
-    tmp_path: Path,
-    launch,  # type: ignore[no-untyped-def]
+    net: Net, tmp_path: Path, launch: Launch
 ) -> None:
     fake = net.fake()
     crs = tmp_path / "crs.yaml"

@@ -4,9 +4,7 @@ Policy compiled by `tierwise compile`, in front of a fake model server, called w
 from __future__ import annotations
 
 import subprocess
-import sys
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +13,14 @@ import pytest
 import yaml
 
 from localcluster import free_port
-from tests.conftest import Net, wait_for
+from tests.conftest import TIERWISE, Launch, Net, wait_for
 from tests.servers import CHAT
 from tierwise_sidecar.ingress import ingress_policy
 from tierwise_sidecar.policy_source import read_policy
 
 ROOT = Path(__file__).resolve().parents[2]
-TIERWISE = [sys.executable, "-m", "tierwise.cli"]
 NAMESPACE = "models"
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
-
-Launch = Callable[..., tuple[subprocess.Popen[bytes], str]]
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -36,30 +31,6 @@ def _get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
     except OSError:
         return 0, ""
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launch]:
-    """Start a `tierwise` command on a free port; wait until /readyz says 200."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str) -> tuple[subprocess.Popen[bytes], str]:
-        port = free_port()
-        log_path = tmp_path / f"proc{len(procs)}.log"
-        p = subprocess.Popen(
-            [*TIERWISE, *args, "--port", str(port)], stdout=log_path.open("wb"), stderr=subprocess.STDOUT
-        )
-        procs.append(p)
-        url = f"http://127.0.0.1:{port}"
-        wait_for(f"{args[0]} to be ready", lambda: _get(url + "/readyz")[0] == 200 or p.poll() is not None)
-        assert p.poll() is None, log_path.read_text()
-        return p, url
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
 
 
 def _tiers(llama_model: str = LLAMA, keep_llama: bool = True) -> list[dict[str, Any]]:
