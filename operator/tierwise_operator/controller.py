@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from tierwise.api.resources import InferenceTier, Problem
+from tierwise.api.resources import InferenceTier, Problem, object_ref
 from tierwise.api.tier import AutoscalingMode, ReplicaRange
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE, _World, build_world, check, compile_world
 from tierwise.naming import (
@@ -40,6 +40,8 @@ from tierwise_operator.status import (
     BackendState,
     Observed,
     SLOObservation,
+    condition,
+    merge_conditions,
     merge_patch,
     status_changed,
     tier_status,
@@ -146,11 +148,11 @@ class Controller:
             self.queue.add(("tier", obj["metadata"]["namespace"], obj["metadata"]["name"]))
         self.queue.add(POLICIES)
 
-    async def _every(self, interval: float, job: Callable[[], object]) -> None:
+    async def _every(self, interval: float, job: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
-                await job()  # type: ignore[misc]
+                await job()
             except Exception:
                 log.exception("%s failed; trying again in %.0fs", getattr(job, "__name__", job), interval)
 
@@ -200,7 +202,7 @@ class Controller:
         for p in [*parse_problems, *check(world, resources)]:
             problems.setdefault(p.obj, []).append(f"{p.field}: {p.reason}" if p.field else p.reason)
         callers: dict[tuple[str, str], list[str]] = {}
-        for ns in sorted(set(world.namespaces()) | {n.name for n in self.store.namespaces()}):
+        for ns in world.namespaces():  # every namespace with objects or labels known
             for name, t in world.visible_tiers(ns).items():
                 callers.setdefault((t.namespace, name), []).append(ns)
         d = Derived(self.store.version, world, problems, {k: tuple(v) for k, v in callers.items()})
@@ -257,8 +259,9 @@ class Controller:
         rendering = children.Rendering(self.config.sidecar_image, self.config.prometheus_url, self.keda_installed)
         ref = children.TierRef(ns, name, str(obj["metadata"]["uid"]), tier.spec)
         scopes = {b.name: self.scope(tier, b.name) for b, _ in children.self_hosted(tier.spec)}
+        replicas = self.replicas_for(tier)
         try:
-            wanted = children.desired(ref, self.replicas_for(tier), rendering, scopes)
+            wanted = children.desired(ref, replicas, rendering, scopes)
         except children.SpecError as e:
             problems.append(str(e))
             wanted = []
@@ -268,7 +271,7 @@ class Controller:
                 (ns, name, b) not in self._scaling for b in scopes
             ):
                 self._wake_autoscaler.set()
-        await self._write_status(obj, tier, self._observed(tier, generation, problems))
+        await self._write_status(obj, tier, self._observed(tier, generation, problems, replicas))
 
     async def _converge(self, tier: InferenceTier, owner: Obj, wanted: list[Obj]) -> None:
         keep = set()
@@ -313,9 +316,8 @@ class Controller:
             new = await self.kube.replace_fields(want)
         return new
 
-    def _observed(self, tier: InferenceTier, generation: int, problems: list[str]) -> Observed:
+    def _observed(self, tier: InferenceTier, generation: int, problems: list[str], wanted: dict[str, int]) -> Observed:
         backends = []
-        wanted = self.replicas_for(tier)
         for b in tier.spec.backends:
             if b.deployment is None:
                 backends.append(BackendState(b.name, self_hosted=False))
@@ -347,13 +349,9 @@ class Controller:
     async def _write_status(self, obj: Obj, tier: InferenceTier | None, seen: Observed) -> None:
         old = obj.get("status") or {}
         if tier is None:
-            new: Obj = {
-                "observedGeneration": seen.generation,
-                "conditions": [
-                    {"type": "Ready", "status": "False", "reason": "InvalidSpec", "message": "; ".join(seen.problems),
-                     "observedGeneration": seen.generation, "lastTransitionTime": now_iso()}
-                ],
-            }  # fmt: skip
+            ready = condition("Ready", False, "InvalidSpec", "; ".join(seen.problems), seen.generation)
+            conditions = merge_conditions(old.get("conditions", []), [ready], now_iso())
+            new: Obj = {"observedGeneration": seen.generation, "conditions": conditions}
         else:
             new = tier_status(tier.spec, seen, old, now_iso())
         if not status_changed(old, new):
@@ -396,9 +394,7 @@ class Controller:
         targets = self.policy_targets()
         for ns in sorted(targets):
             policy = compile_world(d.world, ns)
-            broken = [f"{s.kind} {s.namespace}/{s.name}" for s in policy.sources]
-            broken = [ref for ref in broken if ref in d.problems]
-            if broken:
+            if any(object_ref(s.kind, s.namespace, s.name) in d.problems for s in policy.sources):
                 # Last known good stays in force: a broken object never half-deploys.
                 self.metrics.policies_held.labels(ns).set(1)
                 continue

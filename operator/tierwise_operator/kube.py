@@ -153,7 +153,8 @@ class Kube:
             raise
 
     async def list(self, kind: Kind, namespace: str | None = None, label_selector: str | None = None) -> list[Obj]:
-        query = [("labelSelector", label_selector)] if label_selector else []
+        base = [("labelSelector", label_selector)] if label_selector else []
+        query = base
         items: list[Obj] = []
         while True:
             page = await self._call("GET", kind.path(namespace), [*query, ("limit", "500")])
@@ -164,34 +165,23 @@ class Kube:
             cont = page.get("metadata", {}).get("continue")
             if not cont:
                 return items
-            query = [*query[:1], ("continue", cont)] if label_selector else [("continue", cont)]
+            query = [*base, ("continue", cont)]
+
+    async def _patch_object(self, obj: Obj, verb: str, content_type: str, force: bool) -> Obj:
+        kind = kind_of(obj)
+        meta = obj["metadata"]
+        query = [("fieldManager", FIELD_MANAGER), *([("force", "true")] if force else [])]
+        self._on_write(verb, kind)
+        return await self._call("PATCH", kind.path(meta.get("namespace"), meta["name"]), query, obj, content_type)
 
     async def apply(self, obj: Obj) -> Obj:
         """Server-side apply under the operator's field manager; conflicts are forced (we own these fields)."""
-        kind = kind_of(obj)
-        meta = obj["metadata"]
-        self._on_write("apply", kind)
-        return await self._call(
-            "PATCH",
-            kind.path(meta.get("namespace"), meta["name"]),
-            [("fieldManager", FIELD_MANAGER), ("force", "true")],
-            obj,
-            "application/apply-patch+yaml",
-        )
+        return await self._patch_object(obj, "apply", "application/apply-patch+yaml", force=True)
 
     async def replace_fields(self, obj: Obj) -> Obj:
         """JSON merge patch of the whole declared object: lists are replaced wholesale, so entries
         another manager added to a list we own (a port, a container) are dropped."""
-        kind = kind_of(obj)
-        meta = obj["metadata"]
-        self._on_write("patch", kind)
-        return await self._call(
-            "PATCH",
-            kind.path(meta.get("namespace"), meta["name"]),
-            [("fieldManager", FIELD_MANAGER)],
-            obj,
-            "application/merge-patch+json",
-        )
+        return await self._patch_object(obj, "patch", "application/merge-patch+json", force=False)
 
     async def delete(self, kind: Kind, namespace: str | None, name: str) -> bool:
         self._on_write("delete", kind)
