@@ -1050,14 +1050,8 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def environment() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     env: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": procstat.cpu_model(),
         "cores": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),

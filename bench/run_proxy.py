@@ -613,14 +613,8 @@ def _version_in(python: Path, *dists: str) -> dict[str, str]:
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     env: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": procstat.cpu_model(),
         "cores": os.cpu_count(),
         "kernel": platform.release(),
         "project": _version_in(PYTHON, "aiohttp", "uvloop", "tiktoken"),
