@@ -2,7 +2,7 @@
 
 Everything here is pure: the operator feeds it objects from the API server, `tierwise compile` and
 the standalone gateway feed it YAML files. Problems across objects (unknown tiers, cycles, reach
-into other namespaces) are collected, never raised one at a time, so a user sees them all at once.
+into other namespaces, budgets that contradict each other) are collected, never raised one at a time, so a user sees them all at once.
 """
 
 from __future__ import annotations
@@ -167,6 +167,45 @@ def _check_budget(world: _World, b: CostBudget) -> list[Problem]:
     return problems
 
 
+def _budget_scope(b: CostBudget) -> tuple[object, ...]:
+    """What a budget counts, normalised so two spellings of the same traffic compare equal."""
+    sel = b.spec.selector
+    ns = sel.namespaces
+    where: object = (
+        (frozenset({b.namespace}), None)
+        if ns is None or (ns.selector is None and set(ns.names) == {b.namespace})
+        else (frozenset(ns.names), ns.selector.model_dump_json() if ns.selector else None)
+    )
+    return where, frozenset(sel.tenants), frozenset(sel.tiers), b.spec.period
+
+
+def _budget_terms(b: CostBudget) -> tuple[object, ...]:
+    s = b.spec
+    return s.time_zone, s.limit, s.per_request_max, tuple(s.thresholds)
+
+
+def _check_budget_conflicts(world: _World) -> list[Problem]:
+    """Two enforcing budgets counting exactly the same traffic over the same period, with different
+    limits or actions, contradict each other: each request would be judged twice, differently."""
+    problems = []
+    first: dict[tuple[object, ...], CostBudget] = {}
+    for b in sorted(world.budgets, key=lambda b: (b.namespace, b.name)):
+        if b.spec.dry_run:
+            continue
+        other = first.setdefault(_budget_scope(b), b)
+        if other is not b and _budget_terms(other) != _budget_terms(b):
+            problems.append(
+                Problem(
+                    b.ref,
+                    "spec.selector",
+                    f"counts the same traffic over the same {b.spec.period.value.lower()} period as "
+                    f"{other.ref} with different limits or thresholds; merge them, narrow one's selector, "
+                    "or set dryRun on one",
+                )
+            )
+    return problems
+
+
 def _default_tiers(world: _World, namespace: str) -> list[InferenceTier]:
     return sorted(
         (
@@ -215,6 +254,7 @@ def check(world: _World, resources: Sequence[AnyResource]) -> list[Problem]:
     problems += _check_graph(world, "fallback", "spec.fallback.tier", "fallback")
     problems += _check_graph(world, "promotion", "spec.promotion.borrowFrom", "promotion")
     problems += _check_defaults(world)
+    problems += _check_budget_conflicts(world)
     return problems
 
 

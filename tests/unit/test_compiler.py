@@ -169,3 +169,28 @@ def test_platform_budget_applies_to_selected_namespaces() -> None:
         ).budgets
         == []
     )
+
+
+def test_budgets_that_contradict_each_other_over_the_same_scope() -> None:
+    # Same namespace, tenants, tiers and period, different limits: which one holds is undecidable.
+    assert problems(budget("a", limit={"usd": 100}), budget("b", limit={"usd": 50})) == [
+        "CostBudget team-a/b: spec.selector: counts the same traffic over the same monthly period as "
+        "CostBudget team-a/a with different limits or thresholds; merge them, narrow one's selector, "
+        "or set dryRun on one"
+    ]
+    # Naming its own namespace is the same scope as not selecting at all.
+    assert len(problems(budget("a"), budget("b", selector={"namespaces": {"names": ["team-a"]}}, limit={"usd": 9})))
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        budget("b", period="Daily", limit={"usd": 5}),  # another period: nested limits
+        budget("b", selector={"tenants": ["acme"]}, limit={"usd": 5}),  # narrower traffic
+        budget("b", selector={"tiers": ["gold"]}, limit={"usd": 5}),
+        budget("b", limit={"usd": 5}, dryRun=True),  # a budget being tried out never acts
+        budget("b"),  # identical terms: the same answer twice, no contradiction
+    ],
+)
+def test_budgets_that_do_not_contradict(second: dict[str, Any]) -> None:
+    compile(objs(tier("gold"), budget("a"), second))
