@@ -5,9 +5,12 @@ from __future__ import annotations
 GROUP = "tierwise.dev"
 FIELD_MANAGER = "tierwise-operator"
 
-# Namespaces labelled `tierwise.dev/injection=enabled` get the Policy ConfigMap (and the sidecar).
+# Namespaces labelled `tierwise.dev/injection` get the Policy ConfigMap; with `enabled` every pod
+# gets the sidecar (unless it opts out), with `opt-in` only pods labelled `tierwise.dev/inject=true`.
 INJECTION_LABEL = f"{GROUP}/injection"
 INJECTION_ENABLED = "enabled"
+INJECTION_OPT_IN = "opt-in"
+INJECTION_VALUES = frozenset({INJECTION_ENABLED, INJECTION_OPT_IN})
 POLICY_CONFIGMAP = "tierwise-policy"
 POLICY_KEY = "policy.json"
 POLICY_HASH_ANNOTATION = f"{GROUP}/policy-hash"

@@ -21,8 +21,8 @@ from tierwise.api.resources import InferenceTier, Problem, object_ref
 from tierwise.api.tier import AutoscalingMode, ReplicaRange
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE, _World, build_world, check, compile_world
 from tierwise.naming import (
-    INJECTION_ENABLED,
     INJECTION_LABEL,
+    INJECTION_VALUES,
     MANAGED_BY,
     MANAGED_BY_LABEL,
     POLICY_CONFIGMAP,
@@ -376,11 +376,11 @@ class Controller:
     # ------------------------------------------------------------ policies
 
     def policy_targets(self) -> set[str]:
-        """Namespaces that get a Policy ConfigMap: injection enabled, or an ingress sidecar runs there."""
+        """Namespaces that get a Policy ConfigMap: labelled for injection, or an ingress sidecar runs there."""
         out = {
             str(o["metadata"]["name"])
             for o in self.store.all("Namespace")
-            if (o["metadata"].get("labels") or {}).get(INJECTION_LABEL) == INJECTION_ENABLED
+            if (o["metadata"].get("labels") or {}).get(INJECTION_LABEL) in INJECTION_VALUES
             and not o["metadata"].get("deletionTimestamp")
         }
         for obj in self.store.all("InferenceTier"):

@@ -17,6 +17,8 @@ SIDECAR = "tierwise-sidecar"
 INJECT = "tierwise.dev/inject"  # label or annotation: "false" opts a pod out, "true" opts it in
 BASE_URL_ANNOTATION = "tierwise.dev/openai-base-url"  # "true": point OPENAI_BASE_URL at the sidecar
 INJECTED_ANNOTATION = "tierwise.dev/injected"
+# A label, unlike the annotation, can be selected on: the chart's PodMonitor scrapes injected sidecars by it.
+SIDECAR_LABEL, SIDECAR_LABEL_VALUE = "tierwise.dev/sidecar", "injected"
 SIDECAR_PORT = INGRESS_PORT
 POLICY_MOUNT = "/etc/tierwise/policy"
 DEFAULT_RESOURCES: Obj = {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
@@ -25,9 +27,7 @@ DEFAULT_RESOURCES: Obj = {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits
 @dataclass(frozen=True)
 class InjectionConfig:
     image: str
-    resources: Obj = field(
-        default_factory=lambda: {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
-    )
+    resources: Obj = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
     # A Secret (in the pod's namespace) whose keys become the sidecar's environment, e.g.
     # TIERWISE_REDIS_URL and TIERWISE_POSTGRES_DSN; optional, so pods start without it.
     stores_secret: str | None = None
@@ -132,6 +132,10 @@ def patch(pod: Obj, cfg: InjectionConfig) -> list[Obj]:
                 ops.append({"op": "add", "path": f"/spec/containers/{i}/env", "value": [url]})
             elif not any(e.get("name") == "OPENAI_BASE_URL" for e in env):
                 ops.append({"op": "add", "path": f"/spec/containers/{i}/env/-", "value": url})
+    if meta.get("labels"):
+        ops.append({"op": "add", "path": f"/metadata/labels/{_escape(SIDECAR_LABEL)}", "value": SIDECAR_LABEL_VALUE})
+    else:
+        ops.append({"op": "add", "path": "/metadata/labels", "value": {SIDECAR_LABEL: SIDECAR_LABEL_VALUE}})
     if meta.get("annotations"):
         ops.append({"op": "add", "path": f"/metadata/annotations/{_escape(INJECTED_ANNOTATION)}", "value": cfg.version})
     else:

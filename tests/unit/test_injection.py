@@ -37,7 +37,13 @@ def test_patch_appends_after_the_pods_own_and_is_idempotent() -> None:
     assert out["spec"]["containers"][0]["env"][-1] == {"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:8480/v1"}
     assert out["spec"]["containers"][1]["env"] == [{"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:8480/v1"}]
     assert out["metadata"]["annotations"]["tierwise.dev/injected"] == "v1"
+    assert out["metadata"]["labels"] == {"tierwise.dev/sidecar": "injected"}
     assert patch(out, CFG) == []
+    labelled = pod(labels={"app": "x"})
+    assert jsonpatch.apply_patch(labelled, patch(labelled, CFG))["metadata"]["labels"] == {
+        "app": "x",
+        "tierwise.dev/sidecar": "injected",
+    }
 
 
 def test_opt_out_by_label_or_annotation_and_an_existing_base_url_kept() -> None:
