@@ -2,7 +2,8 @@
 
 Everything here is pure: the operator feeds it objects from the API server, `tierwise compile` and
 the standalone gateway feed it YAML files. Problems across objects (unknown tiers, cycles, reach
-into other namespaces, budgets that contradict each other) are collected, never raised one at a time, so a user sees them all at once.
+into other namespaces, budgets that contradict each other) are collected, never raised one at a
+time, so a user sees them all at once.
 """
 
 from __future__ import annotations
