@@ -15,12 +15,11 @@ import signal
 import threading
 
 import kopf
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
 from tierwise_operator import handlers
 from tierwise_operator.controller import Config, Controller
+from tierwise_operator.health import serve_health
 from tierwise_operator.kube import SCALED_OBJECT, ApiError, Kube
 from tierwise_operator.metrics import OperatorMetrics
 from tierwise_operator.store import Store
@@ -40,28 +39,6 @@ async def prime(kube: Kube, controller: Controller) -> None:
             raise
         for obj in items:
             controller.observe(kind.kind, obj, deleted=False)
-
-
-async def serve_health(
-    port: int, ready: asyncio.Event, alive: asyncio.Event, metrics: OperatorMetrics
-) -> web.AppRunner:
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n") if alive.is_set() else web.Response(status=503, text="starting\n")
-
-    async def readyz(_: web.Request) -> web.Response:
-        return web.Response(text="ready\n") if ready.is_set() else web.Response(status=503, text="not ready\n")
-
-    async def metrics_view(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, os.environ.get("TIERWISE_HEALTH_HOST", "0.0.0.0"), port).start()
-    return runner
 
 
 async def operate(args: argparse.Namespace) -> None:
@@ -87,7 +64,7 @@ async def operate(args: argparse.Namespace) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping, sig)
-    runner = await serve_health(args.health_port, ready, alive, metrics)
+    runner = await serve_health(args.health_port, ready, alive, metrics.registry)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controller)
     controller.keda_installed = await kube.serves(SCALED_OBJECT)
