@@ -1,11 +1,19 @@
 """Self-managed webhook certificates: a CA and a serving certificate for the webhook's Service
-names, and when to renew them (well before expiry, so the API server never sees an expired one)."""
+names, when to renew them (well before expiry, so the API server never sees an expired one), and
+the trust bundle that carries the previous CA across a rotation.
+
+Why a bundle: the API server trusts what `caBundle` says, and the replicas switch to a new
+certificate one by one; with both CAs trusted during the switch, no replica is ever refused.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import ipaddress
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -13,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
+CA_FILE, CERT_FILE, KEY_FILE, TRUST_FILE = "ca.crt", "tls.crt", "tls.key", "ca-bundle.crt"
 
 
 @dataclass(frozen=True)
@@ -21,13 +29,52 @@ class ServingCert:
     ca_pem: bytes
     cert_pem: bytes
     key_pem: bytes
+    # What the webhook configurations trust: this CA, plus the previous one while it is valid.
+    trust_pem: bytes = b""
+
+    @property
+    def trust(self) -> bytes:
+        return self.trust_pem or self.ca_pem
+
+    def files(self) -> dict[str, bytes]:
+        return {CA_FILE: self.ca_pem, KEY_FILE: self.key_pem, CERT_FILE: self.cert_pem, TRUST_FILE: self.trust}
 
     def write(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        for name, data in ((CA_FILE, self.ca_pem), (KEY_FILE, self.key_pem), (CERT_FILE, self.cert_pem)):
+        for name, data in self.files().items():
             tmp = folder / f".{name}.tmp"
             tmp.write_bytes(data)
             tmp.replace(folder / name)  # atomic: a reader never sees half a file
+
+    @classmethod
+    def read(cls, folder: Path) -> ServingCert | None:
+        """The certificate written to `folder` earlier, if any."""
+        try:
+            data = {
+                name: base64.b64encode((folder / name).read_bytes()).decode() for name in (CA_FILE, CERT_FILE, KEY_FILE)
+            }
+        except OSError:
+            return None
+        return cls.from_secret_data(data)
+
+    def secret_data(self) -> dict[str, str]:
+        return {k: base64.b64encode(v).decode() for k, v in self.files().items()}
+
+    @staticmethod
+    def expiry(cert_pem: bytes) -> datetime.datetime:
+        return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+
+    @classmethod
+    def from_secret_data(cls, data: Mapping[str, str] | None) -> ServingCert | None:
+        """The certificate a Secret holds, or None when it holds none (or a damaged one)."""
+        try:
+            raw = {k: base64.b64decode(v, validate=True) for k, v in (data or {}).items()}
+            cert = cls(raw[CA_FILE], raw[CERT_FILE], raw[KEY_FILE], raw.get(TRUST_FILE, b""))
+            x509.load_pem_x509_certificate(cert.cert_pem)
+            serialization.load_pem_private_key(cert.key_pem, None)
+        except (KeyError, ValueError, binascii.Error):
+            return None
+        return cert
 
 
 def _name(cn: str) -> x509.Name:
@@ -36,6 +83,9 @@ def _name(cn: str) -> x509.Name:
 
 def issue(hosts: list[str], now: datetime.datetime, valid: datetime.timedelta) -> ServingCert:
     """A fresh CA and a serving certificate for `hosts` (DNS names or IP addresses)."""
+    # Valid a little before now, for clocks slightly behind ours; little enough not to move the
+    # renewal point of a short-lived certificate.
+    backdate = min(datetime.timedelta(minutes=5), valid / 10)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()
@@ -43,7 +93,7 @@ def issue(hosts: list[str], now: datetime.datetime, valid: datetime.timedelta) -
         .issuer_name(_name("tierwise-webhook-ca"))
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now - backdate)
         .not_valid_after(now + valid)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
@@ -62,7 +112,7 @@ def issue(hosts: list[str], now: datetime.datetime, valid: datetime.timedelta) -
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now - backdate)
         .not_valid_after(now + valid)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -81,3 +131,35 @@ def renew_at(cert_pem: bytes) -> datetime.datetime:
     cert = x509.load_pem_x509_certificate(cert_pem)
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     return start + (end - start) * 2 / 3
+
+
+def hosts_of(cert_pem: bytes) -> set[str]:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(n) for n in sans.get_values_for_type(x509.DNSName)} | {
+        str(a) for a in sans.get_values_for_type(x509.IPAddress)
+    }
+
+
+def rotation_reason(current: ServingCert | None, hosts: list[str], now: datetime.datetime) -> str | None:
+    """Why `current` must be replaced now, or None while it is good."""
+    if current is None:
+        return "no certificate yet"
+    if hosts_of(current.cert_pem) != set(hosts):
+        return "the webhook's names changed"
+    if now >= renew_at(current.cert_pem):
+        return "two thirds of its lifetime passed"
+    return None
+
+
+def _valid_at(ca_pem: bytes, now: datetime.datetime) -> bool:
+    return x509.load_pem_x509_certificate(ca_pem).not_valid_after_utc > now
+
+
+def rotate(
+    current: ServingCert | None, hosts: list[str], now: datetime.datetime, valid: datetime.timedelta
+) -> ServingCert:
+    """A new CA and certificate, trusted together with the current CA while that is still valid."""
+    new = issue(hosts, now, valid)
+    keep = current.ca_pem if current is not None and _valid_at(current.ca_pem, now) else b""
+    return replace(new, trust_pem=new.ca_pem + keep)

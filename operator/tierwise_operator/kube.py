@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -68,6 +68,13 @@ TIER = Kind("tierwise.dev/v1alpha1", "InferenceTier", "inferencetiers")
 BUDGET = Kind("tierwise.dev/v1alpha1", "CostBudget", "costbudgets")
 CACHE = Kind("tierwise.dev/v1alpha1", "CachePolicy", "cachepolicies")
 EVENT = Kind("v1", "Event", "events")
+SECRET = Kind("v1", "Secret", "secrets")
+MUTATING_WEBHOOKS = Kind(
+    "admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration", "mutatingwebhookconfigurations", False
+)
+VALIDATING_WEBHOOKS = Kind(
+    "admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration", "validatingwebhookconfigurations", False
+)
 KINDS = {k.kind: k for k in (DEPLOYMENT, SERVICE, PDB, HPA, SCALED_OBJECT, CONFIGMAP, NAMESPACE, TIER, BUDGET, CACHE)}
 
 
@@ -97,7 +104,9 @@ class Kube:
         self._on_write = on_write or (lambda verb, kind: None)
 
     @classmethod
-    async def connect(cls, kubeconfig: str | None = None, on_write: Counter | None = None) -> Kube:
+    async def connect(
+        cls, kubeconfig: str | None = None, on_write: Counter | None = None, user_agent: str = USER_AGENT
+    ) -> Kube:
         """From a kubeconfig (argument, $KUBECONFIG, ~/.kube/config) or, inside a pod, its service account."""
         cfg = k8s.Configuration()
         if kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ and "KUBECONFIG" not in os.environ:
@@ -105,7 +114,7 @@ class Kube:
         else:
             await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
         api = k8s.ApiClient(configuration=cfg)
-        api.user_agent = USER_AGENT
+        api.user_agent = user_agent
         return cls(api, on_write)
 
     async def close(self) -> None:
@@ -116,7 +125,7 @@ class Kube:
         method: str,
         path: str,
         query: list[tuple[str, str]] | None = None,
-        body: Obj | None = None,
+        body: Obj | Sequence[Obj] | None = None,
         content_type: str = "application/json",
     ) -> Obj:
         try:
@@ -182,6 +191,22 @@ class Kube:
         """JSON merge patch of the whole declared object: lists are replaced wholesale, so entries
         another manager added to a list we own (a port, a container) are dropped."""
         return await self._patch_object(obj, "patch", "application/merge-patch+json", force=False)
+
+    async def create(self, kind: Kind, obj: Obj) -> Obj:
+        self._on_write("create", kind)
+        return await self._call("POST", kind.path(obj["metadata"].get("namespace")), body=obj)
+
+    async def update(self, kind: Kind, obj: Obj) -> Obj:
+        """PUT the whole object; with metadata.resourceVersion set, a concurrent writer gets a 409."""
+        meta = obj["metadata"]
+        self._on_write("update", kind)
+        return await self._call("PUT", kind.path(meta.get("namespace"), meta["name"]), body=obj)
+
+    async def json_patch(self, kind: Kind, namespace: str | None, name: str, ops: Sequence[Obj]) -> Obj:
+        self._on_write("patch", kind)
+        return await self._call(
+            "PATCH", kind.path(namespace, name), body=ops, content_type="application/json-patch+json"
+        )
 
     async def delete(self, kind: Kind, namespace: str | None, name: str) -> bool:
         self._on_write("delete", kind)

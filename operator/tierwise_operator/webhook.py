@@ -1,9 +1,13 @@
-"""`tierwise webhook`: the sidecar-injection admission webhook, served over TLS.
+"""`tierwise webhook`: the admission webhook, served over TLS.
 
-The API server calls /mutate for pods in namespaces labelled for injection (the chart's
-MutatingWebhookConfiguration selects them); the decision is injection.patch, a pure function.
-The serving certificate is read from a folder (a mounted Secret, e.g. cert-manager's) and
-re-read when it changes, so a rotated certificate is served without a restart.
+- /mutate: the API server calls it for pods in namespaces labelled for injection (the chart's
+  MutatingWebhookConfiguration selects them); the decision is injection.patch, a pure function.
+- /validate: for InferenceTiers, CostBudgets and CachePolicies being created or updated; the
+  decision is validation.judge (the compiler's cross-object check) over the cluster's objects.
+
+Certificates either come from a folder (cert-manager's mounted Secret, re-read when it changes) or
+are self-managed (certsync: one Secret shared by the replicas, rotated before expiry, caBundle
+patched). Health and metrics are on a plain-HTTP side port.
 """
 
 from __future__ import annotations
@@ -17,25 +21,59 @@ import logging
 import os
 import signal
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tierwise_operator.certs import CA_FILE, CERT_FILE, KEY_FILE, issue
-from tierwise_operator.injection import InjectionConfig, patch
+from tierwise.api.resources import KINDS as RESOURCE_KINDS
+from tierwise.api.resources import Namespace
+from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
+from tierwise_operator.certs import CA_FILE, CERT_FILE, KEY_FILE, ServingCert, issue, rotation_reason
+from tierwise_operator.certsync import CertSync
+from tierwise_operator.health import serve_health
+from tierwise_operator.injection import DEFAULT_RESOURCES, InjectionConfig, patch
+from tierwise_operator.kube import BUDGET, CACHE, NAMESPACE, TIER, ApiError, Kube
+from tierwise_operator.validation import judge
 
 log = logging.getLogger("tierwise.webhook")
+Obj = dict[str, Any]
+USER_AGENT = "tierwise-webhook"
 
 
-def review_response(review: dict[str, Any], cfg: InjectionConfig) -> dict[str, Any]:
+class WebhookMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.admissions = Counter(
+            "tierwise_webhook_admissions", "Admission reviews answered, by operation and result.",
+            ["operation", "result"], registry=r,
+        )  # fmt: skip
+        self.seconds = Histogram(
+            "tierwise_webhook_admission_duration_seconds", "Time to answer one admission review.", ["operation"],
+            registry=r,
+        )  # fmt: skip
+        self.cert_expiry = Gauge(
+            "tierwise_webhook_certificate_expiry_timestamp_seconds",
+            "When the served certificate expires (Unix time).", registry=r,
+        )  # fmt: skip
+
+
+def _response(review: Obj, out: Obj) -> Obj:
+    out["uid"] = (review.get("request") or {}).get("uid", "")
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": out}
+
+
+def mutate_response(review: Obj, cfg: InjectionConfig) -> tuple[Obj, str]:
     request = review.get("request") or {}
-    uid = request.get("uid", "")
-    out: dict[str, Any] = {"uid": uid, "allowed": True}
+    out: Obj = {"allowed": True}
     pod = request.get("object")
+    result = "allowed"
     if request.get("kind", {}).get("kind") == "Pod" and isinstance(pod, dict):
         ops = patch(pod, cfg)
         if ops:
+            result = "patched"
             out["patchType"] = "JSONPatch"
             out["patch"] = base64.b64encode(json.dumps(ops).encode()).decode()
             meta = pod.get("metadata") or {}
@@ -44,14 +82,44 @@ def review_response(review: dict[str, Any], cfg: InjectionConfig) -> dict[str, A
                 request.get("namespace"),
                 meta.get("name") or meta.get("generateName", "") + "*",
             )
-    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": out}
+    return _response(review, out), result
+
+
+async def cluster_objects(kube: Kube) -> tuple[list[Obj], list[Namespace]]:
+    tiers, budgets, caches, namespaces = await asyncio.gather(
+        kube.list(TIER), kube.list(BUDGET), kube.list(CACHE), kube.list(NAMESPACE)
+    )
+    names = [Namespace(str(n["metadata"]["name"]), dict(n["metadata"].get("labels") or {})) for n in namespaces]
+    return [*tiers, *budgets, *caches], names
+
+
+async def validate_response(review: Obj, kube: Kube, platform: str) -> tuple[Obj, str]:
+    request = review.get("request") or {}
+    obj = request.get("object")
+    if (
+        request.get("operation") not in ("CREATE", "UPDATE")
+        or (request.get("kind") or {}).get("kind") not in RESOURCE_KINDS
+        or not isinstance(obj, dict)
+    ):
+        return _response(review, {"allowed": True}), "allowed"
+    obj.setdefault("metadata", {}).setdefault("namespace", request.get("namespace"))
+    cluster, namespaces = await cluster_objects(kube)
+    verdict = judge(cluster, namespaces, obj, platform)
+    out: Obj = {"allowed": verdict.allowed}
+    if verdict.warnings:
+        out["warnings"] = list(verdict.warnings)
+    if not verdict.allowed:
+        out["status"] = {"code": 422, "reason": "Invalid", "message": verdict.message}
+        log.info("refused %s: %s", request.get("name") or obj["metadata"].get("name"), verdict.message)
+    return _response(review, out), "allowed" if verdict.allowed else "denied"
 
 
 class CertReloader:
     """Serves the certificate in `folder`, reloading it when the files change."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, metrics: WebhookMetrics | None = None) -> None:
         self.folder = folder
+        self.metrics = metrics
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._stamp: tuple[float, float] | None = None
@@ -67,6 +135,8 @@ class CertReloader:
             return False
         self.context.load_cert_chain(cert, key)  # new handshakes use it; open connections keep theirs
         self._stamp = stamp
+        if self.metrics is not None:
+            self.metrics.cert_expiry.set(ServingCert.expiry(cert.read_bytes()).timestamp())
         log.info("serving certificate loaded from %s", self.folder)
         return True
 
@@ -79,37 +149,103 @@ class CertReloader:
                 log.warning("certificate not reloaded yet: %s", e)
 
 
-def app(cfg: InjectionConfig) -> web.Application:
-    async def mutate(request: web.Request) -> web.Response:
+def app(cfg: InjectionConfig, kube: Kube, platform: str, metrics: WebhookMetrics) -> web.Application:
+    async def answer(request: web.Request, operation: str) -> web.Response:
+        started = time.perf_counter()
         try:
             review = await request.json()
         except ValueError:
+            metrics.admissions.labels(operation, "error").inc()
             return web.json_response({"error": "body is not an AdmissionReview"}, status=400)
-        return web.json_response(review_response(review, cfg))
+        try:
+            if operation == "mutate":
+                body, result = mutate_response(review, cfg)
+            else:
+                body, result = await validate_response(review, kube, platform)
+        except ApiError as e:
+            # The cluster cannot be read, so nothing can be judged: let the failure policy decide.
+            log.warning("cannot %s: %s", operation, e)
+            metrics.admissions.labels(operation, "error").inc()
+            return web.json_response({"error": f"cannot read the cluster: {e}"}, status=503)
+        metrics.admissions.labels(operation, result).inc()
+        metrics.seconds.labels(operation).observe(time.perf_counter() - started)
+        return web.json_response(body)
+
+    async def mutate(request: web.Request) -> web.Response:
+        return await answer(request, "mutate")
+
+    async def validate(request: web.Request) -> web.Response:
+        return await answer(request, "validate")
 
     async def ok(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     a = web.Application(client_max_size=8 * 1024 * 1024)
     a.router.add_post("/mutate", mutate)
+    a.router.add_post("/validate", validate)
     a.router.add_get("/healthz", ok)
-    a.router.add_get("/readyz", ok)
     return a
 
 
-async def serve(args: argparse.Namespace) -> None:
+def _injection_config(args: argparse.Namespace) -> InjectionConfig:
+    resources = json.loads(args.sidecar_resources) if args.sidecar_resources else dict(DEFAULT_RESOURCES)
+    if not isinstance(resources, dict):
+        raise SystemExit('--sidecar-resources must be a JSON object like {"requests": {"cpu": "50m"}}')
+    return InjectionConfig(image=args.sidecar_image, resources=resources, stores_secret=args.stores_secret)
+
+
+async def _certificates(args: argparse.Namespace, kube: Kube, metrics: WebhookMetrics) -> tuple[CertReloader, Any]:
+    """The certificate to serve, and the task keeping it current."""
     folder = Path(args.cert_dir)
-    if args.self_signed:
-        hosts = args.self_signed.split(",")
-        issue(hosts, datetime.datetime.now(datetime.UTC), datetime.timedelta(days=365)).write(folder)
-        log.info("self-signed certificate for %s written to %s (CA in %s)", hosts, folder, CA_FILE)
-    certs = CertReloader(folder)
-    cfg = InjectionConfig(image=args.sidecar_image, stores_secret=args.stores_secret)
-    runner = web.AppRunner(app(cfg), access_log=None)
+    if not args.manage_certs:
+        if args.self_signed:
+            hosts, now = args.self_signed.split(","), datetime.datetime.now(datetime.UTC)
+            # A restart keeps a certificate that is still good: the configurations trust its CA.
+            if rotation_reason(ServingCert.read(folder), hosts, now) is not None:
+                issue(hosts, now, datetime.timedelta(days=365)).write(folder)
+                log.info("self-signed certificate for %s written to %s (CA in %s)", hosts, folder, CA_FILE)
+        certs = CertReloader(folder, metrics)
+        return certs, asyncio.create_task(certs.watch(args.cert_reload_interval))
+    if not (args.cert_secret and args.cert_hosts and args.namespace):
+        raise SystemExit("--manage-certs needs --cert-secret, --cert-hosts and --namespace (or POD_NAMESPACE)")
+    sync = CertSync(
+        kube=kube,
+        namespace=args.namespace,
+        secret=args.cert_secret,
+        hosts=args.cert_hosts.split(","),
+        validity=datetime.timedelta(hours=args.cert_validity_hours),
+        mutating=args.mutating_configuration,
+        validating=args.validating_configuration,
+        folder=folder,
+    )
+    while True:  # nothing to serve before the first sync; the pod stays unready meanwhile
+        try:
+            await sync.sync()
+            break
+        except ApiError as e:
+            log.warning("webhook certificate not synced yet: %s", e)
+            await asyncio.sleep(2)
+    certs = CertReloader(folder, metrics)
+
+    def served(_: ServingCert) -> None:
+        certs.reload()
+
+    sync.on_served = served
+    return certs, asyncio.create_task(sync.run(args.cert_check_interval))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    metrics = WebhookMetrics()
+    ready, alive = asyncio.Event(), asyncio.Event()
+    alive.set()
+    health = await serve_health(args.health_port, ready, alive, metrics.registry)
+    kube = await Kube.connect(args.kubeconfig, user_agent=USER_AGENT)
+    certs, keeper = await _certificates(args, kube, metrics)
+    runner = web.AppRunner(app(_injection_config(args), kube, args.platform_namespace, metrics), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port, ssl_context=certs.context).start()
+    ready.set()
     log.info("webhook listening on https://%s:%d", args.host, args.port)
-    watcher = asyncio.create_task(certs.watch(args.cert_reload_interval))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -117,24 +253,49 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         await stop.wait()
     finally:
-        watcher.cancel()
+        ready.clear()
+        keeper.cancel()
         await runner.cleanup()
+        await health.cleanup()
+        await kube.close()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cert-dir", default="/etc/tierwise/webhook-tls", help=f"folder with {CERT_FILE} and {KEY_FILE}")
-    p.add_argument(
-        "--self-signed",
-        metavar="HOSTS",
-        help="generate a CA and a certificate for these comma-separated names/IPs into --cert-dir first",
-    )
+    env = os.environ.get
+    p.add_argument("--kubeconfig", help="kubeconfig to use (default: in-cluster service account, or $KUBECONFIG)")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=9443)
-    p.add_argument("--cert-reload-interval", type=float, default=10.0, help="seconds between certificate checks")
+    p.add_argument("--port", type=int, default=9443, help="TLS port of /mutate and /validate")
+    p.add_argument("--health-port", type=int, default=8081, help="plain-HTTP port of /healthz, /readyz, /metrics")
     p.add_argument(
-        "--sidecar-image", default=os.environ.get("TIERWISE_SIDECAR_IMAGE", "ghcr.io/tierwise/tierwise:latest")
+        "--platform-namespace",
+        default=env("TIERWISE_PLATFORM_NAMESPACE", DEFAULT_PLATFORM_NAMESPACE),
+        help="namespace whose objects may govern others (as the operator's)",
     )
+    p.add_argument("--sidecar-image", default=env("TIERWISE_SIDECAR_IMAGE", "ghcr.io/tierwise/tierwise-sidecar:latest"))
+    p.add_argument("--sidecar-resources", help="the injected sidecar's resources, as JSON")
     p.add_argument("--stores-secret", help="Secret whose keys become the sidecar's environment (Redis, PostgreSQL)")
+    certs = p.add_argument_group("certificates")
+    certs.add_argument("--cert-dir", default="/etc/tierwise/webhook-tls", help=f"folder of {CERT_FILE}, {KEY_FILE}")
+    certs.add_argument("--cert-reload-interval", type=float, default=10.0, help="seconds between checks of --cert-dir")
+    certs.add_argument(
+        "--self-signed", metavar="HOSTS", help="write a CA and a certificate for these names/IPs into --cert-dir first"
+    )
+    certs.add_argument(
+        "--manage-certs",
+        action="store_true",
+        help="self-managed: keep the certificate in --cert-secret, rotate it, patch the configurations' caBundle",
+    )
+    certs.add_argument("--cert-secret", help="Secret (in --namespace) shared by the replicas")
+    certs.add_argument("--namespace", default=env("POD_NAMESPACE"), help="the webhook's own namespace")
+    certs.add_argument("--cert-hosts", help="comma-separated DNS names/IPs the certificate is for")
+    certs.add_argument("--cert-validity-hours", type=float, default=8760.0, help="lifetime; renewed after 2/3 of it")
+    certs.add_argument("--cert-check-interval", type=float, default=60.0, help="seconds between Secret checks")
+    certs.add_argument(
+        "--mutating-configuration", action="append", default=[], help="MutatingWebhookConfiguration to patch"
+    )
+    certs.add_argument(
+        "--validating-configuration", action="append", default=[], help="ValidatingWebhookConfiguration to patch"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,7 +1,12 @@
-"""Sidecar injection through the real API server: it calls `tierwise webhook` over TLS for pods in
-labelled namespaces; opted-out pods, other namespaces and re-admissions are left alone; with the
-webhook down, the documented failure policy (Fail) refuses pods it would have injected; a rotated
-certificate keeps being accepted."""
+"""`tierwise webhook` through the real API server, over TLS.
+
+Injection: pods in labelled namespaces get the sidecar; opted-out pods, other namespaces and
+re-admissions are left alone; with the webhook down, the documented failure policy (Fail) refuses
+pods it would have injected. Validation: a fallback cycle, an unknown tier or contradicting budgets
+are refused at `kubectl apply`; with the webhook down (Ignore) applies go through. Certificates:
+a certificate rotated under the webhook is served; self-managed certificates shared by two
+replicas through a Secret rotate before expiry while the API server keeps calling both.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ import datetime
 import json
 import ssl
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,8 +24,9 @@ from typing import Any
 import pytest
 
 from localcluster import Cluster, free_port
-from tests.conftest import ROOT, wait_for
-from tierwise_operator.certs import CA_FILE, issue
+from tests import cases
+from tests.conftest import ROOT, TIERWISE, wait_for
+from tierwise_operator.certs import CERT_FILE, TRUST_FILE, issue
 
 pytestmark = pytest.mark.cluster
 IMAGE = "ghcr.io/tierwise/tierwise:test"
@@ -29,23 +34,35 @@ BASE_URL = {"tierwise.dev/openai-base-url": "true"}
 
 
 class Webhook:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, cluster: Cluster, folder: Path, *extra: str) -> None:
+        self.cluster = cluster
         self.folder = folder
+        self.extra = extra
         self.port = free_port()
+        self.health = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, self_signed: bool = True) -> None:
-        args = ["--self-signed", "127.0.0.1"] if self_signed else []
+    def start(self) -> None:
         cmd = [
-            sys.executable, "-m", "tierwise.cli", "webhook", "--cert-dir", str(self.folder), "--host", "127.0.0.1",
-            "--port", str(self.port), "--sidecar-image", IMAGE, "--cert-reload-interval", "0.5", *args,
+            *TIERWISE, "webhook", "--kubeconfig", str(self.cluster.kubeconfig), "--cert-dir", str(self.folder),
+            "--host", "127.0.0.1", "--port", str(self.port), "--health-port", str(self.health),
+            "--sidecar-image", IMAGE, "--cert-reload-interval", "0.5", *self.extra,
         ]  # fmt: skip
-        with (self.folder.parent / "webhook.log").open("ab") as log:
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        with (self.folder.parent / f"webhook-{self.port}.log").open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        wait_for("the webhook serving", self.healthy, timeout=30)
+        wait_for("the webhook ready", lambda: self.ready() or self.proc is None or self.proc.poll() is not None, 60)
+        assert self.proc.poll() is None, (self.folder.parent / f"webhook-{self.port}.log").read_text()
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health}/readyz", timeout=2):
+                return True
+        except OSError:
+            return False
 
     def context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.folder / CA_FILE))
+        return ssl.create_default_context(cafile=str(self.folder / TRUST_FILE))
 
     def healthy(self) -> bool:
         try:
@@ -53,6 +70,10 @@ class Webhook:
                 return True
         except (OSError, ssl.SSLError):
             return False
+
+    def served_certificate(self) -> bytes:
+        """The certificate the webhook presents now, PEM (whoever signed it)."""
+        return ssl.get_server_certificate(("127.0.0.1", self.port)).encode()
 
     def review(self, pod: dict[str, Any]) -> dict[str, Any]:
         body = {
@@ -72,37 +93,43 @@ class Webhook:
             self.proc.wait(10)
 
 
-def configuration(name: str, port: int, ca: bytes) -> dict[str, Any]:
-    """The same shape the chart renders, pointed at the test's loopback webhook."""
+def inject_hook(name: str, port: int, ca: bytes | None, hook: str = "inject.tierwise.dev") -> dict[str, Any]:
+    """The shape the chart renders, pointed at the test's loopback webhook and scoped to the
+    namespaces of one test (the API server cannot reach a Service without kube-proxy here)."""
+    client: dict[str, Any] = {"url": f"https://127.0.0.1:{port}/mutate"}
+    if ca is not None:
+        client["caBundle"] = base64.b64encode(ca).decode()
+    return {
+        "name": hook,
+        "namespaceSelector": {"matchLabels": {"tierwise.dev/injection": "enabled", "webhook-test": name}},
+        "objectSelector": {
+            "matchExpressions": [{"key": "tierwise.dev/inject", "operator": "NotIn", "values": ["false"]}]
+        },
+        "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+        "clientConfig": client,
+        "admissionReviewVersions": ["v1"],
+        "sideEffects": "None",
+        "failurePolicy": "Fail",
+        "timeoutSeconds": 5,
+        "reinvocationPolicy": "Never",
+    }
+
+
+def configuration(name: str, *hooks: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": name},
-        "webhooks": [
-            {
-                "name": "inject.tierwise.dev",
-                "namespaceSelector": {"matchLabels": {"tierwise.dev/injection": "enabled", "webhook-test": name}},
-                "objectSelector": {
-                    "matchExpressions": [{"key": "tierwise.dev/inject", "operator": "NotIn", "values": ["false"]}]
-                },
-                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
-                "clientConfig": {"url": f"https://127.0.0.1:{port}/mutate", "caBundle": base64.b64encode(ca).decode()},
-                "admissionReviewVersions": ["v1"],
-                "sideEffects": "None",
-                "failurePolicy": "Fail",
-                "timeoutSeconds": 5,
-                "reinvocationPolicy": "Never",
-            }
-        ],
+        "webhooks": list(hooks),
     }
 
 
 @pytest.fixture
 def webhook(cluster: Cluster, tmp_path: Path, namespace: str) -> Iterator[tuple[Webhook, str]]:
-    hook = Webhook(tmp_path / "tls")
+    hook = Webhook(cluster, tmp_path / "tls", "--self-signed", "127.0.0.1")
     hook.start()
     name = f"tierwise-test-{namespace}"
-    config = configuration(name, hook.port, (hook.folder / CA_FILE).read_bytes())
+    config = configuration(name, inject_hook(name, hook.port, (hook.folder / TRUST_FILE).read_bytes()))
     cluster.kubectl("apply", "-f", "-", input=json.dumps(config))
     try:
         yield hook, name
@@ -199,3 +226,143 @@ def test_webhook_down_fails_closed_and_a_rotated_certificate_is_served(
     hook.stop()
     res = cluster.kubectl("create", "-n", namespace, "-f", "-", input=pod("refused"), check=False)
     assert res.returncode != 0 and "inject.tierwise.dev" in res.stderr, res.stderr
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validating_configuration(name: str, port: int, ca: bytes, failure: str) -> dict[str, Any]:
+    """The chart's ValidatingWebhookConfiguration, pointed at the loopback webhook and one test's namespace."""
+    kinds = ["inferencetiers", "costbudgets", "cachepolicies"]
+    rule = {"apiGroups": ["tierwise.dev"], "apiVersions": ["v1alpha1"], "operations": ["CREATE", "UPDATE"]}
+    client = {"url": f"https://127.0.0.1:{port}/validate", "caBundle": base64.b64encode(ca).decode()}
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [
+            {
+                "name": "validate.tierwise.dev",
+                "namespaceSelector": {"matchLabels": {"webhook-test": name}},
+                "rules": [{**rule, "resources": kinds}],
+                "clientConfig": client,
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": failure,
+                "timeoutSeconds": 5,
+            }
+        ],
+    }
+
+
+def tier(name: str, fallback: str | None = None, **spec: Any) -> dict[str, Any]:
+    return cases.tier(name, **({"fallback": {"tier": fallback}} if fallback else {}), **spec)
+
+
+def test_cross_object_problems_are_refused_at_kubectl_apply(cluster: Cluster, tmp_path: Path, namespace: str) -> None:
+    hook = Webhook(cluster, tmp_path / "tls", "--self-signed", "127.0.0.1")
+    hook.start()
+    name = f"tierwise-validate-{namespace}"
+    ca = (hook.folder / TRUST_FILE).read_bytes()
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(validating_configuration(name, hook.port, ca, "Ignore")))
+    cluster.kubectl("label", "namespace", namespace, f"webhook-test={name}")
+
+    def apply(*docs: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        items = {"apiVersion": "v1", "kind": "List", "items": list(docs)}
+        return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(items), check=False)
+
+    try:
+        # The API server's webhook client needs a moment to see a new configuration.
+        wait_for("the webhook refusing an unknown tier", lambda: apply(tier("gold", "platinum")).returncode != 0)
+        res = apply(tier("gold", "platinum"))
+        assert 'admission webhook "validate.tierwise.dev" denied the request' in res.stderr, res.stderr
+        assert f'InferenceTier {namespace}/gold: spec.fallback.tier: tier "platinum" does not exist' in res.stderr
+
+        assert apply(tier("silver"), tier("gold", "silver")).returncode == 0
+        res = apply(tier("silver", "gold"))
+        assert res.returncode != 0
+        assert f"InferenceTier {namespace}/gold: spec.fallback.tier: fallback cycle: gold -> silver -> gold" in (
+            res.stderr
+        ), res.stderr
+        stored = json.loads(cluster.kubectl("get", "inferencetier", "silver", "-n", namespace, "-o", "json").stdout)
+        assert "fallback" not in stored["spec"]  # refused means nothing was stored
+
+        assert apply(cases.budget("team", limit={"usd": 100})).returncode == 0
+        res = apply(cases.budget("team-too", limit={"usd": 10}))
+        assert res.returncode != 0 and f"CostBudget {namespace}/team-too: spec.selector" in res.stderr, res.stderr
+        # Server-side dry run is judged the same way, and deletes are never refused.
+        res = cluster.kubectl(
+            "apply", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(tier("silver", "gold")),
+            check=False,
+        )  # fmt: skip
+        assert res.returncode != 0 and "fallback cycle" in res.stderr
+        cluster.kubectl("delete", "inferencetier", "silver", "-n", namespace)
+
+        # Down, the webhook's failure policy (Ignore) lets applies through: the operator still
+        # reports the problem on the tier and keeps the last good Policy.
+        hook.stop()
+        assert apply(tier("bronze", "nowhere")).returncode == 0
+        hook.start()
+        # gold now names a deleted tier; editing it without fixing that is allowed, with a warning.
+        res = apply(tier("gold", "silver", priority=7))
+        assert res.returncode == 0, res.stderr
+        assert 'tier "silver" does not exist' in res.stderr  # kubectl prints admission warnings on stderr
+    finally:
+        cluster.kubectl("delete", "validatingwebhookconfiguration", name, check=False)
+        hook.stop()
+
+
+# ---------------------------------------------------------------- self-managed certificates
+
+
+def test_self_managed_certificates_rotate_across_two_replicas_while_the_api_server_calls_them(
+    cluster: Cluster, tmp_path: Path, namespace: str
+) -> None:
+    """Two replicas share one Secret; certificates live 24 s and are renewed after 16 s. For 45 s
+    a pod is created every second; the configuration calls both replicas (Fail), so any certificate
+    the API server does not trust would refuse a pod."""
+    name = f"tierwise-rotate-{namespace}"
+    managed = [
+        "--manage-certs", "--cert-secret", "webhook-tls", "--namespace", namespace, "--cert-hosts", "127.0.0.1",
+        "--cert-validity-hours", str(24 / 3600), "--cert-check-interval", "1", "--mutating-configuration", name,
+    ]  # fmt: skip
+    replicas = [Webhook(cluster, tmp_path / f"tls{i}", *managed) for i in range(2)]
+    hooks = [inject_hook(name, r.port, None, f"r{i}.inject.tierwise.dev") for i, r in enumerate(replicas)]
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(configuration(name, *hooks)))
+    cluster.kubectl("label", "namespace", namespace, "tierwise.dev/injection=enabled", f"webhook-test={name}")
+
+    def secret_cert() -> bytes:
+        out = cluster.kubectl("get", "secret", "webhook-tls", "-n", namespace, "-o", "json").stdout
+        return base64.b64decode(json.loads(out)["data"][CERT_FILE])
+
+    try:
+        for r in replicas:
+            r.start()
+        config = json.loads(cluster.kubectl("get", "mutatingwebhookconfiguration", name, "-o", "json").stdout)
+        bundles = {w["clientConfig"].get("caBundle") for w in config["webhooks"]}
+        assert len(bundles) == 1 and None not in bundles  # both webhooks trust the Secret's CA
+
+        wait_for("injection through both replicas", lambda: "initContainers" in created(
+            cluster, namespace, pod(f"warm{time.monotonic_ns()}"))["spec"])  # fmt: skip
+        seen, refused = {secret_cert()}, []
+        deadline = time.monotonic() + 45
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            res = cluster.kubectl("create", "-n", namespace, "-o", "json", "-f", "-", input=pod(f"p{n}"), check=False)
+            if res.returncode != 0 or not json.loads(res.stdout)["spec"].get("initContainers"):
+                refused.append(res.stderr)
+            seen.add(secret_cert())
+            time.sleep(1)
+        assert refused == [], refused
+        assert len(seen) >= 3, f"expected two rotations in 45 s, saw {len(seen) - 1}"
+        # Both replicas end up serving what the Secret holds.
+        current = secret_cert()
+        wait_for("both replicas serving the current certificate", lambda: all(
+            ssl.PEM_cert_to_DER_cert(r.served_certificate().decode()) == ssl.PEM_cert_to_DER_cert(current.decode())
+            for r in replicas
+        ), timeout=10)  # fmt: skip
+    finally:
+        cluster.kubectl("delete", "mutatingwebhookconfiguration", name, check=False)
+        for r in replicas:
+            r.stop()

@@ -1,13 +1,11 @@
-"""The injection decision and certificate renewal, without a cluster."""
+"""The injection decision, without a cluster."""
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 import jsonpatch
 
-from tierwise_operator.certs import issue, renew_at
 from tierwise_operator.injection import InjectionConfig, patch
 
 CFG = InjectionConfig(image="tw:1", stores_secret="tierwise-stores")
@@ -55,10 +53,3 @@ def test_opt_out_by_label_or_annotation_and_an_existing_base_url_kept() -> None:
     assert [e["value"] for e in out["spec"]["containers"][0]["env"] if e["name"] == "OPENAI_BASE_URL"] == [
         "http://mine/v1"
     ]
-
-
-def test_certificates_are_renewed_at_two_thirds_of_their_life() -> None:
-    now = datetime.datetime(2026, 11, 22, tzinfo=datetime.UTC)
-    cert = issue(["tierwise-webhook.tierwise-system.svc", "10.0.0.1"], now, datetime.timedelta(days=90))
-    at = renew_at(cert.cert_pem)
-    assert now + datetime.timedelta(days=59) < at < now + datetime.timedelta(days=61)

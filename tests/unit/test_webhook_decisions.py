@@ -1,0 +1,120 @@
+"""The validating webhook's judgement and the self-managed certificates' rotation, without a cluster."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+from typing import Any
+
+import jsonpatch
+from cryptography import x509
+
+from tests.cases import budget, tier
+from tierwise.api import Namespace
+from tierwise_operator.certs import ServingCert, hosts_of, issue, renew_at, rotate, rotation_reason
+from tierwise_operator.certsync import ca_bundle_ops
+from tierwise_operator.validation import judge
+
+NOW = datetime.datetime(2026, 11, 22, tzinfo=datetime.UTC)
+HOSTS = ["tierwise-webhook.tierwise-system.svc", "10.0.0.1"]
+PLATFORM = "tierwise-system"
+
+
+def placed(doc: dict[str, Any], namespace: str = "team-a") -> dict[str, Any]:
+    doc["metadata"]["namespace"] = namespace
+    return doc
+
+
+def test_a_fallback_cycle_is_refused_naming_both_tiers_and_the_field() -> None:
+    cluster = [placed(tier("gold", fallback={"tier": "silver"})), placed(tier("silver"))]
+    v = judge(cluster, [], placed(tier("silver", fallback={"tier": "gold"})), PLATFORM)
+    assert not v.allowed
+    assert v.message == "InferenceTier team-a/gold: spec.fallback.tier: fallback cycle: gold -> silver -> gold"
+
+
+def test_unknown_tiers_and_contradicting_budgets_are_refused() -> None:
+    v = judge([], [], placed(tier("gold", promotion={"borrowFrom": "platinum"})), PLATFORM)
+    assert not v.allowed and "spec.promotion.borrowFrom" in v.message and '"platinum"' in v.message
+    cluster = [placed(tier("gold")), placed(budget("team", limit={"usd": 100}))]
+    v = judge(cluster, [], placed(budget("team-2", limit={"usd": 10})), PLATFORM)
+    assert not v.allowed and "CostBudget team-a/team-2: spec.selector" in v.message
+    # The same budget updated with a new limit replaces its old self: no conflict with itself.
+    assert judge(cluster, [], placed(budget("team", limit={"usd": 10})), PLATFORM).allowed
+
+
+def test_only_problems_the_change_adds_refuse_it() -> None:
+    # gold already names a missing tier (applied while the webhook was down): editing bronze,
+    # or gold itself without fixing it, is allowed; gold's standing problem comes back as a warning.
+    broken = placed(tier("gold", fallback={"tier": "platinum"}))
+    cluster = [broken, placed(tier("bronze"))]
+    assert judge(cluster, [], placed(tier("bronze", priority=3)), PLATFORM).allowed
+    v = judge(cluster, [], placed(tier("gold", fallback={"tier": "platinum"}, priority=9)), PLATFORM)
+    assert v.allowed and len(v.warnings) == 1 and "platinum" in v.warnings[0]
+    # Fixing it is of course allowed, and leaves no warning.
+    fixed = judge(cluster, [], placed(tier("gold", fallback={"tier": "bronze"})), PLATFORM)
+    assert fixed.allowed and fixed.warnings == ()
+
+
+def test_platform_tiers_are_visible_where_they_grant_access() -> None:
+    shared = placed(tier("gold", access={"namespaces": {"names": ["team-a"]}}), PLATFORM)
+    v = judge([shared], [Namespace("team-a", {})], placed(tier("silver", fallback={"tier": "gold"})), PLATFORM)
+    assert v.allowed
+    v = judge([shared], [], placed(tier("silver", fallback={"tier": "gold"}), "team-b"), PLATFORM)
+    assert not v.allowed and "team-b" in v.message
+
+
+def test_an_object_that_does_not_parse_is_refused_with_its_field() -> None:
+    bad = placed(tier("gold"))
+    bad["spec"]["priority"] = "high"
+    v = judge([], [], bad, PLATFORM)
+    assert not v.allowed and "spec.priority" in v.message
+
+
+def test_certificates_are_renewed_at_two_thirds_of_their_life() -> None:
+    cert = issue(HOSTS, NOW, datetime.timedelta(days=90))
+    at = renew_at(cert.cert_pem)
+    assert NOW + datetime.timedelta(days=59) < at < NOW + datetime.timedelta(days=61)
+    # Short-lived ones too: backdating for clock skew does not make them due at once.
+    short = issue(HOSTS, NOW, datetime.timedelta(seconds=30))
+    assert NOW + datetime.timedelta(seconds=15) < renew_at(short.cert_pem) < NOW + datetime.timedelta(seconds=20)
+
+
+def test_rotation_reasons_and_the_trust_bundle_across_a_rotation() -> None:
+    assert rotation_reason(None, HOSTS, NOW) == "no certificate yet"
+    first = rotate(None, HOSTS, NOW, datetime.timedelta(days=30))
+    assert first.trust == first.ca_pem and hosts_of(first.cert_pem) == set(HOSTS)
+    assert rotation_reason(first, HOSTS, NOW + datetime.timedelta(days=19)) is None
+    assert rotation_reason(first, ["other.svc"], NOW) == "the webhook's names changed"
+    later = NOW + datetime.timedelta(days=21)
+    assert rotation_reason(first, HOSTS, later) == "two thirds of its lifetime passed"
+    second = rotate(first, HOSTS, later, datetime.timedelta(days=30))
+    # Both CAs are trusted: replicas still serving the first certificate are not refused.
+    assert second.trust == second.ca_pem + first.ca_pem
+    assert len(x509.load_pem_x509_certificates(second.trust)) == 2
+    # A previous CA that has expired is dropped, so the bundle does not grow.
+    third = rotate(first, HOSTS, NOW + datetime.timedelta(days=40), datetime.timedelta(days=30))
+    assert third.trust == third.ca_pem
+
+
+def test_a_secret_round_trip_and_damaged_secrets() -> None:
+    cert = rotate(None, HOSTS, NOW, datetime.timedelta(days=1))
+    assert ServingCert.from_secret_data(cert.secret_data()) == cert
+    assert ServingCert.from_secret_data(None) is None
+    assert ServingCert.from_secret_data({**cert.secret_data(), "tls.crt": "bm90IGEgY2VydA=="}) is None
+    assert ServingCert.from_secret_data({"tls.crt": cert.secret_data()["tls.crt"]}) is None
+
+
+def test_ca_bundle_patch_touches_only_the_webhooks_that_need_it() -> None:
+    bundle = b"-----BEGIN CERTIFICATE-----\n...\n"
+    b64 = base64.b64encode(bundle).decode()
+    config = {
+        "webhooks": [
+            {"name": "a.tierwise.dev", "clientConfig": {"service": {"name": "w"}}},
+            {"name": "b.tierwise.dev", "clientConfig": {"caBundle": b64}},
+        ]
+    }
+    ops = ca_bundle_ops(config, bundle)
+    patched = jsonpatch.apply_patch(config, ops)
+    assert [w["clientConfig"].get("caBundle") for w in patched["webhooks"]] == [b64, b64]
+    assert len(ops) == 2  # a test of the name, then the add, for the one webhook that lacked it
+    assert ca_bundle_ops(patched, bundle) == []
