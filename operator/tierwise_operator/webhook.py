@@ -194,7 +194,9 @@ def _injection_config(args: argparse.Namespace) -> InjectionConfig:
     return InjectionConfig(image=args.sidecar_image, resources=resources, stores_secret=args.stores_secret)
 
 
-async def _certificates(args: argparse.Namespace, kube: Kube, metrics: WebhookMetrics) -> tuple[CertReloader, Any]:
+async def _certificates(
+    args: argparse.Namespace, kube: Kube, metrics: WebhookMetrics
+) -> tuple[CertReloader, asyncio.Task[None]]:
     """The certificate to serve, and the task keeping it current."""
     folder = Path(args.cert_dir)
     if not args.manage_certs:
