@@ -41,6 +41,41 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+# The modules a sidecar-only install lacks (`pip install tierwise` without the `operator` extra).
+OPERATOR_DEPENDENCIES = frozenset({"kopf", "kubernetes_asyncio", "prometheus_api_client", "cryptography"})
+OPERATOR_MISSING = (
+    "the operator's dependencies are not installed: pip install 'tierwise[operator]' or use the operator image"
+)
+
+
+def _operator_missing(args: argparse.Namespace) -> int:
+    print(f"error: {OPERATOR_MISSING}", file=sys.stderr)
+    return 2
+
+
+def _add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`tierwise operator` and `tierwise webhook`. The sidecar image leaves their dependencies out;
+    there both commands are still listed, and running them says what to install."""
+    commands = {
+        "operator": "run the operator: reconcile tiers into Deployments, Services, scaling, Policies",
+        "webhook": "serve the sidecar-injection admission webhook over TLS",
+    }
+    try:
+        from tierwise_operator import run, webhook
+    except ModuleNotFoundError as e:
+        # Only a missing third-party dependency; a broken module of ours still fails loudly.
+        if (e.name or "").partition(".")[0] not in OPERATOR_DEPENDENCIES:
+            raise
+        for name, help_text in commands.items():
+            p = sub.add_parser(name, help=f"{help_text} (needs tierwise[operator])", add_help=False)
+            p.set_defaults(func=_operator_missing)
+        return
+    for name, module in (("operator", run), ("webhook", webhook)):
+        p = sub.add_parser(name, help=commands[name])
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tierwise", description="Cost and service-level control of LLM traffic.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,25 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     from tierwise_sidecar.cli import add_commands
 
     add_commands(sub)
-    from tierwise_operator.run import add_arguments
-    from tierwise_operator.run import main as operator_main
-
-    o = sub.add_parser(
-        "operator", help="run the operator: reconcile tiers into Deployments, Services, scaling, Policies"
-    )
-    add_arguments(o)
-    o.set_defaults(func=operator_main)
-    from tierwise_operator.webhook import add_arguments as webhook_arguments
-    from tierwise_operator.webhook import main as webhook_main
-
-    w = sub.add_parser("webhook", help="serve the sidecar-injection admission webhook over TLS")
-    webhook_arguments(w)
-    w.set_defaults(func=webhook_main)
+    _add_operator_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # parse_args, except that a command whose dependencies are missing takes any arguments: it only
+    # says what to install.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.func is not _operator_missing:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args))
     except CompileError as e:

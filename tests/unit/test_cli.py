@@ -1,4 +1,5 @@
-"""`tierwise compile` as a user runs it: output, exact error messages, exit codes."""
+"""`tierwise` as a user runs it: compile's output, exact error messages, exit codes; the operator's commands
+where their dependencies are not installed."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.cases import budget, tier
+from tierwise.cli import OPERATOR_MISSING, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,3 +103,37 @@ def test_compile_reads_a_kubectl_list_from_stdin() -> None:
     res = run("compile", "-", "-o", "json", stdin=yaml.safe_dump(listing))
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["tiers"]["gold"]["fallbackChain"] == ["silver"]
+
+
+def _without(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
+    """Import `modules` as if they were not installed; the operator's commands are imported afresh."""
+    import tierwise_operator
+
+    for name in ("run", "webhook"):
+        monkeypatch.delattr(tierwise_operator, name, raising=False)
+        monkeypatch.delitem(sys.modules, f"tierwise_operator.{name}", raising=False)
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)
+
+
+def test_operator_commands_without_their_dependencies_say_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _without(monkeypatch, "kopf")
+    for args in (["operator"], ["operator", "--help"], ["webhook", "--port", "9443"]):
+        assert main(args) == 2
+        out = capsys.readouterr()
+        assert (out.out, out.err) == ("", f"error: {OPERATOR_MISSING}\n")
+    # Other commands still refuse arguments they do not know.
+    with pytest.raises(SystemExit) as exit_:
+        main(["compile", "x", "--bogus"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_missing_module_of_tierwise_itself_is_not_taken_for_a_missing_dependency(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _without(monkeypatch, "tierwise_operator.health")
+    with pytest.raises(ModuleNotFoundError, match=r"tierwise_operator\.health"):
+        main(["operator", "--help"])
