@@ -110,7 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--sidecar-image",
-        default=os.environ.get("TIERWISE_SIDECAR_IMAGE", "ghcr.io/tierwise/tierwise:latest"),
+        default=os.environ.get("TIERWISE_SIDECAR_IMAGE", "ghcr.io/tierwise/tierwise-sidecar:latest"),
         help="image of the sidecar put in front of self-hosted model servers (backend.deployment.sidecar)",
     )
     p.add_argument("--health-port", type=int, default=8081, help="port of /healthz, /readyz and /metrics")
