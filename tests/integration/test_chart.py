@@ -61,8 +61,8 @@ CUSTOM: Obj = {
     },
     "webhook": {
         "replicas": 3,
-        "injection": {"failurePolicy": "Ignore", "timeoutSeconds": 3},
-        "validation": {"failurePolicy": "Fail", "timeoutSeconds": 10},
+        "inject": {"failurePolicy": "Ignore", "timeoutSeconds": 3},
+        "validate": {"failurePolicy": "Fail", "timeoutSeconds": 10},
         "certValidityHours": 720,
         "podDisruptionBudget": {"maxUnavailable": "50%"},
         "resources": {"requests": {"cpu": "20m", "memory": "100Mi"}, "limits": {"memory": "300Mi"}},
@@ -208,12 +208,12 @@ def test_helm_template_includes_the_generated_crds() -> None:
 @pytest.mark.parametrize(
     ("values", "field"),
     [
-        ({"webhook": {"injection": {"failurePolicy": "Sometimes"}}}, "/webhook/injection/failurePolicy"),
-        ({"webhook": {"validation": {"failurePolicy": "fail"}}}, "/webhook/validation/failurePolicy"),
+        ({"webhook": {"inject": {"failurePolicy": "Sometimes"}}}, "/webhook/inject/failurePolicy"),
+        ({"webhook": {"validate": {"failurePolicy": "fail"}}}, "/webhook/validate/failurePolicy"),
         ({"webhook": {"replicas": -1}}, "/webhook/replicas"),
         ({"webhook": {"replica": 2}}, "'replica'"),
         ({"webhook": {"podDisruptionBudget": {"maxUnavailable": 0}}}, "/webhook/podDisruptionBudget/maxUnavailable"),
-        ({"webhook": {"injection": {"timeoutSeconds": 31}}}, "/webhook/injection/timeoutSeconds"),
+        ({"webhook": {"inject": {"timeoutSeconds": 31}}}, "/webhook/inject/timeoutSeconds"),
         ({"webhook": {"certManager": {"issuerRef": {"kind": "ClusterIssuer"}}}}, "/webhook/certManager/issuerRef"),
         ({"image": {"operator": {"repository": "ghcr.io/x", "tag": "not a tag"}}}, "/image/operator/tag"),
         ({"sidecar": {"resources": {"limits": {"memory": "lots"}}}}, "/sidecar/resources/limits/memory"),
@@ -1176,7 +1176,7 @@ def test_the_webhook_keeps_its_certificate_as_the_charts_service_account_and_upg
         # An upgrade changing the configurations keeps the caBundle and the certificate.
         res = helm(
             cluster, "upgrade", release, str(CHART), "--namespace", ns,
-            "--set", "webhook.injection.timeoutSeconds=7", "--set", "webhook.validation.timeoutSeconds=9",
+            "--set", "webhook.inject.timeoutSeconds=7", "--set", "webhook.validate.timeoutSeconds=9",
             "--wait", "--timeout=90s", timeout=150,
         )  # fmt: skip
         assert res.returncode == 0, res.stderr

@@ -61,7 +61,7 @@ groups:
           description: >-
             No webhook pod of release {{ .Release.Name }} in {{ $ns }} has answered /metrics for
             5 minutes.
-            {{- if eq .Values.webhook.injection.failurePolicy "Fail" }} Pods in namespaces labelled for injection are refused (failurePolicy Fail).
+            {{- if eq .Values.webhook.inject.failurePolicy "Fail" }} Pods in namespaces labelled for injection are refused (failurePolicy Fail).
             {{- else }} Pods in namespaces labelled for injection start without the sidecar (failurePolicy Ignore).
             {{- end }}
       - alert: TierwiseWebhookAdmissionErrors
