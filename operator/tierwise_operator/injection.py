@@ -19,9 +19,24 @@ BASE_URL_ANNOTATION = "tierwise.dev/openai-base-url"  # "true": point OPENAI_BAS
 INJECTED_ANNOTATION = "tierwise.dev/injected"
 # A label, unlike the annotation, can be selected on: the chart's PodMonitor scrapes injected sidecars by it.
 SIDECAR_LABEL, SIDECAR_LABEL_VALUE = "tierwise.dev/sidecar", "injected"
-SIDECAR_PORT = INGRESS_PORT
+SIDECAR_PORT = INGRESS_PORT  # the OpenAI API, on loopback: for the pod's own containers only
+# Probes and metrics, on the pod IP: kubelet and Prometheus reach a pod there, not on its loopback.
+SIDECAR_HEALTH_PORT = INGRESS_PORT + 1
 POLICY_MOUNT = "/etc/tierwise/policy"
 DEFAULT_RESOURCES: Obj = {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
+# The sidecar's container wherever it runs (injected, or in front of a self-hosted model server):
+# the image's numeric user, nothing writable but an emptyDir on /tmp.
+SECURITY_CONTEXT: Obj = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+TMP_VOLUME: Obj = {"name": "tierwise-tmp", "emptyDir": {"sizeLimit": "64Mi"}}
+TMP_MOUNT: Obj = {"name": "tierwise-tmp", "mountPath": "/tmp"}
 
 
 @dataclass(frozen=True)
@@ -60,36 +75,25 @@ def sidecar_container(cfg: InjectionConfig) -> Obj:
             "--discover-endpoints",
             "--host=127.0.0.1",
             f"--port={SIDECAR_PORT}",
+            f"--health-port={SIDECAR_HEALTH_PORT}",
         ],
         "env": [
             # Identity comes from the pod itself, never from requests.
             _field_env("TIERWISE_POD_NAMESPACE", "metadata.namespace"),
             _field_env("TIERWISE_POD_NAME", "metadata.name"),
             _field_env("TIERWISE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
-            {"name": "TIKTOKEN_CACHE_DIR", "value": "/tmp/tiktoken"},
         ],
-        "ports": [{"name": "tierwise", "containerPort": SIDECAR_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "tierwise", "containerPort": SIDECAR_HEALTH_PORT, "protocol": "TCP"}],
         "startupProbe": {
-            "httpGet": {"path": "/healthz", "port": SIDECAR_PORT},
+            "httpGet": {"path": "/healthz", "port": SIDECAR_HEALTH_PORT},
             "periodSeconds": 1,
             "failureThreshold": 60,
         },
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": SIDECAR_PORT}, "periodSeconds": 5},
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": SIDECAR_PORT}, "periodSeconds": 10},
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": SIDECAR_HEALTH_PORT}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": SIDECAR_HEALTH_PORT}, "periodSeconds": 10},
         "resources": cfg.resources,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 10001,
-            "runAsGroup": 10001,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "volumeMounts": [
-            {"name": "tierwise-policy", "mountPath": POLICY_MOUNT, "readOnly": True},
-            {"name": "tierwise-tmp", "mountPath": "/tmp"},
-        ],
+        "securityContext": SECURITY_CONTEXT,
+        "volumeMounts": [{"name": "tierwise-policy", "mountPath": POLICY_MOUNT, "readOnly": True}, TMP_MOUNT],
     }
     if cfg.stores_secret:
         c["envFrom"] = [{"secretRef": {"name": cfg.stores_secret, "optional": True}}]
@@ -118,7 +122,7 @@ def patch(pod: Obj, cfg: InjectionConfig) -> list[Obj]:
         # optional: the pod starts before the operator has written the Policy; the sidecar stays
         # unready until it appears.
         {"name": "tierwise-policy", "configMap": {"name": POLICY_CONFIGMAP, "optional": True}},
-        {"name": "tierwise-tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        TMP_VOLUME,
     ]
     if spec.get("volumes"):
         ops += [{"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes]

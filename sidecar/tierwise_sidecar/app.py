@@ -291,6 +291,18 @@ class Gateway:
         app.on_cleanup.append(self._on_cleanup)
         return app
 
+    def health_app(self) -> web.Application:
+        """Probes and metrics alone, for a port on the pod IP while the API stays on loopback."""
+        app = web.Application()
+        app.add_routes(
+            [
+                web.get("/healthz", self.healthz),
+                web.get("/readyz", self.readyz),
+                web.get("/metrics", self.metrics_page),
+            ]
+        )
+        return app
+
     async def _on_startup(self, app: web.Application) -> None:
         await self.forwarder.start()
         self._tasks.append(asyncio.create_task(self._watch()))
@@ -304,13 +316,26 @@ class Gateway:
         await self.forwarder.close()
 
 
-async def run(gateway: Gateway, host: str, port: int, ready: Callable[[int], None] | None = None) -> None:
+async def run(
+    gateway: Gateway,
+    host: str,
+    port: int,
+    ready: Callable[[int], None] | None = None,
+    health_port: int | None = None,
+) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, let in-flight requests and streams
-    finish (up to drain_seconds), close."""
+    finish (up to drain_seconds), close. With `health_port`, /healthz, /readyz and /metrics are
+    also served there on every interface: kubelet probes and Prometheus reach a pod by its IP,
+    while an injected sidecar's API listens on loopback, for its own pod only."""
     runner = web.AppRunner(gateway.app(), shutdown_timeout=gateway.config.drain_seconds, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, shutdown_timeout=gateway.config.drain_seconds)
     await site.start()
+    health: web.AppRunner | None = None
+    if health_port is not None:
+        health = web.AppRunner(gateway.health_app(), access_log=None)
+        await health.setup()
+        await web.TCPSite(health, "", health_port).start()
     bound = runner.addresses[0][1] if runner.addresses else port
     log.info("serving on %s:%d", host or "*", bound)
     if ready is not None:
@@ -325,4 +350,6 @@ async def run(gateway: Gateway, host: str, port: int, ready: Callable[[int], Non
     await asyncio.sleep(gateway.config.unready_seconds)
     log.info("draining %d in-flight request(s)", gateway.in_flight)
     await runner.cleanup()
+    if health is not None:
+        await health.cleanup()
     log.info("stopped")

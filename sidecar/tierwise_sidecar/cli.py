@@ -38,6 +38,11 @@ def _serve_args(p: argparse.ArgumentParser, host_help: str) -> None:
     p.add_argument("--host", help=f"address to listen on (default {host_help})")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument(
+        "--health-port",
+        type=int,
+        help="also serve /healthz, /readyz and /metrics on this port, on every interface (for probes and scrapes)",
+    )
+    p.add_argument(
         "--secrets-dir",
         type=Path,
         default=DEFAULT_DIR,
@@ -80,7 +85,7 @@ def _serve(
         print("error: no usable Policy; see the log above", file=sys.stderr)
         return 1
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(run(gateway, host, args.port))
+        runner.run(run(gateway, host, args.port, health_port=args.health_port))
     return 0
 
 

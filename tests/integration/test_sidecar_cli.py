@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import openai
 import pytest
 import yaml
 
+from localcluster import free_port
 from tests.conftest import TIERWISE, Launch, Net, wait_for
 from tests.servers import CHAT, backend, tier
 from tierwise_sidecar.tokens import TokenCounter
@@ -67,6 +69,25 @@ def test_sidecar_serves_the_compiled_policy_file_and_refuses_a_tampered_one(
 
     wait_for("the tampered Policy to be refused", refused, timeout=10)
     assert client.chat.completions.create(model="x", messages=CHAT["messages"]).choices
+
+
+def test_the_health_port_serves_probes_and_metrics_but_not_the_api(net: Net, tmp_path: Path, launch: Launch) -> None:
+    """The injected sidecar's API is on loopback; kubelet and Prometheus reach --health-port."""
+    fake = net.fake()
+    (tmp_path / "tiers.yaml").write_text(yaml.safe_dump(tier("t", [backend("b", fake.v1)], access=DEFAULT)))
+    health = free_port()
+    _, url = launch("gateway", "--policy", str(tmp_path / "tiers.yaml"), "--health-port", str(health))
+    openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0).models.list()
+    side = f"http://127.0.0.1:{health}"
+    for path in ("/healthz", "/readyz"):
+        with urllib.request.urlopen(side + path, timeout=5) as r:
+            assert r.status == 200
+    with urllib.request.urlopen(side + "/metrics", timeout=5) as r:
+        assert "tierwise_requests_total" in r.read().decode()
+    for path in ("/v1/models", "/v1/chat/completions"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(side + path, timeout=5)
+        assert e.value.code in (404, 405)
 
 
 def test_estimate_prints_tokens_cost_and_route(tmp_path: Path) -> None:

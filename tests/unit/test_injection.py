@@ -30,6 +30,11 @@ def test_patch_appends_after_the_pods_own_and_is_idempotent() -> None:
     out = jsonpatch.apply_patch(p, patch(p, CFG))
     assert [c["name"] for c in out["spec"]["initContainers"]] == ["setup", "tierwise-sidecar"]
     side = out["spec"]["initContainers"][1]
+    # The API only on loopback (the pod's own identity must not serve other pods); probes and the
+    # metrics port on the pod IP, where kubelet and Prometheus reach it.
+    assert "--host=127.0.0.1" in side["args"] and "--health-port=8481" in side["args"]
+    assert {side[p]["httpGet"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {8481}
+    assert side["ports"] == [{"name": "tierwise", "containerPort": 8481, "protocol": "TCP"}]
     assert side["envFrom"] == [{"secretRef": {"name": "tierwise-stores", "optional": True}}]
     assert [v["name"] for v in out["spec"]["volumes"]] == ["data", "tierwise-policy", "tierwise-tmp"]
     assert out["spec"]["containers"][0]["env"][-1] == {"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:8480/v1"}
