@@ -4,6 +4,8 @@ from __future__ import annotations
 
 GROUP = "tierwise.dev"
 FIELD_MANAGER = "tierwise-operator"
+# Outside the chart (which pins the tag to its appVersion): images/Dockerfile's sidecar target.
+DEFAULT_SIDECAR_IMAGE = "ghcr.io/tierwise/tierwise-sidecar:latest"
 
 # Namespaces labelled `tierwise.dev/injection` get the Policy ConfigMap; with `enabled` every pod
 # gets the sidecar (unless it opts out), with `opt-in` only pods labelled `tierwise.dev/inject=true`.

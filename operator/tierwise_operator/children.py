@@ -15,6 +15,7 @@ from tierwise.api.tier import AutoscalingMode, Backend, InferenceTierSpec, Scali
 from tierwise.naming import (
     BACKEND_LABEL,
     COMPONENT_LABEL,
+    DEFAULT_SIDECAR_IMAGE,
     INGRESS_PORT,
     MANAGED_BY,
     MANAGED_BY_LABEL,
@@ -25,6 +26,7 @@ from tierwise.naming import (
     headless_service,
     serving_port,
 )
+from tierwise_operator.injection import SECURITY_CONTEXT, TMP_MOUNT, TMP_VOLUME
 from tierwise_operator.kube import DEPLOYMENT, HPA, PDB, SCALED_OBJECT, SERVICE, Obj
 from tierwise_operator.promql import HPA_METRICS, Scope, load_query
 
@@ -47,7 +49,7 @@ class TierRef:
 class Rendering:
     """Cluster-wide settings that shape the children."""
 
-    sidecar_image: str = "ghcr.io/tierwise/tierwise:latest"
+    sidecar_image: str = DEFAULT_SIDECAR_IMAGE
     prometheus_url: str | None = None
     keda_installed: bool = False
 
@@ -131,13 +133,11 @@ def _sidecar_container(t: TierRef, b: Backend, d: SelfHostedDeployment, r: Rende
         "ports": [{"name": "api", "containerPort": INGRESS_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "api"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "api"}, "periodSeconds": 10},
-        "securityContext": {
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-        "volumeMounts": [{"name": "tierwise-policy", "mountPath": "/etc/tierwise/policy", "readOnly": True}],
+        "securityContext": SECURITY_CONTEXT,
+        "volumeMounts": [
+            {"name": "tierwise-policy", "mountPath": "/etc/tierwise/policy", "readOnly": True},
+            TMP_MOUNT,
+        ],
     }
 
 
@@ -150,7 +150,7 @@ def deployment(t: TierRef, b: Backend, d: SelfHostedDeployment, replicas: int | 
     pod_spec: Obj = {"containers": containers, "terminationGracePeriodSeconds": 60}
     if d.sidecar:
         containers.append(_sidecar_container(t, b, d, r))
-        pod_spec["volumes"] = [{"name": "tierwise-policy", "configMap": {"name": POLICY_CONFIGMAP}}]
+        pod_spec["volumes"] = [{"name": "tierwise-policy", "configMap": {"name": POLICY_CONFIGMAP}}, TMP_VOLUME]
     spec: Obj = {
         "selector": {"matchLabels": selector_labels(t.name, b.name)},
         "template": {

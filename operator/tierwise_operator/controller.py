@@ -21,6 +21,7 @@ from tierwise.api.resources import InferenceTier, Problem, object_ref
 from tierwise.api.tier import AutoscalingMode, ReplicaRange
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE, _World, build_world, check, compile_world
 from tierwise.naming import (
+    DEFAULT_SIDECAR_IMAGE,
     INJECTION_LABEL,
     INJECTION_VALUES,
     MANAGED_BY,
@@ -61,7 +62,7 @@ SETTLE_SECONDS = 0.3
 class Config:
     platform_namespace: str = DEFAULT_PLATFORM_NAMESPACE
     prometheus_url: str | None = None
-    sidecar_image: str = "ghcr.io/tierwise/tierwise:latest"
+    sidecar_image: str = DEFAULT_SIDECAR_IMAGE
     autoscale_interval: float = 15.0
     slo_interval: float = 30.0
     workers: int = 4

@@ -17,6 +17,7 @@ import threading
 import kopf
 
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
+from tierwise.naming import DEFAULT_SIDECAR_IMAGE
 from tierwise_operator import handlers
 from tierwise_operator.controller import Config, Controller
 from tierwise_operator.health import serve_health
@@ -110,7 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--sidecar-image",
-        default=os.environ.get("TIERWISE_SIDECAR_IMAGE", "ghcr.io/tierwise/tierwise-sidecar:latest"),
+        default=os.environ.get("TIERWISE_SIDECAR_IMAGE", DEFAULT_SIDECAR_IMAGE),
         help="image of the sidecar put in front of self-hosted model servers (backend.deployment.sidecar)",
     )
     p.add_argument("--health-port", type=int, default=8081, help="port of /healthz, /readyz and /metrics")

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from tierwise.api.resources import KINDS as RESOURCE_KINDS
 from tierwise.api.resources import Namespace
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
+from tierwise.naming import DEFAULT_SIDECAR_IMAGE
 from tierwise_operator.certs import CA_FILE, CERT_FILE, KEY_FILE, ServingCert, issue, rotation_reason
 from tierwise_operator.certsync import CertSync
 from tierwise_operator.health import serve_health
@@ -273,7 +274,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=env("TIERWISE_PLATFORM_NAMESPACE", DEFAULT_PLATFORM_NAMESPACE),
         help="namespace whose objects may govern others (as the operator's)",
     )
-    p.add_argument("--sidecar-image", default=env("TIERWISE_SIDECAR_IMAGE", "ghcr.io/tierwise/tierwise-sidecar:latest"))
+    p.add_argument("--sidecar-image", default=env("TIERWISE_SIDECAR_IMAGE", DEFAULT_SIDECAR_IMAGE))
     p.add_argument("--sidecar-resources", help="the injected sidecar's resources, as JSON")
     p.add_argument("--stores-secret", help="Secret whose keys become the sidecar's environment (Redis, PostgreSQL)")
     certs = p.add_argument_group("certificates")
