@@ -91,7 +91,7 @@ def _tier_known(world: _World, obj: AnyResource, name: str) -> bool:
 
 
 def _unknown_tier(obj: AnyResource, path: str, name: str) -> Problem:
-    return Problem(obj.ref, path, f'tier "{name}" does not exist in namespace {obj.namespace}')
+    return Problem(obj.ref, path, f'tier "{name}" does not exist in namespace {obj.namespace}', dangling=True)
 
 
 def _edges(world: _World, kind: str) -> dict[tuple[str, str], tuple[str, str]]:

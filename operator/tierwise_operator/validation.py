@@ -45,8 +45,18 @@ def _parsed(objs: Iterable[Obj]) -> list[AnyResource]:
     return out
 
 
-def judge(cluster: Sequence[Obj], namespaces: Sequence[Namespace], incoming: Obj, platform: str) -> Verdict:
-    """May `incoming` (created or updated) join `cluster`, the tierwise objects stored now?"""
+def judge(
+    cluster: Sequence[Obj],
+    namespaces: Sequence[Namespace],
+    incoming: Obj,
+    platform: str,
+    tolerate_dangling: bool = False,
+) -> Verdict:
+    """May `incoming` (created or updated) join `cluster`, the tierwise objects stored now?
+
+    With `tolerate_dangling`, a reference to a tier that does not exist yet is a warning, not a
+    refusal: for GitOps tools that apply a set in an order of their own.
+    """
     parsed = parse_object(incoming)
     if isinstance(parsed, Problem):
         return Verdict(False, str(parsed))
@@ -58,6 +68,9 @@ def judge(cluster: Sequence[Obj], namespaces: Sequence[Namespace], incoming: Obj
     after = _problems([*_parsed(others), parsed], namespaces, platform)
     added = sorted(after - before, key=str)
     kept = sorted((p for p in after & before if p.obj == parsed.ref), key=str)
+    if tolerate_dangling:
+        kept = sorted([*kept, *(p for p in added if p.dangling)], key=str)
+        added = [p for p in added if not p.dangling]
     if added:
         return Verdict(False, "; ".join(str(p) for p in added), tuple(str(p) for p in kept))
     return Verdict(True, warnings=tuple(str(p) for p in kept))

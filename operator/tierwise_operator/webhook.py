@@ -94,7 +94,7 @@ async def cluster_objects(kube: Kube) -> tuple[list[Obj], list[Namespace]]:
     return [*tiers, *budgets, *caches], names
 
 
-async def validate_response(review: Obj, kube: Kube, platform: str) -> tuple[Obj, str]:
+async def validate_response(review: Obj, kube: Kube, platform: str, tolerate_dangling: bool) -> tuple[Obj, str]:
     request = review.get("request") or {}
     obj = request.get("object")
     if (
@@ -105,7 +105,7 @@ async def validate_response(review: Obj, kube: Kube, platform: str) -> tuple[Obj
         return _response(review, {"allowed": True}), "allowed"
     obj.setdefault("metadata", {}).setdefault("namespace", request.get("namespace"))
     cluster, namespaces = await cluster_objects(kube)
-    verdict = judge(cluster, namespaces, obj, platform)
+    verdict = judge(cluster, namespaces, obj, platform, tolerate_dangling)
     out: Obj = {"allowed": verdict.allowed}
     if verdict.warnings:
         out["warnings"] = list(verdict.warnings)
@@ -150,7 +150,9 @@ class CertReloader:
                 log.warning("certificate not reloaded yet: %s", e)
 
 
-def app(cfg: InjectionConfig, kube: Kube, platform: str, metrics: WebhookMetrics) -> web.Application:
+def app(
+    cfg: InjectionConfig, kube: Kube, platform: str, metrics: WebhookMetrics, tolerate_dangling: bool = False
+) -> web.Application:
     async def answer(request: web.Request, operation: str) -> web.Response:
         started = time.perf_counter()
         try:
@@ -162,7 +164,7 @@ def app(cfg: InjectionConfig, kube: Kube, platform: str, metrics: WebhookMetrics
             if operation == "mutate":
                 body, result = mutate_response(review, cfg)
             else:
-                body, result = await validate_response(review, kube, platform)
+                body, result = await validate_response(review, kube, platform, tolerate_dangling)
         except ApiError as e:
             # The cluster cannot be read, so nothing can be judged: let the failure policy decide.
             log.warning("cannot %s: %s", operation, e)
@@ -244,7 +246,10 @@ async def serve(args: argparse.Namespace) -> None:
     health = await serve_health(args.health_port, ready, alive, metrics.registry)
     kube = await Kube.connect(args.kubeconfig, user_agent=USER_AGENT)
     certs, keeper = await _certificates(args, kube, metrics)
-    runner = web.AppRunner(app(_injection_config(args), kube, args.platform_namespace, metrics), access_log=None)
+    tolerate = args.unknown_tiers == "warn"
+    runner = web.AppRunner(
+        app(_injection_config(args), kube, args.platform_namespace, metrics, tolerate), access_log=None
+    )
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port, ssl_context=certs.context).start()
     ready.set()
@@ -275,6 +280,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="namespace whose objects may govern others (as the operator's)",
     )
     p.add_argument("--sidecar-image", default=env("TIERWISE_SIDECAR_IMAGE", DEFAULT_SIDECAR_IMAGE))
+    p.add_argument(
+        "--unknown-tiers",
+        choices=["deny", "warn"],
+        default="deny",
+        help="a reference to a tier that does not exist: refuse it, or admit it with a warning (GitOps order)",
+    )
     p.add_argument("--sidecar-resources", help="the injected sidecar's resources, as JSON")
     p.add_argument("--stores-secret", help="Secret whose keys become the sidecar's environment (Redis, PostgreSQL)")
     certs = p.add_argument_group("certificates")

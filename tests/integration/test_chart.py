@@ -62,7 +62,7 @@ CUSTOM: Obj = {
     "webhook": {
         "replicas": 3,
         "inject": {"failurePolicy": "Ignore", "timeoutSeconds": 3},
-        "validate": {"failurePolicy": "Fail", "timeoutSeconds": 10},
+        "validate": {"failurePolicy": "Fail", "timeoutSeconds": 10, "unknownTiers": "Warn"},
         "certValidityHours": 720,
         "podDisruptionBudget": {"maxUnavailable": "50%"},
         "resources": {"requests": {"cpu": "20m", "memory": "100Mi"}, "limits": {"memory": "300Mi"}},
@@ -298,6 +298,7 @@ def test_default_rendering(tmp_path: Path) -> None:
         ),
         "--mutating-configuration": "tw-inject",
         "--validating-configuration": "tw-validate",
+        "--unknown-tiers": "deny",
         "--manage-certs": "",
         "--cert-secret": "tw-webhook-tls",
         "--namespace": "$(POD_NAMESPACE)",
@@ -424,6 +425,7 @@ def test_custom_values_rendering(tmp_path: Path) -> None:
     assert webhook["spec"]["template"]["spec"]["affinity"] == CUSTOM["webhook"]["affinity"]  # replaces the default
     assert webhook["spec"]["template"]["spec"]["tolerations"] == CUSTOM["webhook"]["tolerations"]
     assert container(webhook)["resources"] == CUSTOM["webhook"]["resources"]
+    assert flags(webhook)["--unknown-tiers"] == "warn"
     f = flags(webhook)
     assert f["--stores-secret"] == "tierwise-stores"
     assert json.loads(f["--sidecar-resources"]) == CUSTOM["sidecar"]["resources"]

@@ -42,6 +42,16 @@ def test_unknown_tiers_and_contradicting_budgets_are_refused() -> None:
     assert judge(cluster, [], placed(budget("team", limit={"usd": 10})), PLATFORM).allowed
 
 
+def test_dangling_references_may_be_tolerated_but_cycles_never() -> None:
+    # GitOps tools apply a set in their own order: gold may arrive before the silver it names.
+    v = judge([], [], placed(tier("gold", fallback={"tier": "silver"})), PLATFORM, tolerate_dangling=True)
+    assert v.allowed and v.warnings == ('InferenceTier team-a/gold: spec.fallback.tier: tier "silver" does not '
+                                        "exist in namespace team-a",)  # fmt: skip
+    cluster = [placed(tier("gold", fallback={"tier": "silver"})), placed(tier("silver"))]
+    cycle = placed(tier("silver", fallback={"tier": "gold"}))
+    assert not judge(cluster, [], cycle, PLATFORM, tolerate_dangling=True).allowed
+
+
 def test_only_problems_the_change_adds_refuse_it() -> None:
     # gold already names a missing tier (applied while the webhook was down): editing bronze,
     # or gold itself without fixing it, is allowed; gold's standing problem comes back as a warning.

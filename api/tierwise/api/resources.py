@@ -201,6 +201,9 @@ class Problem:
     field: str
     reason: str
     source: str = ""
+    # A reference to an object that does not exist (yet): applied in another order, the set may
+    # still be fine, which the validating webhook may be told to tolerate.
+    dangling: bool = False
 
     def __str__(self) -> str:
         where = f" ({self.source})" if self.source else ""
