@@ -98,7 +98,7 @@ def test_quickstart_becomes_running_deployments_services_and_a_policy(
 ) -> None:
     c = operator.cluster
     c.kubectl("label", "namespace", namespace, "tierwise.dev/injection=enabled")
-    apply(c, namespace, path=ROOT / "examples" / "quickstart" / "tiers.yaml")
+    apply(c, namespace, path=ROOT / "examples" / "quickstart" / "1-tiers.yaml")
     for t in ("gold", "silver", "bronze"):
         wait_for(f"tier {t} Ready", lambda t=t: ready(c, namespace, t), timeout=90)
 

@@ -35,7 +35,7 @@ def _get(url: str) -> tuple[int, str]:
 
 def _tiers(llama_model: str = LLAMA, keep_llama: bool = True) -> list[dict[str, Any]]:
     """The quickstart's tiers in namespace `models`, silver's llama-8b fronted by a sidecar."""
-    docs = list(yaml.safe_load_all((ROOT / "examples" / "quickstart" / "tiers.yaml").read_text()))
+    docs = list(yaml.safe_load_all((ROOT / "examples" / "quickstart" / "1-tiers.yaml").read_text()))
     for doc in docs:
         doc["metadata"]["namespace"] = NAMESPACE
     silver = next(d for d in docs if d["metadata"]["name"] == "silver")

@@ -278,6 +278,13 @@ def test_cross_object_problems_are_refused_at_kubectl_apply(cluster: Cluster, tm
         assert 'admission webhook "validate.tierwise.dev" denied the request' in res.stderr, res.stderr
         assert f'InferenceTier {namespace}/gold: spec.fallback.tier: tier "platinum" does not exist' in res.stderr
 
+        # The quickstart's files come in the order they refer to each other: admitted as a folder.
+        res = cluster.kubectl(
+            "apply", "--server-side", "-n", namespace, "-f", str(ROOT / "examples" / "quickstart"), check=False
+        )
+        assert res.returncode == 0, res.stderr
+        cluster.kubectl("delete", "inferencetiers,costbudgets,cachepolicies", "--all", "-n", namespace)
+
         assert apply(tier("silver"), tier("gold", "silver")).returncode == 0
         res = apply(tier("silver", "gold"))
         assert res.returncode != 0
