@@ -12,6 +12,7 @@ import base64
 import binascii
 import datetime
 import ipaddress
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_FILE, CERT_FILE, KEY_FILE, TRUST_FILE = "ca.crt", "tls.crt", "tls.key", "ca-bundle.crt"
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,11 @@ class ServingCert:
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in self.files().items():
             tmp = folder / f".{name}.tmp"
-            tmp.write_bytes(data)
+            tmp.unlink(missing_ok=True)
+            # The key is readable by its owner only, from its first byte on.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if name == KEY_FILE else 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             tmp.replace(folder / name)  # atomic: a reader never sees half a file
 
     @classmethod
@@ -70,9 +76,14 @@ class ServingCert:
         try:
             raw = {k: base64.b64decode(v, validate=True) for k, v in (data or {}).items()}
             cert = cls(raw[CA_FILE], raw[CERT_FILE], raw[KEY_FILE], raw.get(TRUST_FILE, b""))
-            x509.load_pem_x509_certificate(cert.cert_pem)
-            serialization.load_pem_private_key(cert.key_pem, None)
-        except (KeyError, ValueError, binascii.Error):
+            parsed = x509.load_pem_x509_certificate(cert.cert_pem)
+            key = serialization.load_pem_private_key(cert.key_pem, None)
+            x509.load_pem_x509_certificates(cert.trust)
+            parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        except (KeyError, ValueError, TypeError, binascii.Error, x509.ExtensionNotFound):
+            return None
+        # A key that is not the certificate's would fail every TLS handshake: as good as none.
+        if key.public_key().public_bytes(*_SPKI) != parsed.public_key().public_bytes(*_SPKI):
             return None
         return cert
 
@@ -145,7 +156,7 @@ def rotation_reason(current: ServingCert | None, hosts: list[str], now: datetime
     """Why `current` must be replaced now, or None while it is good."""
     if current is None:
         return "no certificate yet"
-    if hosts_of(current.cert_pem) != set(hosts):
+    if not set(hosts) <= hosts_of(current.cert_pem):
         return "the webhook's names changed"
     if now >= renew_at(current.cert_pem):
         return "two thirds of its lifetime passed"
@@ -159,7 +170,12 @@ def _valid_at(ca_pem: bytes, now: datetime.datetime) -> bool:
 def rotate(
     current: ServingCert | None, hosts: list[str], now: datetime.datetime, valid: datetime.timedelta
 ) -> ServingCert:
-    """A new CA and certificate, trusted together with the current CA while that is still valid."""
-    new = issue(hosts, now, valid)
+    """A new CA and certificate, trusted together with the current CA while that is still valid.
+
+    The new certificate also keeps the current one's names: replicas of two versions asking for
+    different names (a rollout changing the cluster domain) settle instead of taking turns.
+    """
+    names = [*hosts, *sorted(hosts_of(current.cert_pem) - set(hosts))] if current is not None else hosts
+    new = issue(names, now, valid)
     keep = current.ca_pem if current is not None and _valid_at(current.ca_pem, now) else b""
     return replace(new, trust_pem=new.ca_pem + keep)

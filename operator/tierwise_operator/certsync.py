@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from tierwise_operator.certs import ServingCert, rotate, rotation_reason
 from tierwise_operator.kube import MUTATING_WEBHOOKS, SECRET, VALIDATING_WEBHOOKS, ApiError, Kind, Kube
 
@@ -30,12 +33,31 @@ Obj = dict[str, Any]
 MANAGED_BY = "tierwise-webhook"
 
 
+def _certificates(pem: bytes) -> set[bytes]:
+    try:
+        return {c.public_bytes(serialization.Encoding.DER) for c in x509.load_pem_x509_certificates(pem)}
+    except ValueError:
+        return set()
+
+
+def _trusted(hook: Obj) -> set[bytes]:
+    try:
+        return _certificates(base64.b64decode((hook.get("clientConfig") or {}).get("caBundle") or ""))
+    except ValueError:
+        return set()
+
+
 def ca_bundle_ops(config: Obj, bundle: bytes) -> list[Obj]:
-    """JSON patch making every webhook of `config` trust `bundle`; empty when all already do."""
+    """JSON patch making every webhook of `config` trust every CA of `bundle`; empty when all do.
+
+    A webhook already trusting them all (and maybe more) is left alone: a replica whose view of
+    the Secret is a moment old must never take away the trust another replica has just added.
+    """
     b64 = base64.b64encode(bundle).decode()
+    wanted = _certificates(bundle)
     ops: list[Obj] = []
     for i, hook in enumerate(config.get("webhooks") or []):
-        if (hook.get("clientConfig") or {}).get("caBundle") != b64:
+        if not wanted <= _trusted(hook):
             # The test pins the index to the webhook it was computed for, should the list change meanwhile.
             ops.append({"op": "test", "path": f"/webhooks/{i}/name", "value": hook["name"]})
             ops.append({"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": b64})
@@ -70,7 +92,8 @@ class CertSync:
             reason = rotation_reason(current, self.hosts, now)
             if reason is None and current is not None:
                 return current
-            new = rotate(current, self.hosts, now, self.validity)
+            # Damaged or emptied: what this replica serves must stay trusted through the switch.
+            new = rotate(current or self.served, self.hosts, now, self.validity)
             # The chart may create the Secret empty (so uninstall removes it); its metadata is kept,
             # and its resourceVersion makes the write lose cleanly to a concurrent one.
             meta = {k: v for k, v in ((obj or {}).get("metadata") or {}).items() if k != "managedFields"}
@@ -93,7 +116,9 @@ class CertSync:
             return new
         raise ApiError(409, "Conflict", f"Secret {self.namespace}/{self.secret} kept changing under rotation")
 
-    async def _trust(self, bundle: bytes) -> None:
+    async def _trust(self, bundle: bytes) -> bool:
+        """Make the configurations trust `bundle`; whether anything had to be patched."""
+        patched = False
         for kind, name in self._configurations():
             config = await self.kube.get(kind, None, name)
             if config is None:
@@ -103,13 +128,15 @@ class CertSync:
             ops = ca_bundle_ops(config, bundle)
             if ops:
                 await self.kube.json_patch(kind, None, name, ops)
+                patched = True
                 log.info("caBundle of %s %s updated", kind.kind, name)
+        return patched
 
     async def sync(self, now: datetime.datetime | None = None) -> ServingCert:
         cert = await self._stored(now or datetime.datetime.now(datetime.UTC))
-        await self._trust(cert.trust)
+        patched = await self._trust(cert.trust)
         if cert != self.served:
-            if self.served is not None:
+            if patched or self.served is not None:
                 await asyncio.sleep(self.propagation)
             cert.write(self.folder)
             self.served = cert
@@ -122,7 +149,7 @@ class CertSync:
             try:
                 await self.sync()
                 delay = interval
-            except ApiError as e:
-                log.warning("webhook certificate not synced: %s", e)
+            except Exception as e:  # the keeper must outlive any one bad pass, or rotation stops
+                log.warning("webhook certificate not synced: %s: %s", type(e).__name__, e)
                 delay = min(interval, retry)
             await asyncio.sleep(delay)
