@@ -31,5 +31,6 @@ async def serve_health(
     app.router.add_get("/metrics", metrics_view)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, os.environ.get("TIERWISE_HEALTH_HOST", "0.0.0.0"), port).start()
+    # "" is every interface, IPv4 and IPv6 (an IPv6-only cluster probes on ::).
+    await web.TCPSite(runner, os.environ.get("TIERWISE_HEALTH_HOST", ""), port).start()
     return runner

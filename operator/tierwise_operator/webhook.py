@@ -158,6 +158,8 @@ def app(
         try:
             review = await request.json()
         except ValueError:
+            review = None
+        if not isinstance(review, dict) or not isinstance(review.get("request"), dict):
             metrics.admissions.labels(operation, "error").inc()
             return web.json_response({"error": "body is not an AdmissionReview"}, status=400)
         try:
@@ -170,8 +172,9 @@ def app(
             log.warning("cannot %s: %s", operation, e)
             metrics.admissions.labels(operation, "error").inc()
             return web.json_response({"error": f"cannot read the cluster: {e}"}, status=503)
+        finally:
+            metrics.seconds.labels(operation).observe(time.perf_counter() - started)
         metrics.admissions.labels(operation, result).inc()
-        metrics.seconds.labels(operation).observe(time.perf_counter() - started)
         return web.json_response(body)
 
     async def mutate(request: web.Request) -> web.Response:
@@ -227,8 +230,8 @@ async def _certificates(
         try:
             await sync.sync()
             break
-        except ApiError as e:
-            log.warning("webhook certificate not synced yet: %s", e)
+        except Exception as e:  # e.g. no access yet: retried, the pod stays unready meanwhile
+            log.warning("webhook certificate not synced yet: %s: %s", type(e).__name__, e)
             await asyncio.sleep(2)
     certs = CertReloader(folder, metrics)
 
@@ -246,6 +249,8 @@ async def serve(args: argparse.Namespace) -> None:
     health = await serve_health(args.health_port, ready, alive, metrics.registry)
     kube = await Kube.connect(args.kubeconfig, user_agent=USER_AGENT)
     certs, keeper = await _certificates(args, kube, metrics)
+    # Should the certificate keeper ever end, rotation has stopped: let liveness restart the pod.
+    keeper.add_done_callback(lambda t: None if t.cancelled() else alive.clear())
     tolerate = args.unknown_tiers == "warn"
     runner = web.AppRunner(
         app(_injection_config(args), kube, args.platform_namespace, metrics, tolerate), access_log=None
@@ -253,13 +258,18 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port, ssl_context=certs.context).start()
     ready.set()
-    log.info("webhook listening on https://%s:%d", args.host, args.port)
+    log.info("webhook listening on https://%s:%d", args.host or "*", args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+        # Unready but still answering while the Service's endpoints catch up: the API server does
+        # not retry a failed call, and with failurePolicy Fail that would refuse a pod.
+        ready.clear()
+        log.info("stopping in %.1f s", args.drain_seconds)
+        await asyncio.sleep(args.drain_seconds)
     finally:
         ready.clear()
         keeper.cancel()
@@ -271,7 +281,10 @@ async def serve(args: argparse.Namespace) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     p.add_argument("--kubeconfig", help="kubeconfig to use (default: in-cluster service account, or $KUBECONFIG)")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="", help="address to listen on (default: every interface, IPv4 and IPv6)")
+    p.add_argument(
+        "--drain-seconds", type=float, default=5.0, help="on SIGTERM, keep answering this long while unready"
+    )
     p.add_argument("--port", type=int, default=9443, help="TLS port of /mutate and /validate")
     p.add_argument("--health-port", type=int, default=8081, help="plain-HTTP port of /healthz, /readyz, /metrics")
     p.add_argument(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -1042,8 +1043,8 @@ class WebhookProcess:
         folder.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [*TIERWISE, *argv, "--kubeconfig", str(kubeconfig), "--host", "127.0.0.1"],
-                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                [*TIERWISE, *argv, "--kubeconfig", str(kubeconfig), "--host", "127.0.0.1", "--drain-seconds", "0.5"],
+                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "TIERWISE_HEALTH_HOST": "127.0.0.1"},
             )  # fmt: skip
 
     def get(self, path: str) -> tuple[int, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import os
 import ssl
 import subprocess
 import time
@@ -46,11 +47,12 @@ class Webhook:
         cmd = [
             *TIERWISE, "webhook", "--kubeconfig", str(self.cluster.kubeconfig), "--cert-dir", str(self.folder),
             "--host", "127.0.0.1", "--port", str(self.port), "--health-port", str(self.health),
-            "--sidecar-image", IMAGE, "--cert-reload-interval", "0.5", *self.extra,
+            "--sidecar-image", IMAGE, "--cert-reload-interval", "0.5", "--drain-seconds", "0.5", *self.extra,
         ]  # fmt: skip
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         with (self.folder.parent / f"webhook-{self.port}.log").open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            env = {**os.environ, "TIERWISE_HEALTH_HOST": "127.0.0.1"}  # loopback only, like everything here
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         wait_for("the webhook ready", lambda: self.ready() or self.proc is None or self.proc.poll() is not None, 60)
         assert self.proc.poll() is None, (self.folder.parent / f"webhook-{self.port}.log").read_text()
 
