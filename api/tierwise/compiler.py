@@ -169,7 +169,11 @@ def _check_budget(world: _World, b: CostBudget) -> list[Problem]:
 
 
 def _budget_scope(b: CostBudget) -> tuple[object, ...]:
-    """What a budget counts, normalised so two spellings of the same traffic compare equal."""
+    """What a budget counts, normalised so two spellings of the same traffic compare equal.
+
+    The budget's own namespace is part of it: a platform budget capping a team and the team's own
+    budget stack (both apply), they do not contradict each other.
+    """
     sel = b.spec.selector
     ns = sel.namespaces
     where: object = (
@@ -177,7 +181,7 @@ def _budget_scope(b: CostBudget) -> tuple[object, ...]:
         if ns is None or (ns.selector is None and set(ns.names) == {b.namespace})
         else (frozenset(ns.names), ns.selector.model_dump_json() if ns.selector else None)
     )
-    return where, frozenset(sel.tenants), frozenset(sel.tiers), b.spec.period
+    return b.namespace, where, frozenset(sel.tenants), frozenset(sel.tiers), b.spec.period
 
 
 def _budget_terms(b: CostBudget) -> tuple[object, ...]:

@@ -115,7 +115,7 @@ def test_a_secret_round_trip_and_damaged_secrets() -> None:
 
 
 def test_ca_bundle_patch_touches_only_the_webhooks_that_need_it() -> None:
-    bundle = b"-----BEGIN CERTIFICATE-----\n...\n"
+    bundle = rotate(None, HOSTS, NOW, datetime.timedelta(days=1)).trust
     b64 = base64.b64encode(bundle).decode()
     config = {
         "webhooks": [
@@ -128,3 +128,38 @@ def test_ca_bundle_patch_touches_only_the_webhooks_that_need_it() -> None:
     assert [w["clientConfig"].get("caBundle") for w in patched["webhooks"]] == [b64, b64]
     assert len(ops) == 2  # a test of the name, then the add, for the one webhook that lacked it
     assert ca_bundle_ops(patched, bundle) == []
+
+
+def test_a_platform_cap_and_a_teams_own_budget_stack() -> None:
+    own = placed(budget("own", limit={"usd": 100}))
+    cap = placed(budget("cap", limit={"usd": 1000}, selector={"namespaces": {"names": ["team-a"]}}), PLATFORM)
+    assert judge([own], [], cap, PLATFORM).allowed
+    assert judge([cap], [], own, PLATFORM).allowed
+
+
+def test_a_partial_fix_is_admitted_though_the_problem_message_changes() -> None:
+    defaults = [placed(tier(n, access={"default": True})) for n in ("a", "b", "c")]
+    fixed_c = placed(tier("c"))
+    v = judge(defaults, [], fixed_c, PLATFORM)
+    assert v.allowed, v.message
+
+
+def test_damaged_secrets_and_hosts_that_only_grow() -> None:
+    cert = rotate(None, HOSTS, NOW, datetime.timedelta(days=1))
+    other = rotate(None, HOSTS, NOW, datetime.timedelta(days=1))
+    mismatched = {**cert.secret_data(), "tls.key": other.secret_data()["tls.key"]}
+    assert ServingCert.from_secret_data(mismatched) is None  # a key not the certificate's
+    # A replica asking for fewer names is content; one asking for another keeps the current names too.
+    assert rotation_reason(cert, HOSTS[:1], NOW) is None
+    grown = rotate(cert, ["new.svc"], NOW, datetime.timedelta(days=1))
+    assert hosts_of(grown.cert_pem) == {*HOSTS, "new.svc"}
+    assert rotation_reason(grown, HOSTS, NOW) is None and rotation_reason(grown, ["new.svc"], NOW) is None
+
+
+def test_ca_bundle_patch_never_takes_trust_away() -> None:
+    first = rotate(None, HOSTS, NOW, datetime.timedelta(days=30))
+    second = rotate(first, HOSTS, NOW + datetime.timedelta(days=21), datetime.timedelta(days=30))
+    config = {"webhooks": [{"name": "a", "clientConfig": {"caBundle": base64.b64encode(second.trust).decode()}}]}
+    # A replica still holding the first Secret's view wants [first CA]: already trusted, no patch.
+    assert ca_bundle_ops(config, first.trust) == []
+    assert ca_bundle_ops(config, second.trust) == []
