@@ -26,7 +26,7 @@ from tierwise.naming import (
     headless_service,
     serving_port,
 )
-from tierwise_operator.injection import SECURITY_CONTEXT, TMP_MOUNT, TMP_VOLUME
+from tierwise_operator.injection import INJECT, SECURITY_CONTEXT, TMP_MOUNT, TMP_VOLUME
 from tierwise_operator.kube import DEPLOYMENT, HPA, PDB, SCALED_OBJECT, SERVICE, Obj
 from tierwise_operator.promql import HPA_METRICS, Scope, load_query
 
@@ -155,7 +155,9 @@ def deployment(t: TierRef, b: Backend, d: SelfHostedDeployment, replicas: int | 
         "selector": {"matchLabels": selector_labels(t.name, b.name)},
         "template": {
             "metadata": {
-                "labels": owned_labels(t.name, b.name),
+                # A model server is not an LLM client: never inject the app sidecar into it, even
+                # in a namespace labelled for injection (its ingress sidecar, if any, is its own).
+                "labels": {**owned_labels(t.name, b.name), INJECT: "false"},
                 "annotations": {"tierwise.dev/model": b.model},
             },
             "spec": pod_spec,

@@ -14,7 +14,9 @@ from tierwise.naming import INGRESS_PORT, POLICY_CONFIGMAP, POLICY_KEY
 
 Obj = dict[str, Any]
 SIDECAR = "tierwise-sidecar"
-INJECT = "tierwise.dev/inject"  # label or annotation: "false" opts a pod out, "true" opts it in
+# "false" (label or annotation) opts a pod out; the label "true" opts a pod in where the namespace
+# is labelled opt-in (the webhook configuration selects on labels only).
+INJECT = "tierwise.dev/inject"
 BASE_URL_ANNOTATION = "tierwise.dev/openai-base-url"  # "true": point OPENAI_BASE_URL at the sidecar
 INJECTED_ANNOTATION = "tierwise.dev/injected"
 # A label, unlike the annotation, can be selected on: the chart's PodMonitor scrapes injected sidecars by it.

@@ -111,6 +111,9 @@ def test_ingress_sidecar_fronts_the_model_server() -> None:
     assert [c["name"] for c in pod["containers"]] == ["model-server", "tierwise-sidecar"]
     assert "--ingress" in pod["containers"][1]["args"] and pod["volumes"][0]["configMap"]["name"] == "tierwise-policy"
     assert objs[1]["spec"]["ports"][0] == {"name": "http", "port": 8480, "targetPort": "api", "protocol": "TCP"}
+    # Never given the app sidecar as well, even in a namespace labelled for injection.
+    assert objs[0]["spec"]["template"]["metadata"]["labels"]["tierwise.dev/inject"] == "false"
+    assert pod["containers"][1]["securityContext"]["runAsUser"] == 10001
 
 
 def test_covers_is_semantic() -> None:
