@@ -9,9 +9,18 @@ limit. */}}
 {{- $operator := include "tierwise.operator.metricsService" . -}}
 {{- $webhook := include "tierwise.webhook.name" . -}}
 {{- $extra := $rule.alertLabels | default dict -}}
+{{- /* Self-managed certificates are renewed with a third of their life left: alert at half of
+that at most, so a short certValidityHours does not alert on every healthy cycle. */ -}}
+{{- $expiry := mul (int $rule.certificateExpiryDays) 86400 -}}
+{{- if not .Values.webhook.certManager.enabled -}}
+{{- $expiry = min $expiry (mul (int .Values.webhook.certValidityHours) 600) -}}
+{{- end -}}
+{{- /* "Down" needs the ServiceMonitor's scrapes: without them absent(up) would fire forever. */ -}}
+{{- $scraped := .Values.monitoring.serviceMonitor.enabled -}}
 groups:
   - name: tierwise-operator
     rules:
+      {{- if $scraped }}
       - alert: TierwiseOperatorDown
         expr: >-
           max by (job, namespace) (up{job="{{ $operator }}", namespace="{{ $ns }}"}) == 0
@@ -25,6 +34,7 @@ groups:
             No operator of release {{ .Release.Name }} in {{ $ns }} has answered /metrics for
             5 minutes. Tiers are not reconciled or autoscaled and Policies are not updated;
             sidecars keep serving with the Policy they have.
+      {{- end }}
       - alert: TierwiseOperatorReconcileErrors
         expr: sum by (key, error) (increase(tierwise_operator_reconcile_errors_total{job="{{ $operator }}"}[15m])) > 0
         for: 15m
@@ -49,6 +59,7 @@ groups:
             -n {{`{{ $labels.namespace }}`}}` shows which (Ready=False, InvalidSpec).
   - name: tierwise-webhook
     rules:
+      {{- if $scraped }}
       - alert: TierwiseWebhookDown
         expr: >-
           max by (job, namespace) (up{job="{{ $webhook }}", namespace="{{ $ns }}"}) == 0
@@ -64,6 +75,7 @@ groups:
             {{- if eq .Values.webhook.inject.failurePolicy "Fail" }} Pods in namespaces labelled for injection are refused (failurePolicy Fail).
             {{- else }} Pods in namespaces labelled for injection start without the sidecar (failurePolicy Ignore).
             {{- end }}
+      {{- end }}
       - alert: TierwiseWebhookAdmissionErrors
         expr: sum by (operation) (rate(tierwise_webhook_admissions_total{job="{{ $webhook }}", result="error"}[5m])) > 0
         for: 10m
@@ -75,7 +87,7 @@ groups:
             {{`{{ $labels.operation }}`}} reviews have been failing for 10 minutes (unreadable
             review, or the cluster cannot be read); the API server applies the failure policy.
       - alert: TierwiseWebhookCertificateExpiry
-        expr: min(tierwise_webhook_certificate_expiry_timestamp_seconds{job="{{ $webhook }}"}) - time() < {{ mul (int $rule.certificateExpiryDays) 86400 }}
+        expr: min(tierwise_webhook_certificate_expiry_timestamp_seconds{job="{{ $webhook }}"}) - time() < {{ $expiry }}
         for: 10m
         labels:
           {{- toYaml (merge (dict "severity" "critical") $extra) | nindent 10 }}
@@ -83,7 +95,7 @@ groups:
           summary: The tierwise webhook's certificate expires soon.
           description: >-
             A webhook replica serves a certificate expiring in less than
-            {{ $rule.certificateExpiryDays }} days: rotation is not happening
+            {{ div $expiry 3600 }} hours: rotation is not happening
             {{- if .Values.webhook.certManager.enabled }} (check the Certificate {{ include "tierwise.webhook.certificate" . }} in {{ $ns }}).
             {{- else }} (check the webhook's log and its access to the Secret {{ include "tierwise.webhook.certSecret" . }}).
             {{- end }}
