@@ -329,7 +329,7 @@ def test_self_managed_certificates_rotate_across_two_replicas_while_the_api_serv
 ) -> None:
     """Two replicas share one Secret; certificates live 24 s and are renewed after 16 s. For 45 s
     a pod is created every second; the configuration calls both replicas (Fail), so any certificate
-    the API server does not trust would refuse a pod."""
+    the API server does not trust would refuse a pod. Half-way, the Secret is deleted."""
     name = f"tierwise-rotate-{namespace}"
     managed = [
         "--manage-certs", "--cert-secret", "webhook-tls", "--namespace", namespace, "--cert-hosts", "127.0.0.1",
@@ -339,6 +339,9 @@ def test_self_managed_certificates_rotate_across_two_replicas_while_the_api_serv
     hooks = [inject_hook(name, r.port, None, f"r{i}.inject.tierwise.dev") for i, r in enumerate(replicas)]
     cluster.kubectl("apply", "-f", "-", input=json.dumps(configuration(name, *hooks)))
     cluster.kubectl("label", "namespace", namespace, "tierwise.dev/injection=enabled", f"webhook-test={name}")
+
+    def secret_exists() -> bool:
+        return cluster.kubectl("get", "secret", "webhook-tls", "-n", namespace, check=False).returncode == 0
 
     def secret_cert() -> bytes:
         out = cluster.kubectl("get", "secret", "webhook-tls", "-n", namespace, "-o", "json").stdout
@@ -361,6 +364,10 @@ def test_self_managed_certificates_rotate_across_two_replicas_while_the_api_serv
             res = cluster.kubectl("create", "-n", namespace, "-o", "json", "-f", "-", input=pod(f"p{n}"), check=False)
             if res.returncode != 0 or not json.loads(res.stdout)["spec"].get("initContainers"):
                 refused.append(res.stderr)
+            if n == 20:
+                # Emptied by hand mid-way: a fresh certificate, issued with what is served kept trusted.
+                cluster.kubectl("delete", "secret", "webhook-tls", "-n", namespace)
+                wait_for("the Secret re-issued", secret_exists, timeout=10)
             seen.add(secret_cert())
             time.sleep(1)
         assert refused == [], refused
