@@ -77,6 +77,7 @@ def _check_reach(world: _World, obj: AnyResource, sel: NamespaceSelection | None
                 obj.ref,
                 path,
                 f"only objects in the platform namespace {world.platform} may select other namespaces",
+                about="reach",
             )
         ]
     return []
@@ -91,7 +92,9 @@ def _tier_known(world: _World, obj: AnyResource, name: str) -> bool:
 
 
 def _unknown_tier(obj: AnyResource, path: str, name: str) -> Problem:
-    return Problem(obj.ref, path, f'tier "{name}" does not exist in namespace {obj.namespace}', dangling=True)
+    return Problem(
+        obj.ref, path, f'tier "{name}" does not exist in namespace {obj.namespace}', dangling=True, about="unknown tier"
+    )
 
 
 def _edges(world: _World, kind: str) -> dict[tuple[str, str], tuple[str, str]]:
@@ -137,7 +140,7 @@ def _check_graph(world: _World, kind: str, path: str, verb: str) -> list[Problem
     by_key = {(t.namespace, t.name): t for t in world.tiers}
     for cycle in _cycles(_edges(world, kind)):
         names = " -> ".join(n for _, n in [*cycle, cycle[0]])
-        problems.append(Problem(by_key[cycle[0]].ref, path, f"{verb} cycle: {names}"))
+        problems.append(Problem(by_key[cycle[0]].ref, path, f"{verb} cycle: {names}", about=f"{verb} cycle"))
     return problems
 
 
@@ -206,6 +209,7 @@ def _check_budget_conflicts(world: _World) -> list[Problem]:
                     f"counts the same traffic over the same {b.spec.period.value.lower()} period as "
                     f"{other.ref} with different limits or thresholds; merge them, narrow one's selector, "
                     "or set dryRun on one",
+                    about="contradicting budgets",
                 )
             )
     return problems
@@ -231,7 +235,10 @@ def _check_defaults(world: _World) -> list[Problem]:
             names = ", ".join(t.name for t in defaults)
             problems.append(
                 Problem(
-                    defaults[0].ref, "spec.access.defaultFor", f"namespace {ns} has more than one default tier: {names}"
+                    defaults[0].ref,
+                    "spec.access.defaultFor",
+                    f"namespace {ns} has more than one default tier: {names}",
+                    about=f"defaults of {ns}",
                 )
             )
     return problems
@@ -242,7 +249,7 @@ def _check_duplicates(resources: Sequence[AnyResource]) -> list[Problem]:
     problems = []
     for r in resources:
         if r.ref in seen:
-            problems.append(Problem(r.ref, "metadata.name", "defined more than once"))
+            problems.append(Problem(r.ref, "metadata.name", "defined more than once", about="duplicate"))
         seen.add(r.ref)
     return problems
 

@@ -66,11 +66,11 @@ def judge(
     others = [o for o in cluster if _key(o.get("kind"), o.get("metadata") or {}) != key]
     before = _problems(_parsed(cluster), namespaces, platform)
     after = _problems([*_parsed(others), parsed], namespaces, platform)
-    # A problem is the same problem while it is about the same object and field, even when its
+    # A problem is the same problem while its identity (object, field, sort) holds, even when its
     # message changes (a cycle through other tiers, one default tier fewer): a partial fix passes.
-    had = {(p.obj, p.field) for p in before}
-    added = sorted((p for p in after if (p.obj, p.field) not in had), key=str)
-    kept = sorted((p for p in after if (p.obj, p.field) in had and p.obj == parsed.ref), key=str)
+    had = {p.identity for p in before}
+    added = sorted((p for p in after if p.identity not in had), key=str)
+    kept = sorted((p for p in after if p.identity in had and p.obj == parsed.ref), key=str)
     if tolerate_dangling:
         kept = sorted([*kept, *(p for p in added if p.dangling)], key=str)
         added = [p for p in added if not p.dangling]

@@ -163,3 +163,24 @@ def test_ca_bundle_patch_never_takes_trust_away() -> None:
     # A replica still holding the first Secret's view wants [first CA]: already trusted, no patch.
     assert ca_bundle_ops(config, first.trust) == []
     assert ca_bundle_ops(config, second.trust) == []
+
+
+def test_a_cycle_closed_on_a_field_that_named_a_missing_tier_is_refused() -> None:
+    # a names x, which does not exist yet (applied with unknown tiers tolerated); x then arrives
+    # falling back to a: the field's problem turns from a missing tier into a cycle, a new problem.
+    cluster = [placed(tier("a", fallback={"tier": "x"}))]
+    closing = placed(tier("x", fallback={"tier": "a"}))
+    for tolerate in (False, True):
+        v = judge(cluster, [], closing, PLATFORM, tolerate_dangling=tolerate)
+        assert not v.allowed and "fallback cycle: a -> x -> a" in v.message, v
+
+
+def test_a_second_namespace_with_two_default_tiers_is_refused_though_the_first_already_had_them() -> None:
+    # Platform tiers default for team-a and team-b; team-a already has two defaults (the same tier
+    # reports both namespaces' clash): giving team-b a second default too is a new problem.
+    spaces = [Namespace("team-a", {"t": "x"}), Namespace("team-b", {"t": "x"})]
+    grant = {"namespaces": {"selector": {"matchLabels": {"t": "x"}}}}
+    a = placed(tier("a", access={**grant, "defaultFor": {"names": ["team-a", "team-b"]}}), PLATFORM)
+    own = placed(tier("own", access={"default": True}), "team-a")
+    v = judge([a, own], spaces, placed(tier("other", access={"default": True}), "team-b"), PLATFORM)
+    assert not v.allowed and "namespace team-b has more than one default tier" in v.message, v

@@ -204,6 +204,14 @@ class Problem:
     # A reference to an object that does not exist (yet): applied in another order, the set may
     # still be fine, which the validating webhook may be told to tolerate.
     dangling: bool = False
+    # What sort of problem this is, beyond its object and field ("fallback cycle", "defaults of
+    # team-a"): a cycle reported on a field that already named a missing tier is a new problem,
+    # while the same cycle through other tiers, or one default tier fewer, is the same one.
+    about: str = ""
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        return self.obj, self.field, self.about
 
     def __str__(self) -> str:
         where = f" ({self.source})" if self.source else ""
