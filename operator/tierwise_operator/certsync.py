@@ -33,34 +33,49 @@ Obj = dict[str, Any]
 MANAGED_BY = "tierwise-webhook"
 
 
-def _certificates(pem: bytes) -> set[bytes]:
+def _certificates(pem: bytes) -> list[x509.Certificate]:
     try:
-        return {c.public_bytes(serialization.Encoding.DER) for c in x509.load_pem_x509_certificates(pem)}
+        return x509.load_pem_x509_certificates(pem)
     except ValueError:
-        return set()
+        return []
 
 
-def _trusted(hook: Obj) -> set[bytes]:
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _trusted(hook: Obj) -> list[x509.Certificate]:
     try:
         return _certificates(base64.b64decode((hook.get("clientConfig") or {}).get("caBundle") or ""))
     except ValueError:
-        return set()
+        return []
 
 
-def ca_bundle_ops(config: Obj, bundle: bytes) -> list[Obj]:
+def ca_bundle_ops(config: Obj, bundle: bytes, now: datetime.datetime) -> list[Obj]:
     """JSON patch making every webhook of `config` trust every CA of `bundle`; empty when all do.
 
-    A webhook already trusting them all (and maybe more) is left alone: a replica whose view of
-    the Secret is a moment old must never take away the trust another replica has just added.
+    Trust only grows: what a webhook trusts already stays unless it has expired, because a replica
+    whose view of the Secret is a moment old must never take away a CA another replica has just
+    added (and is about to serve). Each patch is guarded by a test of the clientConfig it was
+    computed from, so two replicas patching at once cannot overwrite each other: the loser's patch
+    fails and it computes again.
     """
-    b64 = base64.b64encode(bundle).decode()
-    wanted = _certificates(bundle)
+    wanted = [c for c in _certificates(bundle) if c.not_valid_after_utc > now]
     ops: list[Obj] = []
     for i, hook in enumerate(config.get("webhooks") or []):
-        if not wanted <= _trusted(hook):
-            # The test pins the index to the webhook it was computed for, should the list change meanwhile.
-            ops.append({"op": "test", "path": f"/webhooks/{i}/name", "value": hook["name"]})
-            ops.append({"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": b64})
+        trusted = _trusted(hook)
+        have = {_der(c) for c in trusted}
+        missing = [c for c in wanted if _der(c) not in have]
+        if not missing:
+            continue
+        wanted_der = {_der(c) for c in wanted}
+        kept = [c for c in trusted if _der(c) not in wanted_der and c.not_valid_after_utc > now]
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [*wanted, *kept])
+        ops.append({"op": "test", "path": f"/webhooks/{i}/name", "value": hook["name"]})
+        ops.append({"op": "test", "path": f"/webhooks/{i}/clientConfig", "value": hook.get("clientConfig") or {}})
+        ops.append(
+            {"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": base64.b64encode(pem).decode()}
+        )
     return ops
 
 
@@ -111,30 +126,49 @@ class CertSync:
             except ApiError as e:
                 if e.status == 409:  # another replica rotated first: adopt its certificate
                     continue
+                if obj is None and e.status == 403:
+                    # The chart grants no create on Secrets (it cannot be limited to one name).
+                    raise ApiError(
+                        403,
+                        "Forbidden",
+                        f"Secret {self.namespace}/{self.secret} is missing and this webhook may not create it; "
+                        "`helm upgrade` restores it (the certificate served now stays in use meanwhile)",
+                    ) from e
                 raise
             log.info("issued a new webhook certificate for %s (%s)", ",".join(self.hosts), reason)
             return new
         raise ApiError(409, "Conflict", f"Secret {self.namespace}/{self.secret} kept changing under rotation")
 
-    async def _trust(self, bundle: bytes) -> bool:
+    async def _trust(self, bundle: bytes, now: datetime.datetime) -> bool:
         """Make the configurations trust `bundle`; whether anything had to be patched."""
         patched = False
         for kind, name in self._configurations():
-            config = await self.kube.get(kind, None, name)
-            if config is None:
-                # Not created yet (an install in progress) or deleted: nothing calls us through it.
-                log.warning("%s %s not found; its caBundle is set once it exists", kind.kind, name)
-                continue
-            ops = ca_bundle_ops(config, bundle)
-            if ops:
-                await self.kube.json_patch(kind, None, name, ops)
+            for attempt in range(3):
+                config = await self.kube.get(kind, None, name)
+                if config is None:
+                    # Not created yet (helm creates the configurations after the Deployments) or
+                    # deleted: an error, so this replica stays unready and retries soon.
+                    raise ApiError(404, "NotFound", f"{kind.kind} {name} not found; its caBundle cannot be set")
+                ops = ca_bundle_ops(config, bundle, now)
+                if not ops:
+                    break
+                try:
+                    await self.kube.json_patch(kind, None, name, ops)
+                except ApiError as e:
+                    # A failed test: another replica patched first; look again. (422 on a failed
+                    # test, 409 should the configuration change under the patch.)
+                    if e.status in (409, 422) and attempt < 2:
+                        continue
+                    raise
                 patched = True
                 log.info("caBundle of %s %s updated", kind.kind, name)
+                break
         return patched
 
     async def sync(self, now: datetime.datetime | None = None) -> ServingCert:
-        cert = await self._stored(now or datetime.datetime.now(datetime.UTC))
-        patched = await self._trust(cert.trust)
+        now = now or datetime.datetime.now(datetime.UTC)
+        cert = await self._stored(now)
+        patched = await self._trust(cert.trust, now)
         if cert != self.served:
             if patched or self.served is not None:
                 await asyncio.sleep(self.propagation)

@@ -1043,7 +1043,10 @@ class WebhookProcess:
         folder.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [*TIERWISE, *argv, "--kubeconfig", str(kubeconfig), "--host", "127.0.0.1", "--drain-seconds", "0.5"],
+                [
+                    *TIERWISE, *argv, "--kubeconfig", str(kubeconfig), "--host", "127.0.0.1", "--drain-seconds", "0.5",
+                    "--cert-check-interval", "1",
+                ],
                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "TIERWISE_HEALTH_HOST": "127.0.0.1"},
             )  # fmt: skip
 
@@ -1055,6 +1058,9 @@ class WebhookProcess:
             return e.code, ""
         except OSError:
             return 0, ""
+
+    def served_der(self) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(("127.0.0.1", self.port)))
 
     def wait_ready(self) -> None:
         try:
@@ -1213,6 +1219,31 @@ def test_the_webhook_keeps_its_certificate_as_the_charts_service_account_and_upg
                 "create configmaps -n default", "delete namespaces",
             ],
         )  # fmt: skip
+
+        # The Secret deleted by hand: the webhook may not create Secrets, so it keeps serving the
+        # certificate it has and says what to do; `helm upgrade` puts the chart's empty Secret back
+        # and the webhook fills it again.
+        served = webhook.served_der()
+        cluster.kubectl("delete", "secret", secret, "-n", ns)
+        wait_for("the missing Secret reported", lambda: "may not create it" in webhook.log.read_text())
+        assert webhook.get("/healthz")[0] == 200 and webhook.served_der() == served
+        res = helm(cluster, "upgrade", release, str(CHART), "--namespace", ns, "--reuse-values", timeout=150)
+        assert res.returncode == 0, res.stderr
+        wait_for("the Secret filled again", lambda: (get(cluster, "secret", secret, "-n", ns) or {}).get("data"))
+        renewed = get(cluster, "secret", secret, "-n", ns)["data"]
+        wait_for(
+            "the new certificate served",
+            lambda: webhook.served_der() == ssl.PEM_cert_to_DER_cert(base64.b64decode(renewed["tls.crt"]).decode()),
+        )
+        # Trusted by the configurations the API server uses: the old CA stays while it is valid.
+        trusted = {
+            h["clientConfig"]["caBundle"] for kind, name in configs for h in get(cluster, kind, name)["webhooks"]
+        }
+        (now_trusted,) = trusted
+        status, reply = webhook.post(
+            "/validate", admission_review(tier, "default"), base64.b64decode(now_trusted), f"{sa}.{ns}.svc"
+        )
+        assert status == 200 and reply["response"]["allowed"] is True, reply
     finally:
         if webhook is not None:
             webhook.stop()

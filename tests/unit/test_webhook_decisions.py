@@ -7,7 +7,9 @@ import datetime
 from typing import Any
 
 import jsonpatch
+import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.cases import budget, tier
 from tierwise.api import Namespace
@@ -123,11 +125,17 @@ def test_ca_bundle_patch_touches_only_the_webhooks_that_need_it() -> None:
             {"name": "b.tierwise.dev", "clientConfig": {"caBundle": b64}},
         ]
     }
-    ops = ca_bundle_ops(config, bundle)
+    ops = ca_bundle_ops(config, bundle, NOW)
     patched = jsonpatch.apply_patch(config, ops)
     assert [w["clientConfig"].get("caBundle") for w in patched["webhooks"]] == [b64, b64]
-    assert len(ops) == 2  # a test of the name, then the add, for the one webhook that lacked it
-    assert ca_bundle_ops(patched, bundle) == []
+    # Tests of the name and of the clientConfig it was computed from, then the add, for the one
+    # webhook that lacked it.
+    assert [op["op"] for op in ops] == ["test", "test", "add"]
+    assert ca_bundle_ops(patched, bundle, NOW) == []
+    # Patched by someone else meanwhile: the guarded patch no longer applies.
+    moved = {"webhooks": [{**config["webhooks"][0], "clientConfig": {"caBundle": "b3RoZXI="}}, config["webhooks"][1]]}
+    with pytest.raises(jsonpatch.JsonPatchTestFailed):
+        jsonpatch.apply_patch(moved, ops)
 
 
 def test_a_platform_cap_and_a_teams_own_budget_stack() -> None:
@@ -161,8 +169,37 @@ def test_ca_bundle_patch_never_takes_trust_away() -> None:
     second = rotate(first, HOSTS, NOW + datetime.timedelta(days=21), datetime.timedelta(days=30))
     config = {"webhooks": [{"name": "a", "clientConfig": {"caBundle": base64.b64encode(second.trust).decode()}}]}
     # A replica still holding the first Secret's view wants [first CA]: already trusted, no patch.
-    assert ca_bundle_ops(config, first.trust) == []
-    assert ca_bundle_ops(config, second.trust) == []
+    assert ca_bundle_ops(config, first.trust, NOW) == []
+    assert ca_bundle_ops(config, second.trust, NOW) == []
+
+
+def trusted_cas(config: dict[str, Any]) -> list[bytes]:
+    pem = base64.b64decode(config["webhooks"][0]["clientConfig"]["caBundle"])
+    return [c.public_bytes(serialization.Encoding.DER) for c in x509.load_pem_x509_certificates(pem)]
+
+
+def der(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+def test_a_stale_replica_never_drops_the_newest_ca_over_many_rotations() -> None:
+    """Rotation after rotation, a replica that read the Secret just before another rotated patches
+    with its older bundle: the configuration keeps the newest CA, and CAs drop out only once expired."""
+    life = datetime.timedelta(days=30)
+    certs = [rotate(None, HOSTS, NOW, life)]
+    config: dict[str, Any] = {"webhooks": [{"name": "a", "clientConfig": {}}]}
+    config = jsonpatch.apply_patch(config, ca_bundle_ops(config, certs[0].trust, NOW))
+    for n in range(1, 5):
+        at = NOW + n * datetime.timedelta(days=21)
+        certs.append(rotate(certs[-1], HOSTS, at, life))
+        config = jsonpatch.apply_patch(config, ca_bundle_ops(config, certs[-1].trust, at))  # the rotating replica
+        stale = ca_bundle_ops(config, certs[-2].trust, at)  # the one a moment behind
+        config = jsonpatch.apply_patch(config, stale)
+        trusted = trusted_cas(config)
+        assert der(certs[-1].ca_pem) in trusted and der(certs[-2].ca_pem) in trusted
+        # Nothing expired is kept, so the bundle stays small.
+        assert all(x509.load_der_x509_certificate(c).not_valid_after_utc > at for c in trusted)
+        assert len(trusted) <= 3
 
 
 def test_a_cycle_closed_on_a_field_that_named_a_missing_tier_is_refused() -> None:
