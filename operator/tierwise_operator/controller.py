@@ -1,8 +1,9 @@
 """The reconcilers: level-triggered, keyed, idempotent. Each pass reads the cached world, computes
 what should exist (pure functions), writes only the difference, and reports what it saw in status.
 
-Keys: ("tier", namespace, name) for one tier's children and status; ("policies", "", "") for the
-Policy ConfigMaps of every namespace that needs one. A failure in one key never blocks another;
+Keys: ("tier", namespace, name) for one tier's children and status; ("budget" | "cache", namespace,
+name) for whether a CostBudget or CachePolicy compiles (its Ready condition); ("policies", "", "")
+for the Policy ConfigMaps of every namespace that needs one. A failure in one key never blocks another;
 transient API errors come back with backoff; a spec that cannot be realised is reported in the
 tier's conditions and waits for the spec to change.
 """
@@ -34,7 +35,7 @@ from tierwise.naming import (
 )
 from tierwise_operator import children, scaling, signals
 from tierwise_operator.drift import covers
-from tierwise_operator.kube import CONFIGMAP, KINDS, SCALED_OBJECT, TIER, ApiError, Kube, Obj
+from tierwise_operator.kube import BUDGET, CACHE, CONFIGMAP, KINDS, SCALED_OBJECT, TIER, ApiError, Kind, Kube, Obj
 from tierwise_operator.metrics import OperatorMetrics
 from tierwise_operator.promql import Scope
 from tierwise_operator.status import (
@@ -47,6 +48,7 @@ from tierwise_operator.status import (
     status_changed,
     tier_status,
     transitions,
+    validity_status,
 )
 from tierwise_operator.store import Store
 from tierwise_operator.workqueue import RetryLaterError, WorkQueue
@@ -56,6 +58,9 @@ Key = tuple[str, str, str]
 POLICIES: Key = ("policies", "", "")
 OWNED = tuple(k.kind for k in children.OWNED_KINDS)
 SETTLE_SECONDS = 0.3
+# Kinds whose status says only whether they compile, and their work-queue key names.
+RULES: dict[str, Kind] = {"budget": BUDGET, "cache": CACHE}
+RULE_KEYS = {k.kind: name for name, k in RULES.items()}
 
 
 @dataclass
@@ -122,6 +127,8 @@ class Controller:
             self.queue.add_after(("tier", ns, name), SETTLE_SECONDS)
             if deleted:
                 self._forget(ns, name)
+        elif kind in RULE_KEYS:
+            self.queue.add_after((RULE_KEYS[kind], ns, name), SETTLE_SECONDS)
         elif kind in OWNED:
             tier = (meta.get("labels") or {}).get(TIER_LABEL)
             if tier:
@@ -145,8 +152,9 @@ class Controller:
         await self.queue.stop()
 
     def requeue_all(self) -> None:
-        for obj in self.store.all("InferenceTier"):
-            self.queue.add(("tier", obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        for kind, key in (("InferenceTier", "tier"), *RULE_KEYS.items()):
+            for obj in self.store.all(kind):
+                self.queue.add((key, obj["metadata"]["namespace"], obj["metadata"]["name"]))
         self.queue.add(POLICIES)
 
     async def _every(self, interval: float, job: Callable[[], Awaitable[None]]) -> None:
@@ -184,6 +192,8 @@ class Controller:
             try:
                 if key == POLICIES:
                     await self.reconcile_policies()
+                elif key[0] in RULES:
+                    await self.reconcile_rule(RULES[key[0]], key[1], key[2])
                 else:
                     await self.reconcile_tier(key[1], key[2])
             except ApiError as e:
@@ -216,6 +226,9 @@ class Controller:
                 ref, key = t.ref, (t.namespace, t.name)
                 if before.problems.get(ref) != problems.get(ref) or before.callers.get(key) != d.callers.get(key):
                     self.queue.add(("tier", t.namespace, t.name))
+            for r in [*world.budgets, *world.caches]:
+                if before.problems.get(r.ref) != problems.get(r.ref):
+                    self.queue.add((RULE_KEYS[r.kind_name], r.namespace, r.name))
         return d
 
     def scope(self, tier: InferenceTier, backend: str | None) -> Scope:
@@ -355,18 +368,36 @@ class Controller:
             new: Obj = {"observedGeneration": seen.generation, "conditions": conditions}
         else:
             new = tier_status(tier.spec, seen, old, now_iso())
+        await self._patch_status(TIER, obj, new)
+
+    async def _patch_status(self, kind: Kind, obj: Obj, new: Obj) -> None:
+        """Write `new` as the object's status when it differs, and post events for what turned."""
+        old = obj.get("status") or {}
         if not status_changed(old, new):
             return
         meta = obj["metadata"]
         try:
-            updated = await self.kube.patch_status(TIER, meta["namespace"], meta["name"], merge_patch(old, new))
+            updated = await self.kube.patch_status(kind, meta["namespace"], meta["name"], merge_patch(old, new))
         except ApiError as e:
             if e.status == 404:
                 return
             raise
-        self.store.put("InferenceTier", updated)
+        self.store.put(kind.kind, updated)
         for type_, reason, message in transitions(old.get("conditions", []), new.get("conditions", [])):
             await self.event(obj, type_, reason, message)
+
+    # ------------------------------------------------------------ budgets and cache policies
+
+    async def reconcile_rule(self, kind: Kind, ns: str, name: str) -> None:
+        """Ready says whether the object compiles with the others: with the validating webhook down
+        (failurePolicy Ignore) a contradicting budget is admitted, and this is where it shows."""
+        obj = self.store.get(kind.kind, ns, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return
+        parsed = self.store.parsed(kind.kind, obj)
+        problems = [str(parsed)] if isinstance(parsed, Problem) else self.derived().problems.get(parsed.ref, [])
+        generation = int(obj["metadata"].get("generation") or 0)
+        await self._patch_status(kind, obj, validity_status(obj.get("status") or {}, problems, generation, now_iso()))
 
     async def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
         try:

@@ -65,6 +65,23 @@ def merge_conditions(old: Sequence[Obj], new: Sequence[Obj], now: str) -> list[O
     return out
 
 
+VALID_MESSAGE = "compiles with the objects it refers to; in force in the Policy of every namespace it selects"
+
+
+def validity_status(old: Obj, problems: Sequence[str], generation: int, now: str) -> Obj:
+    """A budget's or cache policy's status as far as the operator judges it: whether it compiles
+    with the rest of the cluster's objects. Other fields (spend, entries) are left as they are."""
+    ready = condition(
+        "Ready", not problems, "InvalidSpec" if problems else "Valid", "; ".join(problems) or VALID_MESSAGE, generation
+    )
+    others = [c for c in old.get("conditions", []) if c.get("type") != "Ready"]
+    return {
+        **old,
+        "observedGeneration": generation,
+        "conditions": [*others, *merge_conditions(old.get("conditions", []), [ready], now)],
+    }
+
+
 # (status field, SLO field) pairs compared lower-is-better, in milliseconds.
 _LATENCY = (
     ("firstTokenP95Milliseconds", "first_token_p95_milliseconds"),

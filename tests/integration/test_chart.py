@@ -937,6 +937,10 @@ def test_the_operator_runs_as_one_replica_that_a_rollout_never_doubles(cluster: 
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
+def conditions(obj: Obj) -> list[Obj]:
+    return list((obj.get("status") or {}).get("conditions", []))
+
+
 def tier_ready(cluster: Cluster, namespace: str, name: str) -> bool:
     tier = get(cluster, "inferencetier", name, "-n", namespace)
     for c in ((tier or {}).get("status") or {}).get("conditions", []):
@@ -983,6 +987,11 @@ def test_the_operator_reconciles_the_quickstart_as_the_charts_service_account(cr
             for tier in ("gold", "silver", "bronze"):
                 wait_for(f"tier {tier} Ready", lambda t=tier: tier_ready(cluster, app, t), timeout=90)
             wait_for("the Policy ConfigMap", lambda: get(cluster, "configmap", "tierwise-policy", "-n", app))
+            for kind in ("costbudgets", "cachepolicies"):  # their status is written as the account too
+                wait_for(f"{kind} Ready", lambda k=kind: all(
+                    any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions(o))
+                    for o in get(cluster, k, "-n", app)["items"]
+                ))  # fmt: skip
         except AssertionError as e:
             raise AssertionError(f"{e}; the operator's log:\n{operator.log.read_text()[-3000:]}") from None
         assert get(cluster, "deployment", "silver-llama-8b", "-n", app)  # a self-hosted backend's children
@@ -1005,6 +1014,8 @@ def test_the_operator_reconciles_the_quickstart_as_the_charts_service_account(cr
                 "watch inferencetiers.tierwise.dev -A", "list costbudgets.tierwise.dev -A",
                 "watch cachepolicies.tierwise.dev -A",
                 f"patch inferencetiers.tierwise.dev --subresource=status -n {app}",
+                f"patch costbudgets.tierwise.dev --subresource=status -n {app}",
+                f"patch cachepolicies.tierwise.dev --subresource=status -n {app}",
                 "watch namespaces", f"patch deployments.apps -n {app}", f"delete services -n {app}",
                 f"create configmaps -n {app}", f"create poddisruptionbudgets.policy -n {app}",
                 f"patch horizontalpodautoscalers.autoscaling -n {app}", f"create events -n {app}",

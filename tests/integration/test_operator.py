@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from localcluster import Cluster
+from tests import cases
 from tests.conftest import ROOT, wait_for
 from tests.operatorproc import OperatorProcess
 
@@ -218,6 +219,45 @@ def test_invalid_cross_reference_is_a_condition_and_holds_the_last_good_policy(
 
     apply(c, namespace, {**tier, "spec": {"backends": [ext]}})
     wait_for("front Ready again", lambda: ready(c, namespace, "front"))
+
+
+def test_budgets_and_cache_policies_say_in_ready_whether_they_compile(
+    operator: OperatorProcess, namespace: str
+) -> None:
+    """With the validating webhook down (failurePolicy Ignore) contradicting budgets and references
+    to missing tiers are admitted: their Ready condition is where a GitOps user sees them."""
+    c = operator.cluster
+
+    def ready_of(kind: str, name: str) -> dict[str, Any]:
+        obj = get(c, kind, name, "-n", namespace)
+        cond = condition(obj, "Ready")
+        return cond if cond and cond.get("observedGeneration") == obj["metadata"]["generation"] else {}
+
+    def turns(kind: str, name: str, status: str) -> dict[str, Any]:
+        return wait_for(
+            f"{kind} {name} Ready={status}", lambda: (r := ready_of(kind, name)).get("status") == status and r
+        )
+
+    apply(c, namespace, cases.budget("team", limit={"usd": 100}), cases.cache("answers", selector={"tiers": ["fast"]}))
+    assert turns("costbudget", "team", "True")["reason"] == "Valid"
+    missing = turns("cachepolicy", "answers", "False")
+    assert missing["reason"] == "InvalidSpec"
+    assert 'spec.selector.tiers[0]: tier "fast" does not exist' in missing["message"], missing
+
+    # The tier arrives: the cache policy compiles now, without being touched itself.
+    apply(c, namespace, cases.tier("fast"))
+    assert turns("cachepolicy", "answers", "True")["reason"] == "Valid"
+
+    # A second budget over the same traffic with another limit contradicts the first.
+    apply(c, namespace, cases.budget("team-too", limit={"usd": 10}))
+    clash = turns("costbudget", "team-too", "False")
+    assert "spec.selector" in clash["message"] and f"CostBudget {namespace}/team" in clash["message"], clash
+    events = c.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=team-too").stdout
+    assert "InvalidSpec" in events
+    # Made a dry run, it no longer enforces anything, so nothing contradicts.
+    apply(c, namespace, cases.budget("team-too", limit={"usd": 10}, dryRun=True))
+    turns("costbudget", "team-too", "True")
+    assert c.kubectl("get", "costbudgets", "-n", namespace).stdout.count("True") == 2
 
 
 def test_an_idle_operator_makes_no_writes(operator: OperatorProcess, namespace: str) -> None:

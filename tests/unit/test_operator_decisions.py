@@ -18,6 +18,7 @@ from tierwise_operator.status import (
     status_changed,
     tier_status,
     transitions,
+    validity_status,
 )
 
 NOON = datetime(2026, 11, 18, 12, 0, tzinfo=UTC)  # a Wednesday
@@ -240,3 +241,19 @@ def test_promql_selects_exactly_the_callers_of_a_tier() -> None:
     )
     assert 'namespace=~"-"' in promql.in_flight(promql.Scope("gold", "llama", ()))
     assert "[300s]" in promql.first_token_p95(scope, 300)
+
+
+def test_a_budgets_ready_condition_says_whether_it_compiles_and_keeps_the_rest_of_its_status() -> None:
+    old = {"spentUsd": 12.5, "conditions": [{"type": "Other", "status": "True"}]}
+    bad = validity_status(old, ["spec.selector: counts the same traffic"], 3, "2026-11-30T10:00:00Z")
+    assert bad["spentUsd"] == 12.5 and bad["observedGeneration"] == 3
+    ready = {c["type"]: c for c in bad["conditions"]}
+    assert ready["Other"] == {"type": "Other", "status": "True"}
+    assert ready["Ready"]["status"] == "False" and ready["Ready"]["reason"] == "InvalidSpec"
+    assert ready["Ready"]["message"] == "spec.selector: counts the same traffic"
+    # Still invalid later: the transition time holds, so nothing would be written.
+    again = validity_status(bad, ["spec.selector: counts the same traffic"], 3, "2026-11-30T11:00:00Z")
+    assert again == bad
+    fixed = {c["type"]: c for c in validity_status(bad, [], 4, "2026-11-30T12:00:00Z")["conditions"]}
+    assert fixed["Ready"]["status"] == "True" and fixed["Ready"]["reason"] == "Valid"
+    assert fixed["Ready"]["lastTransitionTime"] == "2026-11-30T12:00:00Z"
