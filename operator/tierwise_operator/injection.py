@@ -56,6 +56,22 @@ def opted_out(pod: Obj) -> bool:
     return "false" in ((meta.get("labels") or {}).get(INJECT), (meta.get("annotations") or {}).get(INJECT))
 
 
+def skip_warning(pod: Obj) -> str | None:
+    """Why a pod the configuration sent is admitted without the sidecar, worth telling its owner.
+
+    A pod on the host's network would bind the sidecar's loopback API on the node itself: every
+    process there could spend under this pod's identity, and a second such pod on the node would
+    not start. Such pods are privileged already (the baseline Pod Security Standard forbids host
+    networking); they are admitted as they are, with a warning, the way service meshes do.
+    """
+    if (pod.get("spec") or {}).get("hostNetwork") and not opted_out(pod) and not injected(pod):
+        return (
+            f"{SIDECAR} not injected: the pod uses the host's network, where the sidecar's loopback API "
+            f"would serve the whole node; label it {INJECT}=false to silence this warning"
+        )
+    return None
+
+
 def injected(pod: Obj) -> bool:
     spec = pod.get("spec") or {}
     return any(c.get("name") == SIDECAR for c in [*spec.get("initContainers", []), *spec.get("containers", [])])
@@ -108,7 +124,7 @@ def _escape(key: str) -> str:
 
 def patch(pod: Obj, cfg: InjectionConfig) -> list[Obj]:
     """JSON patch operations injecting the sidecar; empty when the pod is opted out or already has it."""
-    if opted_out(pod) or injected(pod):
+    if opted_out(pod) or injected(pod) or skip_warning(pod):
         return []
     spec = pod.get("spec") or {}
     meta = pod.get("metadata") or {}
@@ -132,6 +148,8 @@ def patch(pod: Obj, cfg: InjectionConfig) -> list[Obj]:
         ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
     if (meta.get("annotations") or {}).get(BASE_URL_ANNOTATION) == "true":
         url = {"name": "OPENAI_BASE_URL", "value": f"http://127.0.0.1:{SIDECAR_PORT}/v1"}
+        # A value in a container's own `env` is kept; one from `envFrom` is not looked into (env
+        # wins over envFrom): the annotation is the pod owner's explicit request.
         for i, c in enumerate(spec.get("containers", [])):
             env = c.get("env")
             if env is None:

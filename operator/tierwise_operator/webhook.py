@@ -35,7 +35,7 @@ from tierwise.naming import DEFAULT_SIDECAR_IMAGE
 from tierwise_operator.certs import CA_FILE, CERT_FILE, KEY_FILE, ServingCert, issue, rotation_reason
 from tierwise_operator.certsync import CertSync
 from tierwise_operator.health import serve_health
-from tierwise_operator.injection import DEFAULT_RESOURCES, InjectionConfig, patch
+from tierwise_operator.injection import DEFAULT_RESOURCES, InjectionConfig, patch, skip_warning
 from tierwise_operator.kube import BUDGET, CACHE, NAMESPACE, TIER, ApiError, Kube
 from tierwise_operator.validation import judge
 
@@ -72,6 +72,8 @@ def mutate_response(review: Obj, cfg: InjectionConfig) -> tuple[Obj, str]:
     pod = request.get("object")
     result = "allowed"
     if request.get("kind", {}).get("kind") == "Pod" and isinstance(pod, dict):
+        if warning := skip_warning(pod):
+            out["warnings"] = [warning]
         ops = patch(pod, cfg)
         if ops:
             result = "patched"

@@ -190,6 +190,13 @@ def test_pods_in_a_labelled_namespace_get_the_sidecar(
     out = created(cluster, namespace, pod("optout", labels={"tierwise.dev/inject": "false"}))
     assert "initContainers" not in out["spec"]
 
+    # On the host's network: admitted without the sidecar, and kubectl shows why.
+    host = json.loads(pod("on-host"))
+    host["spec"]["hostNetwork"] = True
+    res = cluster.kubectl("create", "-n", namespace, "-o", "json", "-f", "-", input=json.dumps(host))
+    assert "initContainers" not in json.loads(res.stdout)["spec"]
+    assert "Warning: tierwise-sidecar not injected: the pod uses the host's network" in res.stderr, res.stderr
+
     # Re-admitted (the pod as it now is): no second sidecar.
     assert "patch" not in hook.review(got)
 

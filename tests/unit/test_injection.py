@@ -6,7 +6,7 @@ from typing import Any
 
 import jsonpatch
 
-from tierwise_operator.injection import InjectionConfig, patch
+from tierwise_operator.injection import InjectionConfig, patch, skip_warning
 
 CFG = InjectionConfig(image="tw:1", stores_secret="tierwise-stores")
 
@@ -58,3 +58,15 @@ def test_opt_out_by_label_or_annotation_and_an_existing_base_url_kept() -> None:
     assert [e["value"] for e in out["spec"]["containers"][0]["env"] if e["name"] == "OPENAI_BASE_URL"] == [
         "http://mine/v1"
     ]
+
+
+def test_a_pod_on_the_hosts_network_is_left_alone_with_a_warning() -> None:
+    p = pod()
+    p["spec"]["hostNetwork"] = True
+    assert patch(p, CFG) == []
+    warning = skip_warning(p)
+    assert warning is not None and "host's network" in warning and "tierwise.dev/inject=false" in warning
+    # Opted out knowingly: no warning.
+    quiet = pod(labels={"tierwise.dev/inject": "false"})
+    quiet["spec"]["hostNetwork"] = True
+    assert skip_warning(quiet) is None and skip_warning(pod()) is None
