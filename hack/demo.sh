@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The demo, from a fresh clone: set-up, a local control plane, the CRDs, the quickstart tiers,
-# budgets and cache policy, what kubectl shows of them, an invalid object the API server
-# refuses, and the Policy they compile to. KEEP=1 leaves the control plane running afterwards.
+# The demo, from a fresh clone: set-up, a local control plane, the CRDs, the operator, the quickstart
+# tiers, budgets and cache policy, what kubectl shows of them, the admission webhook injecting the
+# sidecar into a pod and refusing a fallback cycle, an invalid object the API server refuses, and
+# the Policy they compile to. KEEP=1 leaves the control plane running afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash hack/setup.sh
@@ -22,10 +23,23 @@ kubectl wait --for=condition=Established --timeout=60s -f crds/ >/dev/null
 kubectl get crds -l app.kubernetes.io/part-of=tierwise
 
 step "starting the operator (tierwise operator, out of cluster, with the same kubeconfig)"
+export TIERWISE_HEALTH_HOST=127.0.0.1  # servers started here listen on loopback only
 kubectl label namespace default tierwise.dev/injection=enabled --overwrite
 tierwise operator --kubeconfig "$KUBECONFIG" --health-port 18081 >"${TMPDIR:-/tmp}/tierwise-demo-operator.log" 2>&1 &
 operator_pid=$!
-trap 'kill $operator_pid 2>/dev/null; wait $operator_pid 2>/dev/null; [ "${KEEP:-0}" = 1 ] || python hack/localcluster.py down >/dev/null' EXIT
+webhook_pid=
+cleanup() {
+  kill $operator_pid $webhook_pid 2>/dev/null; wait $operator_pid $webhook_pid 2>/dev/null
+  if [ "${KEEP:-0}" = 1 ]; then
+    # The webhook stops with the demo: a configuration calling it (failurePolicy Fail) would
+    # refuse every new pod of the kept cluster's labelled namespaces.
+    kubectl delete mutatingwebhookconfiguration/tierwise-demo-inject \
+      validatingwebhookconfiguration/tierwise-demo-validate --ignore-not-found >/dev/null
+  else
+    python hack/localcluster.py down >/dev/null
+  fi
+}
+trap cleanup EXIT
 until curl -fs localhost:18081/readyz >/dev/null; do sleep 0.5; done
 echo "operator ready (log: ${TMPDIR:-/tmp}/tierwise-demo-operator.log)"
 
@@ -45,6 +59,65 @@ kubectl get events --field-selector involvedObject.kind=InferenceTier | tail -n 
 
 step "the Policy ConfigMap the operator wrote for the namespace's sidecars"
 kubectl get configmap tierwise-policy -o jsonpath='{.metadata.annotations}{"\n"}'
+
+step "starting the admission webhook (tierwise webhook, a self-signed certificate, on loopback)"
+tls="$(mktemp -d)"
+tierwise webhook --kubeconfig "$KUBECONFIG" --self-signed 127.0.0.1 --cert-dir "$tls" --host 127.0.0.1 \
+  --port 19443 --health-port 18082 --sidecar-image ghcr.io/tierwise/tierwise-sidecar:0.1.0 \
+  >"${TMPDIR:-/tmp}/tierwise-demo-webhook.log" 2>&1 &
+webhook_pid=$!
+until curl -fs localhost:18082/readyz >/dev/null; do sleep 0.5; done
+# The chart renders these with the webhook's Service; without kube-proxy here, the API server
+# calls the loopback address instead. Same selectors and failure policies as the chart's.
+ca="$(base64 -w0 <"$tls/ca-bundle.crt")"
+cat <<YAML | kubectl apply -f -
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {name: tierwise-demo-inject}
+webhooks:
+  - name: inject.tierwise.dev
+    namespaceSelector: {matchLabels: {tierwise.dev/injection: enabled}}
+    objectSelector: {matchExpressions: [{key: tierwise.dev/inject, operator: NotIn, values: ["false"]}]}
+    rules: [{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods]}]
+    clientConfig: {url: "https://127.0.0.1:19443/mutate", caBundle: "$ca"}
+    admissionReviewVersions: [v1]
+    sideEffects: None
+    failurePolicy: Fail
+    timeoutSeconds: 5
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {name: tierwise-demo-validate}
+webhooks:
+  - name: validate.tierwise.dev
+    rules: [{apiGroups: [tierwise.dev], apiVersions: [v1alpha1], operations: [CREATE, UPDATE], resources: [inferencetiers, costbudgets, cachepolicies]}]
+    clientConfig: {url: "https://127.0.0.1:19443/validate", caBundle: "$ca"}
+    admissionReviewVersions: [v1]
+    sideEffects: None
+    failurePolicy: Ignore
+    timeoutSeconds: 5
+YAML
+sleep 2  # the API server picks up new webhook configurations through its informer
+
+step "a pod created in the labelled namespace comes back with the sidecar and OPENAI_BASE_URL"
+cat <<'YAML' | kubectl create -f - >/dev/null
+apiVersion: v1
+kind: Pod
+metadata: {name: my-app, annotations: {tierwise.dev/openai-base-url: "true"}}
+spec: {containers: [{name: app, image: example/my-app:1}]}
+YAML
+kubectl get pod my-app -o jsonpath='{range .spec.initContainers[*]}init (native sidecar): {.name} {.image} restartPolicy={.restartPolicy} runAsNonRoot={.securityContext.runAsNonRoot} readOnlyRootFilesystem={.securityContext.readOnlyRootFilesystem}{"\n"}{end}{range .spec.containers[*]}container: {.name} env={.env}{"\n"}{end}'
+
+step "the validating webhook refuses a fallback cycle (bronze -> gold -> silver -> bronze) at kubectl apply"
+cat <<'YAML' | kubectl apply --server-side -f - || true
+apiVersion: tierwise.dev/v1alpha1
+kind: InferenceTier
+metadata: {name: bronze}
+spec:
+  priority: -10
+  backends: [{name: gpt-4o-mini, model: gpt-4o-mini, url: "https://api.openai.com/v1", pricing: {inputPerMillion: 0.15, outputPerMillion: 0.6}}]
+  fallback: {tier: gold}
+YAML
 
 step "the API server itself rejects an invalid tier (it falls back to itself)"
 cat <<'YAML' | kubectl apply --server-side -f - || true
