@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +22,7 @@ from kubernetes_asyncio import config as k8s_config
 from tierwise.naming import FIELD_MANAGER
 
 Obj = dict[str, Any]
+Objs = list[Obj]  # spelled here: inside Kube, `list` is the method
 USER_AGENT = "tierwise-operator"
 TRANSIENT = frozenset({0, 408, 409, 429, 500, 502, 503, 504})
 
@@ -162,6 +163,13 @@ class Kube:
             raise
 
     async def list(self, kind: Kind, namespace: str | None = None, label_selector: str | None = None) -> list[Obj]:
+        items, _ = await self.list_versioned(kind, namespace, label_selector)
+        return items
+
+    async def list_versioned(
+        self, kind: Kind, namespace: str | None = None, label_selector: str | None = None
+    ) -> tuple[Objs, str]:
+        """Every object, and the collection's resourceVersion to watch from."""
         base = [("labelSelector", label_selector)] if label_selector else []
         query = base
         items: list[Obj] = []
@@ -171,10 +179,45 @@ class Kube:
                 item.setdefault("apiVersion", kind.api_version)
                 item.setdefault("kind", kind.kind)
                 items.append(item)
-            cont = page.get("metadata", {}).get("continue")
+            meta = page.get("metadata", {})
+            cont = meta.get("continue")
             if not cont:
-                return items
+                return items, str(meta.get("resourceVersion") or "")
             query = [*base, ("continue", cont)]
+
+    async def watch(self, kind: Kind, resource_version: str, timeout: int = 240) -> AsyncIterator[Obj]:
+        """Watch events ({"type", "object"}) of every object of `kind` after `resource_version`,
+        bookmarks included, until the server ends the watch (after about `timeout` seconds)."""
+        query = [
+            ("watch", "1"),
+            ("resourceVersion", resource_version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(timeout)),
+        ]
+        try:
+            resp = await self.api.call_api(
+                kind.path(None), "GET", query_params=query, header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"], _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=timeout + 30, sock_connect=10),
+            )  # fmt: skip
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise ApiError(0, "Unreachable", f"watch {kind.plural}: {type(e).__name__}: {e}") from e
+        try:
+            if resp.status != 200:
+                raw = await resp.read()
+                raise ApiError(resp.status, "", raw[:200].decode(errors="replace"))
+            # Split lines by hand: an object may be longer than aiohttp's line limit.
+            buf = b""
+            async for chunk in resp.content.iter_any():
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise ApiError(0, "Unreachable", f"watch {kind.plural}: {type(e).__name__}: {e}") from e
+        finally:
+            resp.release()
 
     async def _patch_object(self, obj: Obj, verb: str, content_type: str, force: bool) -> Obj:
         kind = kind_of(obj)

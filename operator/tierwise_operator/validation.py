@@ -28,15 +28,13 @@ class Verdict:
     warnings: tuple[str, ...] = ()
 
 
-def _key(kind: object, meta: Obj) -> tuple[str, str, str]:
-    return str(kind), str(meta.get("namespace") or ""), str(meta.get("name") or "")
+def standing(resources: Sequence[AnyResource], namespaces: Sequence[Namespace], platform: str) -> frozenset[Problem]:
+    """The problems the stored objects have now (what a change is compared with)."""
+    return frozenset(check(build_world(resources, namespaces, platform), resources))
 
 
-def _problems(resources: Sequence[AnyResource], namespaces: Sequence[Namespace], platform: str) -> set[Problem]:
-    return set(check(build_world(resources, namespaces, platform), resources))
-
-
-def _parsed(objs: Iterable[Obj]) -> list[AnyResource]:
+def parsed_objects(objs: Iterable[Obj]) -> list[AnyResource]:
+    """The objects that parse; one that does not was stored before its CRD's rules and judges nothing."""
     out = []
     for o in objs:
         r = parse_object(o)
@@ -52,7 +50,20 @@ def judge(
     platform: str,
     tolerate_dangling: bool = False,
 ) -> Verdict:
-    """May `incoming` (created or updated) join `cluster`, the tierwise objects stored now?
+    """May `incoming` (created or updated) join `cluster`, the tierwise objects stored now?"""
+    return judge_against(parsed_objects(cluster), namespaces, incoming, platform, tolerate_dangling=tolerate_dangling)
+
+
+def judge_against(
+    stored: Sequence[AnyResource],
+    namespaces: Sequence[Namespace],
+    incoming: Obj,
+    platform: str,
+    *,
+    tolerate_dangling: bool = False,
+    before: frozenset[Problem] | None = None,
+) -> Verdict:
+    """`judge` on parsed objects, with their `standing` problems when the caller has them already.
 
     With `tolerate_dangling`, a reference to a tier that does not exist yet is a warning, not a
     refusal: for GitOps tools that apply a set in an order of their own.
@@ -62,10 +73,9 @@ def judge(
         return Verdict(False, str(parsed))
     if parsed is None:
         return Verdict(True)
-    key = _key(incoming.get("kind"), incoming.get("metadata") or {})
-    others = [o for o in cluster if _key(o.get("kind"), o.get("metadata") or {}) != key]
-    before = _problems(_parsed(cluster), namespaces, platform)
-    after = _problems([*_parsed(others), parsed], namespaces, platform)
+    if before is None:
+        before = standing(stored, namespaces, platform)
+    after = standing([*(r for r in stored if r.ref != parsed.ref), parsed], namespaces, platform)
     # A problem is the same problem while its identity (object, field, sort) holds, even when its
     # message changes (a cycle through other tiers, one default tier fewer): a partial fix passes.
     had = {p.identity for p in before}

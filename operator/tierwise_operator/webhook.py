@@ -3,7 +3,8 @@
 - /mutate: the API server calls it for pods in namespaces labelled for injection (the chart's
   MutatingWebhookConfiguration selects them); the decision is injection.patch, a pure function.
 - /validate: for InferenceTiers, CostBudgets and CachePolicies being created or updated; the
-  decision is validation.judge (the compiler's cross-object check) over the cluster's objects.
+  decision is validation.judge (the compiler's cross-object check) over the cluster's objects,
+  kept by a watch (clusterview, informer) rather than listed on every admission.
 
 Certificates either come from a folder (cert-manager's mounted Secret, re-read when it changes) or
 are self-managed (certsync: one Secret shared by the replicas, rotated before expiry, caBundle
@@ -29,15 +30,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tierwise.api.resources import KINDS as RESOURCE_KINDS
-from tierwise.api.resources import Namespace
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
 from tierwise.naming import DEFAULT_SIDECAR_IMAGE
 from tierwise_operator.certs import CA_FILE, CERT_FILE, KEY_FILE, ServingCert, issue, rotation_reason
 from tierwise_operator.certsync import CertSync
+from tierwise_operator.clusterview import ClusterView
 from tierwise_operator.health import serve_health
 from tierwise_operator.injection import DEFAULT_RESOURCES, InjectionConfig, patch, skip_warning
-from tierwise_operator.kube import BUDGET, CACHE, NAMESPACE, TIER, ApiError, Kube
-from tierwise_operator.validation import judge
+from tierwise_operator.kube import ApiError, Kube
+from tierwise_operator.validation import judge_against
 
 log = logging.getLogger("tierwise.webhook")
 Obj = dict[str, Any]
@@ -54,6 +55,10 @@ class WebhookMetrics:
         self.seconds = Histogram(
             "tierwise_webhook_admission_duration_seconds", "Time to answer one admission review.", ["operation"],
             registry=r,
+        )  # fmt: skip
+        self.cluster_reads = Counter(
+            "tierwise_webhook_cluster_reads", "Views of the cluster a validation was judged on, by source.",
+            ["source"], registry=r,
         )  # fmt: skip
         self.cert_expiry = Gauge(
             "tierwise_webhook_certificate_expiry_timestamp_seconds",
@@ -88,15 +93,7 @@ def mutate_response(review: Obj, cfg: InjectionConfig) -> tuple[Obj, str]:
     return _response(review, out), result
 
 
-async def cluster_objects(kube: Kube) -> tuple[list[Obj], list[Namespace]]:
-    tiers, budgets, caches, namespaces = await asyncio.gather(
-        kube.list(TIER), kube.list(BUDGET), kube.list(CACHE), kube.list(NAMESPACE)
-    )
-    names = [Namespace(str(n["metadata"]["name"]), dict(n["metadata"].get("labels") or {})) for n in namespaces]
-    return [*tiers, *budgets, *caches], names
-
-
-async def validate_response(review: Obj, kube: Kube, platform: str, tolerate_dangling: bool) -> tuple[Obj, str]:
+async def validate_response(review: Obj, view: ClusterView, tolerate_dangling: bool) -> tuple[Obj, str]:
     request = review.get("request") or {}
     obj = request.get("object")
     if (
@@ -106,8 +103,19 @@ async def validate_response(review: Obj, kube: Kube, platform: str, tolerate_dan
     ):
         return _response(review, {"allowed": True}), "allowed"
     obj.setdefault("metadata", {}).setdefault("namespace", request.get("namespace"))
-    cluster, namespaces = await cluster_objects(kube)
-    verdict = judge(cluster, namespaces, obj, platform, tolerate_dangling)
+    snap = view.cached() or await view.fresh()
+    while True:
+        verdict = judge_against(
+            snap.resources,
+            snap.namespaces,
+            obj,
+            view.platform,
+            tolerate_dangling=tolerate_dangling,
+            before=snap.problems,
+        )
+        if not snap.cached or (verdict.allowed and not verdict.warnings):
+            break
+        snap = await view.fresh()  # refuse or warn only on what the API server holds now (see clusterview)
     out: Obj = {"allowed": verdict.allowed}
     if verdict.warnings:
         out["warnings"] = list(verdict.warnings)
@@ -153,7 +161,7 @@ class CertReloader:
 
 
 def app(
-    cfg: InjectionConfig, kube: Kube, platform: str, metrics: WebhookMetrics, tolerate_dangling: bool = False
+    cfg: InjectionConfig, view: ClusterView, metrics: WebhookMetrics, tolerate_dangling: bool = False
 ) -> web.Application:
     async def answer(request: web.Request, operation: str) -> web.Response:
         started = time.perf_counter()
@@ -168,7 +176,7 @@ def app(
             if operation == "mutate":
                 body, result = mutate_response(review, cfg)
             else:
-                body, result = await validate_response(review, kube, platform, tolerate_dangling)
+                body, result = await validate_response(review, view, tolerate_dangling)
         except ApiError as e:
             # The cluster cannot be read, so nothing can be judged: let the failure policy decide.
             log.warning("cannot %s: %s", operation, e)
@@ -254,9 +262,9 @@ async def serve(args: argparse.Namespace) -> None:
     # Should the certificate keeper ever end, rotation has stopped: let liveness restart the pod.
     keeper.add_done_callback(lambda t: None if t.cancelled() else alive.clear())
     tolerate = args.unknown_tiers == "warn"
-    runner = web.AppRunner(
-        app(_injection_config(args), kube, args.platform_namespace, metrics, tolerate), access_log=None
-    )
+    view = ClusterView(kube, args.platform_namespace, on_read=lambda source: metrics.cluster_reads.labels(source).inc())
+    informer = asyncio.create_task(view.run(), name="informer")
+    runner = web.AppRunner(app(_injection_config(args), view, metrics, tolerate), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port, ssl_context=certs.context).start()
     ready.set()
@@ -275,6 +283,7 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         ready.clear()
         keeper.cancel()
+        informer.cancel()
         await runner.cleanup()
         await health.cleanup()
         await kube.close()

@@ -24,6 +24,7 @@ import yaml
 from cryptography import x509
 
 from localcluster import Cluster, free_port, tool
+from tests.accounts import token_kubeconfig
 from tests.conftest import ROOT, TIERWISE, wait_for
 from tests.operatorproc import OperatorProcess
 from tierwise.crdgen import all_crds
@@ -145,28 +146,6 @@ def hosts(service: str, namespace: str, domain: str = "cluster.local") -> list[s
 def get(cluster: Cluster, *args: str) -> Any:
     out = cluster.kubectl("get", *args, "-o", "json", check=False)
     return json.loads(out.stdout) if out.returncode == 0 else None
-
-
-def token_kubeconfig(cluster: Cluster, namespace: str, service_account: str, path: Path) -> Path:
-    """A kubeconfig that authenticates as the ServiceAccount, with a token from the TokenRequest API."""
-    token = cluster.kubectl("create", "token", service_account, "-n", namespace, "--duration=1h").stdout.strip()
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    ctx = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
-    server = next(c for c in admin["clusters"] if c["name"] == ctx["cluster"])
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [server],
-                "users": [{"name": service_account, "user": {"token": token}}],
-                "contexts": [{"name": "sa", "context": {"cluster": server["name"], "user": service_account}}],
-                "current-context": "sa",
-            }
-        )
-    )
-    path.chmod(0o600)
-    return path
 
 
 def can_i(cluster: Cluster, namespace: str, service_account: str, *args: str) -> bool:
@@ -343,7 +322,7 @@ def test_default_rendering(tmp_path: Path) -> None:
     cluster_role = one(docs, "ClusterRole", "tw-webhook")
     named = {r["resources"][0]: r["resourceNames"] for r in cluster_role["rules"] if "resourceNames" in r}
     assert named == {"mutatingwebhookconfigurations": ["tw-inject"], "validatingwebhookconfigurations": ["tw-validate"]}
-    assert all(set(r["verbs"]) <= {"get", "list", "patch"} for r in cluster_role["rules"])
+    assert all(set(r["verbs"]) <= {"get", "list", "watch", "patch"} for r in cluster_role["rules"])
 
     operator = one(docs, "Deployment", "tw-operator")
     assert flags(operator)["--sidecar-image"] == "ghcr.io/tierwise/tierwise-sidecar:0.1.0"
@@ -1191,6 +1170,11 @@ def test_the_webhook_keeps_its_certificate_as_the_charts_service_account_and_upg
         assert status == 200, reply  # 503 when it cannot list what it validates against
         assert reply["response"]["uid"] == "chart-test" and reply["response"]["allowed"] is True, reply
         assert 'result="error"' not in webhook.get("/metrics")[1]
+        # The account may watch what it judges: validations come from the watch's cache.
+        cached = 'tierwise_webhook_cluster_reads_total{source="cache"}'
+        wait_for("a validation judged on the cache", lambda: webhook.post(
+            "/validate", admission_review(tier, "default"), base64.b64decode(bundle), f"{sa}.{ns}.svc"
+        )[0] == 200 and cached in webhook.get("/metrics")[1])  # fmt: skip
         assert "forbidden" not in webhook.log.read_text().lower(), webhook.log.read_text()[-3000:]
 
         # An upgrade changing the configurations keeps the caBundle and the certificate.
@@ -1215,7 +1199,8 @@ def test_the_webhook_keeps_its_certificate_as_the_charts_service_account_and_upg
                 f"get validatingwebhookconfigurations.admissionregistration.k8s.io/{release}-validate",
                 f"patch validatingwebhookconfigurations.admissionregistration.k8s.io/{release}-validate",
                 "list inferencetiers.tierwise.dev -A", "list costbudgets.tierwise.dev -A",
-                "list cachepolicies.tierwise.dev -A", "list namespaces",
+                "list cachepolicies.tierwise.dev -A", "list namespaces", "watch inferencetiers.tierwise.dev -A",
+                "watch costbudgets.tierwise.dev -A", "watch cachepolicies.tierwise.dev -A", "watch namespaces",
             ],
             denied=[
                 f"get secrets/{release}-other -n {ns}", f"list secrets -n {ns}", "get secrets -A",
@@ -1226,7 +1211,7 @@ def test_the_webhook_keeps_its_certificate_as_the_charts_service_account_and_upg
                 "create mutatingwebhookconfigurations.admissionregistration.k8s.io",
                 f"delete mutatingwebhookconfigurations.admissionregistration.k8s.io/{release}-inject",
                 "create pods -n default", "get pods -n default", "update inferencetiers.tierwise.dev -A",
-                "patch inferencetiers.tierwise.dev --subresource=status -A", "watch inferencetiers.tierwise.dev -A",
+                "patch inferencetiers.tierwise.dev --subresource=status -A", "get inferencetiers.tierwise.dev -A",
                 "create configmaps -n default", "delete namespaces",
             ],
         )  # fmt: skip

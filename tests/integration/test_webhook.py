@@ -63,6 +63,17 @@ class Webhook:
         except OSError:
             return False
 
+    def metric_values(self, name: str) -> dict[str, float]:
+        """{labels: value} of one metric from /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.health}/metrics", timeout=2) as r:
+            lines = r.read().decode().splitlines()
+        out = {}
+        for line in lines:
+            if line.startswith(name + "{"):
+                labels, _, value = line[len(name) + 1 :].rpartition("} ")
+                out[labels] = float(value)
+        return out
+
     def context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.folder / TRUST_FILE))
 
@@ -313,6 +324,10 @@ def test_cross_object_problems_are_refused_at_kubectl_apply(cluster: Cluster, tm
         )  # fmt: skip
         assert res.returncode != 0 and "fallback cycle" in res.stderr
         cluster.kubectl("delete", "inferencetier", "silver", "-n", namespace)
+
+        # Admissions were judged on the watch's cache; refusals were confirmed on a fresh list.
+        reads = hook.metric_values("tierwise_webhook_cluster_reads_total")
+        assert reads.get('source="cache"', 0) >= 5 and reads.get('source="list"', 0) >= 3, reads
 
         # Down, the webhook's failure policy (Ignore) lets applies through: the operator still
         # reports the problem on the tier and keeps the last good Policy.
