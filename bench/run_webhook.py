@@ -11,8 +11,8 @@ kubeconfig's client certificate:
    TLS and stores the injected pod);
 2. validation: with 0, 100 and 1000 other InferenceTiers in the cluster (spread over 20 namespaces),
    M sequential server-side dry-run creates of an InferenceTier in a namespace the validating webhook
-   does not select, interleaved with M in one it selects (every /validate lists every tierwise
-   object and namespace in the cluster and runs the compiler's cross-object check);
+   does not select, interleaved with M in one it selects (every /validate runs the compiler's
+   cross-object check over every tierwise object and namespace of the cluster, kept by a watch);
 3. the webhook's peak RSS.
 
 Latency is p50/p95 (nearest rank) per request; CPU per request of the webhook, kube-apiserver + etcd
@@ -291,6 +291,7 @@ class WebhookMetrics:
     answered: dict[str, float] = field(default_factory=dict)  # operation -> answered (any result)
     errors: dict[str, float] = field(default_factory=dict)  # operation -> answered with an error
     seconds: dict[str, float] = field(default_factory=dict)  # operation -> sum of answering times
+    reads: dict[str, float] = field(default_factory=dict)  # source (cache, list) -> validations judged on it
 
     def minus(self, before: WebhookMetrics, op: str) -> tuple[int, int, float]:
         return (
@@ -379,6 +380,8 @@ class Webhook:
                     m.errors[op] = m.errors.get(op, 0) + value
             elif name == "tierwise_webhook_admission_duration_seconds_sum":
                 m.seconds[op] = value
+            elif name == "tierwise_webhook_cluster_reads_total":
+                m.reads[labels.get("source", "")] = value
         return m
 
     def memory_mib(self) -> dict[str, float]:
@@ -651,6 +654,7 @@ class Bench:
             "webhook_errors": errors,
             "webhook_seconds_mean": seconds / answered if answered else None,
             "webhook_cpu_per_admission": on.cpu["webhook"] / answered if answered else None,
+            "webhook_reads": {k: int(v - m0.reads.get(k, 0)) for k, v in m1.reads.items()},
         }
 
 
@@ -737,6 +741,9 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
         )
         if "grow_s" in r:
             line += f"; background tiers created in {r['grow_s']:.1f} s"
+        if r.get("webhook_reads"):
+            reads = r["webhook_reads"]
+            line += f"; judged on the watch's cache {reads.get('cache', 0)}, on a fresh list {reads.get('list', 0)}"
         if r["on"].get("n"):
             line += (
                 f"; called p99 / max {_ms(r['on']['p99'])} / {_ms(r['on']['max'])} ms;"
