@@ -37,6 +37,7 @@ class _World:
     labels: dict[str, Mapping[str, str]] = field(default_factory=dict)
     # Filled on first use: the world is read-only once built, and checks ask per object.
     _visible: dict[str, dict[str, InferenceTier]] = field(default_factory=dict)
+    _by_namespace: dict[str, list[InferenceTier]] | None = None
 
     def namespaces(self) -> list[str]:
         names = {r.namespace for r in (*self.tiers, *self.budgets, *self.caches)} | set(self.labels)
@@ -54,17 +55,25 @@ class _World:
         cached = self._visible.get(namespace)
         if cached is not None:
             return cached
+        by_ns = self._tiers_by_namespace()
         out: dict[str, InferenceTier] = {}
-        for t in self.tiers:
-            if t.namespace == self.platform and t.namespace != namespace:
+        if namespace != self.platform:
+            for t in by_ns.get(self.platform, ()):
                 access = t.spec.access.namespaces
                 if access is not None and self.selection_matches(access, namespace):
                     out.setdefault(t.name, t)
-        for t in self.tiers:
-            if t.namespace == namespace:
-                out[t.name] = t
+        for t in by_ns.get(namespace, ()):
+            out[t.name] = t
         self._visible[namespace] = out
         return out
+
+    def _tiers_by_namespace(self) -> dict[str, list[InferenceTier]]:
+        # Indexed once: asked per namespace, a scan of every tier made the check quadratic.
+        if self._by_namespace is None:
+            self._by_namespace = {}
+            for t in self.tiers:
+                self._by_namespace.setdefault(t.namespace, []).append(t)
+        return self._by_namespace
 
     def all_tier_names(self) -> set[str]:
         return {t.name for t in self.tiers}
