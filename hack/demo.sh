@@ -109,7 +109,7 @@ YAML
 kubectl get pod my-app -o jsonpath='{range .spec.initContainers[*]}init (native sidecar): {.name} {.image} restartPolicy={.restartPolicy} runAsNonRoot={.securityContext.runAsNonRoot} readOnlyRootFilesystem={.securityContext.readOnlyRootFilesystem}{"\n"}{end}{range .spec.containers[*]}container: {.name} env={.env}{"\n"}{end}'
 
 step "the validating webhook refuses a fallback cycle (bronze -> gold -> silver -> bronze) at kubectl apply"
-cat <<'YAML' | kubectl apply --server-side -f - || true
+refused=$(kubectl apply --server-side -f - 2>&1 <<'YAML' || true
 apiVersion: tierwise.dev/v1alpha1
 kind: InferenceTier
 metadata: {name: bronze}
@@ -118,6 +118,9 @@ spec:
   backends: [{name: gpt-4o-mini, model: gpt-4o-mini, url: "https://api.openai.com/v1", pricing: {inputPerMillion: 0.15, outputPerMillion: 0.6}}]
   fallback: {tier: gold}
 YAML
+)
+echo "$refused"
+case "$refused" in *"fallback cycle"*) ;; *) echo "demo: the webhook did not refuse the cycle" >&2; exit 1 ;; esac
 
 step "the API server itself rejects an invalid tier (it falls back to itself)"
 cat <<'YAML' | kubectl apply --server-side -f - || true

@@ -33,11 +33,20 @@ Obj = dict[str, Any]
 MANAGED_BY = "tierwise-webhook"
 
 
+_BEGIN = b"-----BEGIN CERTIFICATE-----"
+
+
 def _certificates(pem: bytes) -> list[x509.Certificate]:
-    try:
-        return x509.load_pem_x509_certificates(pem)
-    except ValueError:
-        return []
+    """Every certificate of a bundle that parses, each once: one damaged block must not cost the
+    trust in the others."""
+    out: dict[bytes, x509.Certificate] = {}
+    for block in pem.split(_BEGIN)[1:]:
+        try:
+            cert = x509.load_pem_x509_certificate(_BEGIN + block)
+        except ValueError:
+            continue
+        out.setdefault(_der(cert), cert)
+    return list(out.values())
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -139,16 +148,21 @@ class CertSync:
             return new
         raise ApiError(409, "Conflict", f"Secret {self.namespace}/{self.secret} kept changing under rotation")
 
-    async def _trust(self, bundle: bytes, now: datetime.datetime) -> bool:
-        """Make the configurations trust `bundle`; whether anything had to be patched."""
-        patched = False
+    async def _trust(self, bundle: bytes, now: datetime.datetime, require: bool) -> bool:
+        """Make the configurations trust `bundle`; whether anything had to be patched.
+
+        With `require`, a configuration that does not exist is an error (after the others are
+        patched): helm creates them after the Deployments, and a replica must not turn ready
+        before the API server trusts it. Later, one deleted by hand (to let pods start while the
+        webhook is down, say) must not stop the others' rotation.
+        """
+        patched, missing = False, []
         for kind, name in self._configurations():
             for attempt in range(3):
                 config = await self.kube.get(kind, None, name)
                 if config is None:
-                    # Not created yet (helm creates the configurations after the Deployments) or
-                    # deleted: an error, so this replica stays unready and retries soon.
-                    raise ApiError(404, "NotFound", f"{kind.kind} {name} not found; its caBundle cannot be set")
+                    missing.append(f"{kind.kind} {name}")
+                    break
                 ops = ca_bundle_ops(config, bundle, now)
                 if not ops:
                     break
@@ -163,12 +177,16 @@ class CertSync:
                 patched = True
                 log.info("caBundle of %s %s updated", kind.kind, name)
                 break
+        if missing and require:
+            raise ApiError(404, "NotFound", f"{', '.join(missing)} not found; its caBundle cannot be set")
+        if missing:
+            log.warning("%s not found; its caBundle is set once it exists again", ", ".join(missing))
         return patched
 
     async def sync(self, now: datetime.datetime | None = None) -> ServingCert:
         now = now or datetime.datetime.now(datetime.UTC)
         cert = await self._stored(now)
-        patched = await self._trust(cert.trust, now)
+        patched = await self._trust(cert.trust, now, require=self.served is None)
         if cert != self.served:
             if patched or self.served is not None:
                 await asyncio.sleep(self.propagation)

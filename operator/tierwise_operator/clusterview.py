@@ -1,25 +1,31 @@
 """What the validating webhook judges a change against: the cluster's tierwise objects and
 namespaces, with the problems they have now.
 
-From the informer's cache while it is current, so an admission costs the API server nothing;
-from a LIST otherwise, and to confirm a refusal or a warning, because the cache trails the API
-server by the moment a watch event takes: the tier a new one falls back to may have been applied
-a millisecond earlier, by the same `kubectl apply`.
+A watch (the informer) keeps them all, so an admission need not LIST the whole cluster. But the
+cache trails the API server by the moment a watch event takes, and within one `kubectl apply` the
+object admitted a millisecond earlier (the tier a new one names, an edit that closes a cycle) may
+not be in it yet. Everything that can make a problem with an object lives in its own namespace or
+the platform namespace (cycles run within a namespace or into the platform's tiers, which only
+see each other; budgets contradict only within a namespace; a namespace's default tiers are its
+own and the platform's), so those two namespaces are read fresh on every admission (small LISTs)
+and laid over the cache. Objects in the platform namespace can reach any namespace: they, and
+any admission while the cache is not current, are judged on a fresh LIST of everything.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tierwise.api.resources import AnyResource, Namespace, Problem
-from tierwise_operator.informer import Informer
-from tierwise_operator.kube import BUDGET, CACHE, NAMESPACE, TIER, Kube
-from tierwise_operator.store import Store
-from tierwise_operator.validation import parsed_objects, standing
+from tierwise_operator.informer import Informer, slim
+from tierwise_operator.kube import BUDGET, CACHE, NAMESPACE, TIER, Kind, Kube, Obj
+from tierwise_operator.store import Store, key_of
+from tierwise_operator.validation import standing
 
-KINDS = (TIER, BUDGET, CACHE, NAMESPACE)
+RESOURCES = (TIER, BUDGET, CACHE)
+KINDS = (*RESOURCES, NAMESPACE)
 
 
 @dataclass(frozen=True)
@@ -27,7 +33,13 @@ class Snapshot:
     resources: list[AnyResource]
     namespaces: list[Namespace]
     problems: frozenset[Problem]
-    cached: bool
+    # "cache" (the namespaces read fresh matched it), "merged" (they did not: laid over it) or
+    # "list" (everything read fresh).
+    source: str
+
+
+def _versions(objs: Iterable[tuple[str, Obj]]) -> set[tuple[str, str, str, str]]:
+    return {(kind, *key_of(o), str(o["metadata"].get("resourceVersion") or "")) for kind, o in objs}
 
 
 class ClusterView:
@@ -46,7 +58,16 @@ class ClusterView:
         if self.informer is not None:
             await self.informer.run()
 
-    def cached(self) -> Snapshot | None:
+    def _parsed(self, listed: Iterable[tuple[str, Obj]]) -> list[AnyResource]:
+        # Through the store's parse cache: an object unchanged since the watch saw it is not parsed again.
+        out = []
+        for kind, obj in listed:
+            r = self.store.parsed(kind, slim(obj))
+            if not isinstance(r, Problem):
+                out.append(r)
+        return out
+
+    def _cached(self) -> Snapshot | None:
         """The cache's view, its standing problems computed once per change; None while not current."""
         if self.informer is None or not self.informer.current:
             return None
@@ -55,14 +76,32 @@ class ClusterView:
             resources, _ = self.store.resources()
             namespaces = self.store.namespaces()
             problems = standing(resources, namespaces, self.platform)
-            self._snapshot = (version, Snapshot(resources, namespaces, problems, cached=True))
-        self.on_read("cache")
+            self._snapshot = (version, Snapshot(resources, namespaces, problems, "cache"))
         return self._snapshot[1]
 
     async def fresh(self) -> Snapshot:
-        """The API server's view, now."""
-        tiers, budgets, caches, spaces = await asyncio.gather(*(self.kube.list(k) for k in KINDS))
-        resources = parsed_objects([*tiers, *budgets, *caches])
-        namespaces = [Namespace(str(n["metadata"]["name"]), dict(n["metadata"].get("labels") or {})) for n in spaces]
+        """The API server's view of everything, now."""
+        lists = await asyncio.gather(*(self.kube.list(k) for k in KINDS))
+        listed = [(k.kind, o) for k, objs in zip(RESOURCES, lists[: len(RESOURCES)], strict=True) for o in objs]
+        resources = self._parsed(listed)
+        namespaces = [Namespace(str(n["metadata"]["name"]), dict(n["metadata"].get("labels") or {})) for n in lists[-1]]
         self.on_read("list")
-        return Snapshot(resources, namespaces, standing(resources, namespaces, self.platform), cached=False)
+        return Snapshot(resources, namespaces, standing(resources, namespaces, self.platform), "list")
+
+    async def for_namespace(self, namespace: str) -> Snapshot:
+        """What to judge an object of `namespace` on: the cache, with that namespace and the
+        platform's read fresh."""
+        base = self._cached()
+        if base is None or namespace == self.platform:
+            return await self.fresh()
+        spaces = (namespace, self.platform)
+        pairs: list[tuple[Kind, str]] = [(k, ns) for k in RESOURCES for ns in spaces]
+        lists = await asyncio.gather(*(self.kube.list(k, ns) for k, ns in pairs))
+        listed = [(k.kind, o) for (k, _), objs in zip(pairs, lists, strict=True) for o in objs]
+        held = [(k.kind, o) for k in RESOURCES for o in self.store.all(k.kind) if key_of(o)[0] in spaces]
+        if _versions(listed) == _versions(held):
+            self.on_read("cache")
+            return base
+        resources = [r for r in base.resources if r.namespace not in spaces] + self._parsed(listed)
+        self.on_read("merged")
+        return Snapshot(resources, base.namespaces, standing(resources, base.namespaces, self.platform), "merged")

@@ -11,8 +11,9 @@ relisted, the cache is not `current` and readers must go to the API server thems
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from tierwise_operator.kube import ApiError, Kind, Kube
@@ -69,7 +70,10 @@ class Informer:
                 self._current[kind.kind] = True
                 backoff = 0.5
                 while True:  # the server ends each watch after a while: resume where it ended
+                    started = asyncio.get_running_loop().time()
                     version = await self._watch(kind, version)
+                    if asyncio.get_running_loop().time() - started < 1:
+                        await asyncio.sleep(1)  # a watch ended at once: do not spin on it
             except asyncio.CancelledError:
                 raise
             except _RelistError as e:
@@ -82,7 +86,12 @@ class Informer:
                 backoff = min(backoff * 2, self.max_backoff)
 
     async def _watch(self, kind: Kind, version: str) -> str:
-        async for event in self.kube.watch(kind, version, self.watch_seconds):
+        async with contextlib.aclosing(self.kube.watch(kind, version, self.watch_seconds)) as events:
+            return await self._apply(kind, version, events)
+
+    async def _apply(self, kind: Kind, version: str, events: AsyncIterator[Obj]) -> str:
+        """Apply watch events to the store; the last resourceVersion seen."""
+        async for event in events:
             obj = event.get("object") or {}
             if event.get("type") == "ERROR":
                 if obj.get("code") == 410:

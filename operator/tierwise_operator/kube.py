@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -185,9 +185,15 @@ class Kube:
                 return items, str(meta.get("resourceVersion") or "")
             query = [*base, ("continue", cont)]
 
-    async def watch(self, kind: Kind, resource_version: str, timeout: int = 240) -> AsyncIterator[Obj]:
+    async def watch(
+        self, kind: Kind, resource_version: str, timeout: int = 240, silence: float = 120.0
+    ) -> AsyncGenerator[Obj, None]:
         """Watch events ({"type", "object"}) of every object of `kind` after `resource_version`,
-        bookmarks included, until the server ends the watch (after about `timeout` seconds)."""
+        bookmarks included, until the server ends the watch (after about `timeout` seconds).
+
+        A watch that stays silent for `silence` seconds ends too: the API server sends a bookmark
+        about every minute, so silence means a connection that died without closing.
+        """
         query = [
             ("watch", "1"),
             ("resourceVersion", resource_version),
@@ -198,7 +204,7 @@ class Kube:
             resp = await self.api.call_api(
                 kind.path(None), "GET", query_params=query, header_params={"Accept": "application/json"},
                 auth_settings=["BearerToken"], _preload_content=False,
-                _request_timeout=aiohttp.ClientTimeout(total=timeout + 30, sock_connect=10),
+                _request_timeout=aiohttp.ClientTimeout(total=timeout + 30, sock_connect=10, sock_read=silence),
             )  # fmt: skip
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise ApiError(0, "Unreachable", f"watch {kind.plural}: {type(e).__name__}: {e}") from e
@@ -214,7 +220,9 @@ class Kube:
                 for line in lines:
                     if line.strip():
                         yield json.loads(line)
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        except TimeoutError:
+            return  # silent too long: the caller watches again from the last version it saw
+        except (aiohttp.ClientError, OSError) as e:
             raise ApiError(0, "Unreachable", f"watch {kind.plural}: {type(e).__name__}: {e}") from e
         finally:
             resp.release()

@@ -65,7 +65,7 @@ def merge_conditions(old: Sequence[Obj], new: Sequence[Obj], now: str) -> list[O
     return out
 
 
-VALID_MESSAGE = "compiles with the objects it refers to; in force in the Policy of every namespace it selects"
+VALID_MESSAGE = "compiles with the objects it refers to"
 
 
 def validity_status(old: Obj, problems: Sequence[str], generation: int, now: str) -> Obj:

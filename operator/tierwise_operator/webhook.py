@@ -93,7 +93,7 @@ def mutate_response(review: Obj, cfg: InjectionConfig) -> tuple[Obj, str]:
     return _response(review, out), result
 
 
-async def validate_response(review: Obj, view: ClusterView, tolerate_dangling: bool) -> tuple[Obj, str]:
+async def validate_response(review: Obj, view: ClusterView, tolerate: bool) -> tuple[Obj, str]:
     request = review.get("request") or {}
     obj = request.get("object")
     if (
@@ -103,19 +103,19 @@ async def validate_response(review: Obj, view: ClusterView, tolerate_dangling: b
     ):
         return _response(review, {"allowed": True}), "allowed"
     obj.setdefault("metadata", {}).setdefault("namespace", request.get("namespace"))
-    snap = view.cached() or await view.fresh()
+    snap = await view.for_namespace(str(obj["metadata"].get("namespace") or ""))
     while True:
         verdict = judge_against(
             snap.resources,
             snap.namespaces,
             obj,
             view.platform,
-            tolerate_dangling=tolerate_dangling,
+            tolerate_dangling=tolerate,
             before=snap.problems,
         )
-        if not snap.cached or (verdict.allowed and not verdict.warnings):
+        if snap.source == "list" or (verdict.allowed and not verdict.warnings):
             break
-        snap = await view.fresh()  # refuse or warn only on what the API server holds now (see clusterview)
+        snap = await view.fresh()  # refuse or warn only on everything as the API server holds it now
     out: Obj = {"allowed": verdict.allowed}
     if verdict.warnings:
         out["warnings"] = list(verdict.warnings)

@@ -1,5 +1,6 @@
 """The webhook's informer against the real API server: it follows creates, updates and deletes,
-resumes when the server ends a watch, and relists what changed while its watch was down."""
+resumes when the server ends a watch, and relists what changed while its watch was down; the view
+the webhook judges on does not miss an edit the watch has not delivered yet."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import pytest
 from localcluster import Cluster
 from tests import cases
 from tests.accounts import token_kubeconfig
+from tierwise_operator.clusterview import ClusterView
 from tierwise_operator.informer import Informer
 from tierwise_operator.kube import NAMESPACE, TIER, Kube
 from tierwise_operator.store import Store
+from tierwise_operator.validation import judge_against
 
 pytestmark = pytest.mark.cluster
 
@@ -96,3 +99,44 @@ def test_the_cache_follows_the_api_server_across_watch_ends_and_breaks(
         asyncio.run(scenario())
     finally:
         cluster.kubectl("delete", "clusterrolebinding,clusterrole", role, "--ignore-not-found", check=False)
+
+
+def test_a_cycle_closed_through_an_edit_the_cache_has_not_seen_is_refused(crds: Cluster, namespace: str) -> None:
+    """The webhook's view lays the object's namespace, read fresh, over its cache: an edit the
+    watch has not delivered yet (here: the watch stopped after syncing) still counts."""
+    cluster = crds
+
+    def apply(doc: dict[str, Any]) -> None:
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+
+    for doc in (cases.tier("a", fallback={"tier": "b"}), cases.tier("b"), cases.tier("c")):
+        apply(doc)
+
+    async def scenario() -> None:
+        kube = await Kube.connect(str(cluster.kubeconfig))
+        view = ClusterView(kube, "tierwise-system")
+        task = asyncio.create_task(view.run())
+        try:
+            await until("the cache current", lambda: view.informer is not None and view.informer.current)
+            await until("c cached", lambda: view.store.get("InferenceTier", namespace, "c") is not None)
+            task.cancel()  # the cache stops here, still marked current: a watch event that is late
+            await asyncio.gather(task, return_exceptions=True)
+            assert (await view.for_namespace(namespace)).source == "cache"
+
+            await asyncio.to_thread(apply, cases.tier("b", fallback={"tier": "c"}))
+            closing = cases.tier("c", fallback={"tier": "a"})
+            closing["metadata"]["namespace"] = namespace
+            snap = await view.for_namespace(namespace)
+            assert snap.source == "merged"
+            verdict = judge_against(snap.resources, snap.namespaces, closing, view.platform, before=snap.problems)
+            assert not verdict.allowed and "fallback cycle: a -> b -> c -> a" in verdict.message, verdict
+            # Judged on the cache alone, it would have passed: what this view exists for.
+            stale = view._cached()
+            assert stale is not None
+            assert judge_against(stale.resources, stale.namespaces, closing, view.platform).allowed
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await kube.close()
+
+    asyncio.run(scenario())

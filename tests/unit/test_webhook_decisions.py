@@ -221,3 +221,13 @@ def test_a_second_namespace_with_two_default_tiers_is_refused_though_the_first_a
     own = placed(tier("own", access={"default": True}), "team-a")
     v = judge([a, own], spaces, placed(tier("other", access={"default": True}), "team-b"), PLATFORM)
     assert not v.allowed and "namespace team-b has more than one default tier" in v.message, v
+
+
+def test_a_damaged_block_or_a_duplicate_in_the_trusted_bundle_costs_no_other_ca() -> None:
+    first = rotate(None, HOSTS, NOW, datetime.timedelta(days=30))
+    second = rotate(None, HOSTS, NOW, datetime.timedelta(days=30))
+    damaged = b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
+    trusted = first.ca_pem + damaged + first.ca_pem
+    config = {"webhooks": [{"name": "a", "clientConfig": {"caBundle": base64.b64encode(trusted).decode()}}]}
+    patched = jsonpatch.apply_patch(config, ca_bundle_ops(config, second.ca_pem, NOW))
+    assert trusted_cas(patched) == [der(second.ca_pem), der(first.ca_pem)]
