@@ -4,12 +4,13 @@ namespaces, with the problems they have now.
 A watch (the informer) keeps them all, so an admission need not LIST the whole cluster. But the
 cache trails the API server by the moment a watch event takes, and within one `kubectl apply` the
 object admitted a millisecond earlier (the tier a new one names, an edit that closes a cycle) may
-not be in it yet. Everything that can make a problem with an object lives in its own namespace or
-the platform namespace (cycles run within a namespace or into the platform's tiers, which only
-see each other; budgets contradict only within a namespace; a namespace's default tiers are its
-own and the platform's), so those two namespaces are read fresh on every admission (small LISTs)
-and laid over the cache. Objects in the platform namespace can reach any namespace: they, and
-any admission while the cache is not current, are judged on a fresh LIST of everything.
+not be in it yet. So what can make a problem with the incoming object is read fresh on every
+admission (small LISTs) and laid over the cache: the tiers of its namespace and of the platform
+namespace (a cycle runs within a namespace, or into the platform's tiers, which only see each
+other; a namespace's default tiers are its own and the platform's), and for a budget the budgets
+of its namespace (budgets contradict only within a namespace). Objects in the platform namespace
+can reach any namespace: they, and any admission while the cache is not current, are judged on a
+fresh LIST of everything.
 """
 
 from __future__ import annotations
@@ -88,20 +89,21 @@ class ClusterView:
         self.on_read("list")
         return Snapshot(resources, namespaces, standing(resources, namespaces, self.platform), "list")
 
-    async def for_namespace(self, namespace: str) -> Snapshot:
-        """What to judge an object of `namespace` on: the cache, with that namespace and the
-        platform's read fresh."""
+    async def for_object(self, kind: str, namespace: str) -> Snapshot:
+        """What to judge an object of `kind` in `namespace` on (see the module's docstring)."""
         base = self._cached()
         if base is None or namespace == self.platform:
             return await self.fresh()
-        spaces = (namespace, self.platform)
-        pairs: list[tuple[Kind, str]] = [(k, ns) for k in RESOURCES for ns in spaces]
-        lists = await asyncio.gather(*(self.kube.list(k, ns) for k, ns in pairs))
-        listed = [(k.kind, o) for (k, _), objs in zip(pairs, lists, strict=True) for o in objs]
-        held = [(k.kind, o) for k in RESOURCES for o in self.store.all(k.kind) if key_of(o)[0] in spaces]
+        scope: list[tuple[Kind, str]] = [(TIER, namespace), (TIER, self.platform)]
+        if kind == BUDGET.kind:
+            scope.append((BUDGET, namespace))
+        lists = await asyncio.gather(*(self.kube.list(k, ns) for k, ns in scope))
+        listed = [(k.kind, o) for (k, _), objs in zip(scope, lists, strict=True) for o in objs]
+        fresh = {(k.kind, ns) for k, ns in scope}
+        held = [(k.kind, o) for k, ns in scope for o in self.store.all(k.kind) if key_of(o)[0] == ns]
         if _versions(listed) == _versions(held):
             self.on_read("cache")
             return base
-        resources = [r for r in base.resources if r.namespace not in spaces] + self._parsed(listed)
+        resources = [r for r in base.resources if (r.kind_name, r.namespace) not in fresh] + self._parsed(listed)
         self.on_read("merged")
         return Snapshot(resources, base.namespaces, standing(resources, base.namespaces, self.platform), "merged")

@@ -103,7 +103,7 @@ async def validate_response(review: Obj, view: ClusterView, tolerate: bool) -> t
     ):
         return _response(review, {"allowed": True}), "allowed"
     obj.setdefault("metadata", {}).setdefault("namespace", request.get("namespace"))
-    snap = await view.for_namespace(str(obj["metadata"].get("namespace") or ""))
+    snap = await view.for_object(str(obj.get("kind")), str(obj["metadata"].get("namespace") or ""))
     while True:
         verdict = judge_against(
             snap.resources,

@@ -102,8 +102,8 @@ def test_the_cache_follows_the_api_server_across_watch_ends_and_breaks(
 
 
 def test_a_cycle_closed_through_an_edit_the_cache_has_not_seen_is_refused(crds: Cluster, namespace: str) -> None:
-    """The webhook's view lays the object's namespace, read fresh, over its cache: an edit the
-    watch has not delivered yet (here: the watch stopped after syncing) still counts."""
+    """The webhook's view lays what can make a problem with the object, read fresh, over its cache:
+    an edit the watch has not delivered yet (here: the watch stopped after syncing) still counts."""
     cluster = crds
 
     def apply(doc: dict[str, Any]) -> None:
@@ -121,12 +121,12 @@ def test_a_cycle_closed_through_an_edit_the_cache_has_not_seen_is_refused(crds: 
             await until("c cached", lambda: view.store.get("InferenceTier", namespace, "c") is not None)
             task.cancel()  # the cache stops here, still marked current: a watch event that is late
             await asyncio.gather(task, return_exceptions=True)
-            assert (await view.for_namespace(namespace)).source == "cache"
+            assert (await view.for_object("InferenceTier", namespace)).source == "cache"
 
             await asyncio.to_thread(apply, cases.tier("b", fallback={"tier": "c"}))
             closing = cases.tier("c", fallback={"tier": "a"})
             closing["metadata"]["namespace"] = namespace
-            snap = await view.for_namespace(namespace)
+            snap = await view.for_object("InferenceTier", namespace)
             assert snap.source == "merged"
             verdict = judge_against(snap.resources, snap.namespaces, closing, view.platform, before=snap.problems)
             assert not verdict.allowed and "fallback cycle: a -> b -> c -> a" in verdict.message, verdict
@@ -134,6 +134,14 @@ def test_a_cycle_closed_through_an_edit_the_cache_has_not_seen_is_refused(crds: 
             stale = view._cached()
             assert stale is not None
             assert judge_against(stale.resources, stale.namespaces, closing, view.platform).allowed
+
+            # The same for a budget contradicting one the watch has not delivered.
+            await asyncio.to_thread(apply, cases.budget("team", limit={"usd": 100}))
+            rival = cases.budget("team-too", limit={"usd": 10})
+            rival["metadata"]["namespace"] = namespace
+            snap = await view.for_object("CostBudget", namespace)
+            verdict = judge_against(snap.resources, snap.namespaces, rival, view.platform, before=snap.problems)
+            assert snap.source == "merged" and not verdict.allowed and "spec.selector" in verdict.message, verdict
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
