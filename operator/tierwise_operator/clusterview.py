@@ -44,20 +44,17 @@ def _versions(objs: Iterable[tuple[str, Obj]]) -> set[tuple[str, str, str, str]]
 
 
 class ClusterView:
-    def __init__(
-        self, kube: Kube, platform: str, watch: bool = True, on_read: Callable[[str], None] = lambda _: None
-    ) -> None:
+    def __init__(self, kube: Kube, platform: str, on_read: Callable[[str], None] = lambda _: None) -> None:
         self.kube = kube
         self.platform = platform
         self.store = Store()
-        self.informer = Informer(kube, self.store, KINDS) if watch else None
+        self.informer = Informer(kube, self.store, KINDS)
         self.on_read = on_read
         self._snapshot: tuple[int, Snapshot] | None = None
 
     async def run(self) -> None:
-        """Keep the cache (nothing to do without one)."""
-        if self.informer is not None:
-            await self.informer.run()
+        """Keep the cache."""
+        await self.informer.run()
 
     def _parsed(self, listed: Iterable[tuple[str, Obj]]) -> list[AnyResource]:
         # Through the store's parse cache: an object unchanged since the watch saw it is not parsed again.
@@ -70,7 +67,7 @@ class ClusterView:
 
     def _cached(self) -> Snapshot | None:
         """The cache's view, its standing problems computed once per change; None while not current."""
-        if self.informer is None or not self.informer.current:
+        if not self.informer.current:
             return None
         version = self.store.version
         if self._snapshot is None or self._snapshot[0] != version:

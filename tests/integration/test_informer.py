@@ -117,7 +117,7 @@ def test_a_cycle_closed_through_an_edit_the_cache_has_not_seen_is_refused(crds: 
         view = ClusterView(kube, "tierwise-system")
         task = asyncio.create_task(view.run())
         try:
-            await until("the cache current", lambda: view.informer is not None and view.informer.current)
+            await until("the cache current", lambda: view.informer.current)
             await until("c cached", lambda: view.store.get("InferenceTier", namespace, "c") is not None)
             task.cancel()  # the cache stops here, still marked current: a watch event that is late
             await asyncio.gather(task, return_exceptions=True)
