@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tierwise.api.resources import AnyResource, Namespace, Problem
-from tierwise_operator.informer import Informer, slim
+from tierwise_operator.informer import Informer
 from tierwise_operator.kube import BUDGET, CACHE, NAMESPACE, TIER, Kind, Kube, Obj
 from tierwise_operator.store import Store, key_of
-from tierwise_operator.validation import standing
+from tierwise_operator.validation import parsed_objects, standing
 
 RESOURCES = (TIER, BUDGET, CACHE)
 KINDS = (*RESOURCES, NAMESPACE)
@@ -47,7 +47,7 @@ class ClusterView:
     def __init__(self, kube: Kube, platform: str, on_read: Callable[[str], None] = lambda _: None) -> None:
         self.kube = kube
         self.platform = platform
-        self.store = Store()
+        self.store = Store(lean=True)
         self.informer = Informer(kube, self.store, KINDS)
         self.on_read = on_read
         self._snapshot: tuple[int, Snapshot] | None = None
@@ -55,15 +55,6 @@ class ClusterView:
     async def run(self) -> None:
         """Keep the cache."""
         await self.informer.run()
-
-    def _parsed(self, listed: Iterable[tuple[str, Obj]]) -> list[AnyResource]:
-        # Through the store's parse cache: an object unchanged since the watch saw it is not parsed again.
-        out = []
-        for kind, obj in listed:
-            r = self.store.parsed(kind, slim(obj))
-            if not isinstance(r, Problem):
-                out.append(r)
-        return out
 
     def _cached(self) -> Snapshot | None:
         """The cache's view, its standing problems computed once per change; None while not current."""
@@ -80,8 +71,7 @@ class ClusterView:
     async def fresh(self) -> Snapshot:
         """The API server's view of everything, now."""
         lists = await asyncio.gather(*(self.kube.list(k) for k in KINDS))
-        listed = [(k.kind, o) for k, objs in zip(RESOURCES, lists[: len(RESOURCES)], strict=True) for o in objs]
-        resources = self._parsed(listed)
+        resources = parsed_objects(o for objs in lists[: len(RESOURCES)] for o in objs)
         namespaces = [Namespace(str(n["metadata"]["name"]), dict(n["metadata"].get("labels") or {})) for n in lists[-1]]
         self.on_read("list")
         return Snapshot(resources, namespaces, standing(resources, namespaces, self.platform), "list")
@@ -101,6 +91,8 @@ class ClusterView:
         if _versions(listed) == _versions(held):
             self.on_read("cache")
             return base
-        resources = [r for r in base.resources if (r.kind_name, r.namespace) not in fresh] + self._parsed(listed)
+        resources = [r for r in base.resources if (r.kind_name, r.namespace) not in fresh] + parsed_objects(
+            o for _, o in listed
+        )
         self.on_read("merged")
         return Snapshot(resources, base.namespaces, standing(resources, base.namespaces, self.platform), "merged")

@@ -17,6 +17,9 @@ Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped obje
 
 # Kinds whose change can change some namespace's Policy.
 POLICY_INPUTS = frozenset({"InferenceTier", "CostBudget", "CachePolicy", "Namespace"})
+RESOURCE_KINDS = ("InferenceTier", "CostBudget", "CachePolicy")
+# What a lean store keeps of an object's metadata: its identity, version and labels.
+_SKELETON_META = ("name", "namespace", "uid", "resourceVersion", "generation", "labels")
 
 
 def key_of(obj: Obj) -> Key:
@@ -35,6 +38,10 @@ class Store:
     objects: dict[str, dict[Key, Obj]] = field(default_factory=dict)
     # Bumped whenever a Policy input changes; lets derived results be cached per version.
     version: int = 0
+    # Keep of a tierwise resource only its skeleton and its parsed form (parsed as it arrives):
+    # for a reader that never needs the raw spec, the webhook, whose cache holds every object of
+    # the cluster. A spec change bumps metadata.generation, so changes are still seen.
+    lean: bool = False
     _parsed: dict[tuple[str, Key], Parsed] = field(default_factory=dict)
 
     def put(self, kind: str, obj: Obj) -> bool:
@@ -44,6 +51,9 @@ class Store:
         old = bucket.get(k)
         if old is not None and _rv(old) == _rv(obj) and _rv(obj):
             return False
+        if self.lean and kind in RESOURCE_KINDS and _rv(obj):
+            self.parsed(kind, obj)
+            obj = _skeleton(obj)
         bucket[k] = obj
         if kind in POLICY_INPUTS and (old is None or _policy_view(old) != _policy_view(obj)):
             self.version += 1
@@ -78,7 +88,7 @@ class Store:
     def resources(self) -> tuple[list[AnyResource], list[Problem]]:
         out: list[AnyResource] = []
         problems: list[Problem] = []
-        for kind in ("InferenceTier", "CostBudget", "CachePolicy"):
+        for kind in RESOURCE_KINDS:
             for obj in self.all(kind):
                 r = self.parsed(kind, obj)
                 (problems if isinstance(r, Problem) else out).append(r)  # type: ignore[arg-type]
@@ -103,6 +113,15 @@ class Store:
             for (ns, _), o in self.objects.get(kind, {}).items()
             if ns == namespace and (o["metadata"].get("labels") or {}).get(TIER_LABEL) == tier
         ]
+
+
+def _skeleton(obj: Obj) -> Obj:
+    meta = obj.get("metadata") or {}
+    return {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "metadata": {k: meta[k] for k in _SKELETON_META if k in meta},
+    }
 
 
 def _rv(obj: Obj) -> str:

@@ -63,3 +63,36 @@ def test_an_expired_version_relists_and_other_errors_are_errors() -> None:
     with pytest.raises(ApiError) as e:
         apply(informer, denied)
     assert e.value.status == 403
+
+
+def test_a_lean_store_keeps_the_parsed_form_and_sees_spec_changes_by_generation() -> None:
+    store = Store(lean=True)
+    gold = {
+        **tier("gold", "11"),
+        "spec": {
+            "backends": [
+                {
+                    "name": "b",
+                    "model": "m",
+                    "url": "http://x/v1",
+                    "pricing": {"inputPerMillion": 1, "outputPerMillion": 1},
+                }
+            ]
+        },
+    }
+    gold["metadata"]["generation"] = 1
+    assert store.put("InferenceTier", gold)
+    kept = store.get("InferenceTier", "a", "gold")
+    assert kept is not None and "spec" not in kept and kept["metadata"]["resourceVersion"] == "11"
+    (parsed,), problems = store.resources()
+    assert problems == [] and parsed.name == "gold" and parsed.spec.backends[0].model == "m"
+    version = store.version
+    # A status write: a new resourceVersion, the same generation: nothing a Policy depends on.
+    assert store.put("InferenceTier", {**gold, "metadata": {**gold["metadata"], "resourceVersion": "12"}})
+    assert store.version == version
+    # A spec change bumps the generation: seen, and parsed anew.
+    changed = {**gold, "metadata": {**gold["metadata"], "resourceVersion": "13", "generation": 2}}
+    changed["spec"] = {**gold["spec"], "priority": 7}
+    assert store.put("InferenceTier", changed)
+    assert store.version > version
+    assert store.resources()[0][0].spec.priority == 7
