@@ -78,14 +78,18 @@ class ClusterView:
 
     async def for_object(self, kind: str, namespace: str) -> Snapshot:
         """What to judge an object of `kind` in `namespace` on (see the module's docstring)."""
-        base = self._cached()
-        if base is None or namespace == self.platform:
+        if not self.informer.current or namespace == self.platform:
             return await self.fresh()
         scope: list[tuple[Kind, str]] = [(TIER, namespace), (TIER, self.platform)]
         if kind == BUDGET.kind:
             scope.append((BUDGET, namespace))
         lists = await asyncio.gather(*(self.kube.list(k, ns) for k, ns in scope))
         listed = [(k.kind, o) for (k, _), objs in zip(scope, lists, strict=True) for o in objs]
+        # The cache's view is taken after the LISTs, with no await before it is compared with
+        # them: events that arrived meanwhile are in both or in neither.
+        base = self._cached()
+        if base is None:
+            return await self.fresh()
         fresh = {(k.kind, ns) for k, ns in scope}
         held = [(k.kind, o) for k, ns in scope for o in self.store.all(k.kind) if key_of(o)[0] == ns]
         if _versions(listed) == _versions(held):
