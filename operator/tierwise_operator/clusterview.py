@@ -85,8 +85,8 @@ class ClusterView:
             scope.append((BUDGET, namespace))
         lists = await asyncio.gather(*(self.kube.list(k, ns) for k, ns in scope))
         listed = [(k.kind, o) for (k, _), objs in zip(scope, lists, strict=True) for o in objs]
-        # The cache's view is taken after the LISTs, with no await before it is compared with
-        # them: events that arrived meanwhile are in both or in neither.
+        # The cache's view and what it holds of the scope are read at one moment, after the LISTs
+        # (no await between): the comparison below is about the view that will be used.
         base = self._cached()
         if base is None:
             return await self.fresh()
