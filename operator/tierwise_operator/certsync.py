@@ -70,14 +70,12 @@ def ca_bundle_ops(config: Obj, bundle: bytes, now: datetime.datetime) -> list[Ob
     fails and it computes again.
     """
     wanted = [c for c in _certificates(bundle) if c.not_valid_after_utc > now]
+    wanted_der = {_der(c) for c in wanted}
     ops: list[Obj] = []
     for i, hook in enumerate(config.get("webhooks") or []):
         trusted = _trusted(hook)
-        have = {_der(c) for c in trusted}
-        missing = [c for c in wanted if _der(c) not in have]
-        if not missing:
+        if wanted_der <= {_der(c) for c in trusted}:
             continue
-        wanted_der = {_der(c) for c in wanted}
         kept = [c for c in trusted if _der(c) not in wanted_der and c.not_valid_after_utc > now]
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [*wanted, *kept])
         ops.append({"op": "test", "path": f"/webhooks/{i}/name", "value": hook["name"]})

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from tierwise.api.resources import AnyResource, Namespace, Problem
 from tierwise_operator.informer import Informer
 from tierwise_operator.kube import BUDGET, CACHE, NAMESPACE, TIER, Kind, Kube, Obj
-from tierwise_operator.store import Store, key_of
+from tierwise_operator.store import Store, key_of, namespace_of
 from tierwise_operator.validation import parsed_objects, standing
 
 RESOURCES = (TIER, BUDGET, CACHE)
@@ -72,7 +72,7 @@ class ClusterView:
         """The API server's view of everything, now."""
         lists = await asyncio.gather(*(self.kube.list(k) for k in KINDS))
         resources = parsed_objects(o for objs in lists[: len(RESOURCES)] for o in objs)
-        namespaces = [Namespace(str(n["metadata"]["name"]), dict(n["metadata"].get("labels") or {})) for n in lists[-1]]
+        namespaces = [namespace_of(n) for n in lists[-1]]
         self.on_read("list")
         return Snapshot(resources, namespaces, standing(resources, namespaces, self.platform), "list")
 

@@ -95,10 +95,7 @@ class Store:
         return out, problems
 
     def namespaces(self) -> list[Namespace]:
-        return [
-            Namespace(str(o["metadata"]["name"]), dict(o["metadata"].get("labels") or {}))
-            for o in self.all("Namespace")
-        ]
+        return [namespace_of(o) for o in self.all("Namespace")]
 
     def tier(self, namespace: str, name: str) -> InferenceTier | None:
         obj = self.get("InferenceTier", namespace, name)
@@ -113,6 +110,11 @@ class Store:
             for (ns, _), o in self.objects.get(kind, {}).items()
             if ns == namespace and (o["metadata"].get("labels") or {}).get(TIER_LABEL) == tier
         ]
+
+
+def namespace_of(obj: Obj) -> Namespace:
+    """A Namespace object as the compiler sees it: its name and labels."""
+    return Namespace(str(obj["metadata"]["name"]), dict(obj["metadata"].get("labels") or {}))
 
 
 def _skeleton(obj: Obj) -> Obj:
