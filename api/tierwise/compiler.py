@@ -16,6 +16,9 @@ from tierwise.api.resources import AnyResource, CachePolicy, CostBudget, Inferen
 from tierwise.policy import Policy, PolicyBudget, PolicyCache, PolicyTier, Source
 
 DEFAULT_PLATFORM_NAMESPACE = "tierwise-system"
+# A namespace's choice for requests naming a model none of its tiers serves: "refuse" (404), or
+# anything else / absent: served by the default tier, with a header naming the substitution.
+UNKNOWN_MODEL_LABEL = "tierwise.dev/unknown-model"
 
 
 class CompileError(Exception):
@@ -330,6 +333,7 @@ def compile_world(world: _World, namespace: str) -> Policy:
             for name, t in sorted(tiers.items())
         },
         unavailable_tiers=sorted({t.name for t in world.tiers if t.namespace == world.platform} - set(tiers)),
+        refuse_unknown_models=world.labels.get(namespace, {}).get(UNKNOWN_MODEL_LABEL) == "refuse" or None,
         budgets=[PolicyBudget(name=b.name, namespace=b.namespace, spec=b.spec) for b in budgets],
         cache_policies=[
             PolicyCache(name=c.name, namespace=c.namespace, generation=c.metadata.generation or 0, spec=c.spec)

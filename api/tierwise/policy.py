@@ -68,6 +68,11 @@ class Policy(_Frozen):
         default_factory=list,
         description="Platform tiers the namespace is not granted: asking for one is forbidden, not unknown.",
     )
+    refuse_unknown_models: bool | None = Field(
+        default=None,
+        description="Refuse a request naming a model no tier serves (namespace label tierwise.dev/unknown-model="
+        "refuse) instead of serving it with the default tier.",
+    )
     budgets: list[PolicyBudget] = Field(default_factory=list)
     cache_policies: list[PolicyCache] = Field(default_factory=list)
     sources: list[Source] = Field(default_factory=list)

@@ -1,21 +1,32 @@
-"""The account stage: what a request actually used and cost, as headers and metrics.
+"""The account stage: what a request actually used and cost, as headers, metrics and a log line.
 
 Usage comes from the provider's usage block; when a provider sends none (or a stream was cut
 before it), prompt tokens are the estimate's count and completion tokens are counted from the
 text with tiktoken. A request served in pieces (a stream resumed elsewhere) is one segment per
-backend, each priced at its own backend's rates.
+backend, each priced at its own backend's rates. Every response header of the gateway is rendered
+here, whichever stage answered.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from tierwise_sidecar.estimate import Estimate, cost_usd
-from tierwise_sidecar.identify import Identity
-from tierwise_sidecar.metrics import Metrics
+from tierwise_sidecar.estimate import Estimate
+from tierwise_sidecar.metrics import METRICS, Metrics
+from tierwise_sidecar.money import cost_micros, cost_usd, usd
 from tierwise_sidecar.runtime import BackendRoute
+
+if TYPE_CHECKING:
+    from tierwise_sidecar.exchange import Exchange, Reply
+    from tierwise_sidecar.runtime import Runtime
+    from tierwise_sidecar.state import SharedState
+
+log = logging.getLogger("tierwise.sidecar")
 
 H_TIER = "x-tierwise-tier"
 H_BACKEND = "x-tierwise-backend"
@@ -27,6 +38,12 @@ H_COST = "x-tierwise-cost-usd"
 H_TOKENS = "x-tierwise-tokens"
 H_ATTEMPTS = "x-tierwise-attempts"
 H_FALLBACK = "x-tierwise-fallback-from"
+H_REQUESTED_MODEL = "x-tierwise-requested-model"
+H_BUDGET_REMAINING_USD = "x-tierwise-budget-remaining-usd"
+H_BUDGET_REMAINING_TOKENS = "x-tierwise-budget-remaining-tokens"
+H_BUDGET_STATE = "x-tierwise-budget-state"
+H_BUDGET_NOTICE = "x-tierwise-budget-notice"
+H_DOWNGRADED = "x-tierwise-downgraded-from"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +53,7 @@ class Segment:
     output_tokens: int
     cached_tokens: int
     usd: float
+    micros: int = 0
 
 
 def segment(backend: BackendRoute, usage: Mapping[str, Any] | None, input_tokens: int, counted_output: int) -> Segment:
@@ -47,7 +65,15 @@ def segment(backend: BackendRoute, usage: Mapping[str, Any] | None, input_tokens
         cached = _count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
     else:
         prompt, completion, cached = input_tokens, counted_output, 0
-    return Segment(backend, prompt, completion, cached, cost_usd(backend.pricing, prompt, completion, cached))
+    prompt = max(prompt, 0)
+    return Segment(
+        backend,
+        prompt,
+        completion,
+        cached,
+        cost_usd(backend.pricing, prompt, completion, cached),
+        cost_micros(backend.rates, prompt, completion, cached),
+    )
 
 
 def _count(value: object) -> int:
@@ -58,7 +84,6 @@ def _count(value: object) -> int:
 class Outcome:
     """What happened to one request, filled in as it goes."""
 
-    identity: Identity
     estimate: Estimate | None = None
     route: str | None = None
     score: float | None = None
@@ -67,23 +92,33 @@ class Outcome:
     attempts: int = 0
     status: int = 0
     segments: list[Segment] = field(default_factory=list)
+    # Each failed try: (backend key, endpoint, failure kind), for the log line of a failed request.
+    failures: list[tuple[str, str, str]] = field(default_factory=list)
+    # Why a request that reached a backend ended without a whole answer (a stream cut, say).
+    problem: str | None = None
 
     @property
     def usd(self) -> float:
         return sum(s.usd for s in self.segments)
 
+    @property
+    def micros(self) -> int:
+        return sum(s.micros for s in self.segments)
 
-def usd(value: float) -> str:
-    return f"{value:.8f}"
+    @property
+    def tokens(self) -> int:
+        return sum(s.input_tokens + s.output_tokens for s in self.segments)
 
 
-def served_headers(o: Outcome) -> dict[str, str]:
-    """Headers known once a backend answered (all a stream can carry)."""
+def render_headers(x: Exchange, final: bool) -> dict[str, str]:
+    """Every header the gateway adds to an answer. `final`: the whole answer is known (not a
+    stream's start), so the actual cost can be told."""
+    o = x.outcome
     h = {H_ATTEMPTS: str(o.attempts)}
     if o.tier is not None:
         h[H_TIER] = o.tier
-        if o.tier != o.identity.tier:
-            h[H_FALLBACK] = o.identity.tier
+        if o.tier != x.identity.tier:
+            h[H_FALLBACK] = x.identity.tier
     if o.backend is not None:
         h[H_BACKEND] = o.backend.name
         h[H_MODEL] = o.backend.model
@@ -93,28 +128,28 @@ def served_headers(o: Outcome) -> dict[str, str]:
         h[H_SCORE] = f"{o.score:.3f}"
     if o.estimate is not None:
         h[H_ESTIMATE] = usd(o.estimate.usd)
-    return h
-
-
-def final_headers(o: Outcome) -> dict[str, str]:
-    """Headers of a whole (non-streamed) answer, actual cost included."""
-    h = served_headers(o)
-    if o.segments:
+    if x.identity.substituted is not None:
+        h[H_REQUESTED_MODEL] = x.identity.substituted
+    note = x.budget
+    if note is not None:
+        h.update(note.headers())
+    if final and o.segments:
         h[H_COST] = usd(o.usd)
         h[H_TOKENS] = f"{sum(s.input_tokens for s in o.segments)}/{sum(s.output_tokens for s in o.segments)}"
     return h
 
 
-def record(metrics: Metrics, namespace: str, o: Outcome, duration: float) -> None:
-    tenant = metrics.tenant(o.identity.tenant)
-    tier = o.tier or o.identity.tier
+def record(metrics: Metrics, namespace: str, x: Exchange, duration: float) -> None:
+    o = x.outcome
+    tenant = metrics.tenant(x.identity.tenant)
+    tier = o.tier or x.identity.tier
     backend = o.backend.name if o.backend is not None else "none"
     metrics.child(metrics.requests, namespace, tenant, tier, backend, str(o.status)).inc()
     metrics.child(metrics.duration, namespace, tier).observe(duration)
     if o.route is not None and o.backend is not None:
         metrics.child(metrics.route, tier, o.route, backend).inc()
     if o.estimate is not None:
-        metrics.child(metrics.estimated_cost, namespace, tenant, o.identity.tier).inc(o.estimate.usd)
+        metrics.child(metrics.estimated_cost, namespace, tenant, x.identity.tier).inc(o.estimate.usd)
     for s in o.segments:
         b = s.backend
         metrics.child(metrics.tokens, namespace, tenant, b.tier, b.name, "input").inc(s.input_tokens)
@@ -122,3 +157,64 @@ def record(metrics: Metrics, namespace: str, o: Outcome, duration: float) -> Non
         if s.cached_tokens:
             metrics.child(metrics.tokens, namespace, tenant, b.tier, b.name, "cached_input").inc(s.cached_tokens)
         metrics.child(metrics.cost, namespace, tenant, b.tier, b.name).inc(s.usd)
+
+
+def _where(endpoint: str) -> str:
+    """An endpoint as host:port: never a path's query or a URL's credentials in a log."""
+    parts = urlsplit(endpoint)
+    return parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else "?"
+
+
+def failure_line(x: Exchange, duration: float) -> str:
+    """One line for a request that failed upstream: tier, targets tried and why; no key, no prompt."""
+    o = x.outcome
+    tried = ",".join(f"{key}@{_where(endpoint)}={kind}" for key, endpoint, kind in o.failures) or "none"
+    parts = [
+        f"status={o.status}",
+        f"namespace={x.identity.namespace}",
+        f"tier={x.identity.tier}",
+        f"served_by={o.tier}/{o.backend.name}" if o.backend is not None else "served_by=none",
+        f"attempts={o.attempts}",
+        f"tried={tried}",
+        f"duration_ms={duration * 1000:.0f}",
+    ]
+    if o.problem:
+        parts.append(f"problem={o.problem!r}")
+    if x.error is not None:
+        parts.append(f"code={x.error.code}")
+    return "request failed upstream: " + " ".join(parts)
+
+
+def _failed_upstream(x: Exchange) -> bool:
+    return x.outcome.problem is not None or (x.error is not None and x.error.code.startswith("upstream_"))
+
+
+class AccountStage:
+    """First in, last out: it sees every request, whatever stage answered it."""
+
+    name = "account"
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def enter(self, x: Exchange) -> Reply | None:
+        return None
+
+    async def leave(self, x: Exchange) -> None:
+        metrics = self.metrics
+        namespace = x.runtime.namespace
+        duration = time.monotonic() - x.started
+        if not x.valid:
+            code = x.error.code if x.error is not None else "internal_error"
+            metrics.child(metrics.invalid, namespace, code).inc()
+            return
+        record(metrics, namespace, x, duration)
+        if _failed_upstream(x):
+            log.warning("%s", failure_line(x, duration))
+        elif x.error is not None:
+            log.info("request refused: status=%d namespace=%s tier=%s code=%s: %s", x.outcome.status, namespace,
+                     x.identity.tier, x.error.code, x.error.message)  # fmt: skip
+
+
+def build(runtime: Runtime, state: SharedState) -> AccountStage:
+    return AccountStage(state.get(METRICS))

@@ -1,8 +1,9 @@
-"""The sidecar's HTTP server: OpenAI-compatible endpoints in front of the pipeline stages.
+"""The sidecar's HTTP server: OpenAI-compatible endpoints in front of the stage chain.
 
-identify → validate → estimate → choose backend → forward → account. Each request takes the
-Runtime in force when it starts and keeps it to the end, so a Policy reload never changes a
-request half-way; state that must survive reloads (breakers, session pins) lives in Health.
+Each request takes the Pipeline (Runtime and chain) in force when it starts and keeps it to the
+end, so a Policy reload never changes a request half-way. A reload is read, checked and built off
+the event loop (file I/O, compiling, loading encodings), then swapped in on it; what must survive
+reloads (breakers, session pins, clients, ledgers) lives in the shared state.
 """
 
 from __future__ import annotations
@@ -11,28 +12,35 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tierwise_sidecar.account import Outcome, record
-from tierwise_sidecar.difficulty import difficulty_of
-from tierwise_sidecar.endpoints import Endpoints, refresh_dns
+from tierwise.policy import Policy
+from tierwise_sidecar.account import Outcome
+from tierwise_sidecar.config import GatewayConfig
+from tierwise_sidecar.endpoints import refresh_dns
 from tierwise_sidecar.errors import SERVER, ApiError
-from tierwise_sidecar.estimate import count_input
-from tierwise_sidecar.forward import Call, ForwardConfig, Forwarder
-from tierwise_sidecar.identify import Identity, identify
-from tierwise_sidecar.metrics import Metrics
+from tierwise_sidecar.exchange import ClientGoneError, Exchange
+from tierwise_sidecar.identify import Identity, Priority
+from tierwise_sidecar.metrics import METRICS
+from tierwise_sidecar.pipeline import Pipeline
 from tierwise_sidecar.policy_source import Loaded, PolicyLoadError
-from tierwise_sidecar.runtime import Health, Runtime, build_runtime, self_hosted
+from tierwise_sidecar.runtime import HEALTH, Health, Runtime, build_runtime, self_hosted, unreachable
 from tierwise_sidecar.secrets import SecretSource
-from tierwise_sidecar.tokens import TokenCounter
-from tierwise_sidecar.validate import Kind, Limits, check_size, parse_body, too_large, validate
+from tierwise_sidecar.stages import build_chain
+from tierwise_sidecar.state import SharedState
+from tierwise_sidecar.tokens import TOKENS
+from tierwise_sidecar.validate import Kind, check_size, too_large
+
+__all__ = ["Gateway", "GatewayConfig", "Source", "run"]
 
 log = logging.getLogger("tierwise.sidecar")
+LAST_WRITE_SECONDS = 10.0
 
 
 class Source(Protocol):
@@ -42,18 +50,57 @@ class Source(Protocol):
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
-    limits: Limits = field(default_factory=Limits)
-    forward: ForwardConfig = field(default_factory=ForwardConfig)
-    reload_interval: float = 1.0
-    dns_interval: float | None = None
-    drain_seconds: float = 30.0
-    unready_seconds: float = 2.0
-    breaker_threshold: int = 5
-    breaker_cooldown: float = 10.0
-    max_tenants: int = 100
-    # The ingress role: every request is served by the Policy's default tier, whatever it names.
-    pin_tier: bool = False
+class Prepared:
+    """A reload read and checked off the event loop, for `apply` to put in force on it."""
+
+    signature: object
+    pipeline: Pipeline | None = None
+    endpoints: dict[str, tuple[str, ...]] | None = None
+    refused: str | None = None
+    why: str = "policy"
+
+
+class HttpSink:
+    """An answer written to an aiohttp request. A whole answer is sent at once (not when the
+    handler returns), so the stages' way out does not hold the caller."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    async def whole(self, status: int, headers: Mapping[str, str], body: bytes, content_type: str) -> None:
+        resp = web.Response(status=status, body=body, content_type=content_type, headers=headers)
+        self.response = resp
+        try:
+            await resp.prepare(self.request)
+            await resp.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass  # the caller left; nothing else to do for a whole answer
+
+    async def open(self, status: int, headers: Mapping[str, str]) -> None:
+        resp = web.StreamResponse(status=status, headers=headers)
+        self.response = resp
+        try:
+            await resp.prepare(self.request)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            raise ClientGoneError() from None
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        try:
+            await self.response.write(data)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            raise ClientGoneError() from None
+
+    async def close(self, last: bytes) -> None:
+        """The final bytes, bounded in time: a caller that stopped reading cannot hold the handler."""
+        assert self.response is not None
+        try:
+            async with asyncio.timeout(LAST_WRITE_SECONDS):
+                await self.response.write(last)
+                await self.response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError, TimeoutError):
+            pass
 
 
 class Gateway:
@@ -63,19 +110,26 @@ class Gateway:
         self.source = source
         self.config = config or GatewayConfig()
         self.secrets = secrets or SecretSource()
-        self.metrics = Metrics(max_tenants=self.config.max_tenants)
-        self.health = Health(Endpoints(), self.config.breaker_threshold, self.config.breaker_cooldown)
-        self.counter = TokenCounter()
-        self.forwarder = Forwarder(self.health, self.metrics, self.counter, self.config.forward)
-        self.runtime: Runtime | None = None
+        self.state = SharedState(self.config)
+        self.metrics = self.state.get(METRICS)
+        self.pipeline: Pipeline | None = None
         self.draining = False
         self.in_flight = 0
         self._signature: object = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._unreachable: frozenset[str] = frozenset()
         if not self.config.pin_tier:
             # In the ingress role the callers' sidecars already count these attempts under the
             # same labels; exporting them twice would double the autoscaler's load signal.
             self.metrics.watch_backends(self._backend_load)
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return self.pipeline.runtime if self.pipeline is not None else None
+
+    @property
+    def health(self) -> Health:
+        return self.state.get(HEALTH)
 
     def _backend_load(self) -> list[tuple[str, str, str, int]]:
         runtime = self.runtime
@@ -90,35 +144,56 @@ class Gateway:
 
     # ------------------------------------------------------------ policy
 
-    def reload(self) -> bool:
-        """Load the source if it changed; True when a new Policy is in force."""
+    def _build(self, policy: Policy) -> Pipeline:
+        runtime = build_runtime(policy, self.secrets, self.config.pin_tier)
+        counter = self.state.get(TOKENS)
+        for tier in runtime.tiers.values():
+            for b in tier.backends:
+                counter.encoding(b.model)  # loaded now, not on a request's clock
+        return Pipeline(runtime, build_chain(runtime, self.state))
+
+    def prepare(self) -> Prepared | None:
+        """Read and check the source if it changed, and build what it needs; touches nothing in
+        force (safe off the event loop). None: nothing to do."""
         signature = self.source.signature()
+        current = self.pipeline
         if signature == self._signature:
-            return self._refresh_keys()
+            if current is None or not current.runtime.keys_changed(self.secrets):
+                return None
+            return Prepared(signature, self._build(current.runtime.policy), why="keys")
         try:
             loaded = self.source.load()
         except PolicyLoadError as e:
             if self.source.signature() != signature:
-                return False  # caught mid-write: judge what the next tick finds
-            self._signature = signature
-            self.metrics.reloads.labels("refused").inc()
-            kept = f"keeping Policy {self.runtime.policy.hash}" if self.runtime else "no Policy in force"
-            log.error("policy refused: %s; %s", e, kept)
-            return False
+                return None  # caught mid-write: judge what the next tick finds
+            return Prepared(signature, refused=str(e))
         if self.source.signature() != signature:
+            return None
+        if current is not None and current.runtime.policy.hash == loaded.policy.hash and loaded.endpoints is None:
+            return Prepared(signature)
+        return Prepared(signature, self._build(loaded.policy), loaded.endpoints)
+
+    def apply(self, prepared: Prepared | None) -> bool:
+        """Put a prepared reload in force (on the event loop); True when a new Pipeline is."""
+        if prepared is None:
             return False
-        self._signature = signature
+        self._signature = prepared.signature
         old = self.runtime
-        if old is not None and old.policy.hash == loaded.policy.hash and loaded.endpoints is None:
+        if prepared.refused is not None:
+            self.metrics.reloads.labels("refused").inc()
+            kept = f"keeping Policy {old.policy.hash}" if old else "no Policy in force"
+            log.error("policy refused: %s; %s", prepared.refused, kept)
             return False
-        runtime = build_runtime(loaded.policy, self.secrets, self.config.pin_tier)
-        for tier in runtime.tiers.values():
-            for b in tier.backends:
-                self.counter.encoding(b.model)  # loaded now, not on a request's clock
-        if loaded.endpoints is not None:
-            self.health.endpoints.replace(loaded.endpoints)
+        if prepared.pipeline is None:
+            return False
+        if prepared.endpoints is not None:
+            self.health.endpoints.replace(prepared.endpoints)
             self.health.prune()
-        self.runtime = runtime
+        self.pipeline = prepared.pipeline
+        runtime = prepared.pipeline.runtime
+        if prepared.why == "keys":
+            log.info("API keys changed; in force for new requests")
+            return True
         if old is not None:
             self.metrics.policy_info.remove(old.namespace, old.policy.hash)
         self.metrics.policy_info.labels(runtime.namespace, runtime.policy.hash).set(1)
@@ -126,67 +201,46 @@ class Gateway:
         self.metrics.reloads.labels("applied").inc()
         log.info("policy %s in force for namespace %s: tiers %s", runtime.policy.hash, runtime.namespace,
                  ", ".join(runtime.tiers))  # fmt: skip
+        if not self.config.dns_interval:
+            self._warn_unreachable(runtime)
         return True
 
-    def _refresh_keys(self) -> bool:
-        """A rotated API key (a Secret's mounted file changes in place) is used from the next request."""
-        runtime = self.runtime
-        if runtime is None or not runtime.keys_changed(self.secrets):
-            return False
-        self.runtime = build_runtime(runtime.policy, self.secrets, self.config.pin_tier)
-        log.info("API keys changed; in force for new requests")
-        return True
+    def reload(self) -> bool:
+        """Load the source if it changed, in one go (at start-up, or from a test)."""
+        return self.apply(self.prepare())
+
+    def _warn_unreachable(self, runtime: Runtime) -> None:
+        """Say once (per change) which backends have nowhere to send a request."""
+        now = frozenset(unreachable(runtime, self.health))
+        for key in sorted(now - self._unreachable):
+            log.warning("backend %s has no known endpoint: requests skip it (self-hosted: no replica found%s)",
+                        key, "" if self.config.dns_interval else "; list it in --endpoints")  # fmt: skip
+        self._unreachable = now
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.config.reload_interval)
             try:
-                await asyncio.to_thread(self.reload)
+                prepared = await asyncio.to_thread(self.prepare)
+                if prepared is not None and prepared.pipeline is not None:
+                    await self.state.start()  # what the new stages asked for, before they serve
+                self.apply(prepared)
             except Exception:
                 log.exception("policy reload failed")
 
     async def _discover(self, interval: float) -> None:
         while True:
             try:
-                if self.runtime is not None:
-                    await refresh_dns(self.health.endpoints, self_hosted(self.runtime.policy))
+                runtime = self.runtime
+                if runtime is not None:
+                    await refresh_dns(self.health.endpoints, self_hosted(runtime.policy))
                     self.health.prune()
+                    self._warn_unreachable(runtime)
             except Exception:
                 log.exception("endpoint discovery failed; keeping the endpoints known")
             await asyncio.sleep(interval)
 
     # ------------------------------------------------------------ requests
-
-    def _call(
-        self, kind: Kind, body: dict[str, Any], identity: Identity, runtime: Runtime, started: float
-    ) -> tuple[Call, Outcome]:
-        tier = runtime.tiers[identity.tier]
-        first = tier.by_price[0]
-        input_tokens = count_input(self.counter, kind, first.model, body)
-        score = difficulty_of(kind, body, input_tokens, identity.priority) if tier.needs_score else None
-        if not any(input_tokens < b.max_context for b in tier.backends):
-            raise ApiError(
-                400,
-                f"the prompt has {input_tokens} tokens, more than any model of tier {tier.name} accepts",
-                "invalid_request_error",
-                "context_length_exceeded",
-                param="messages" if kind == "chat" else "prompt",
-            )
-        stream = bool(body.get("stream")) and kind != "embeddings"
-        options = body.get("stream_options")
-        call = Call(
-            kind=kind,
-            body=body,
-            identity=identity,
-            started=started,
-            deadline=started + tier.timeouts.total,
-            input_tokens=input_tokens,
-            score=score,
-            counted_with=first.model,
-            stream=stream,
-            client_usage=isinstance(options, dict) and bool(options.get("include_usage")),
-        )
-        return call, Outcome(identity)
 
     def _handler(self, kind: Kind) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -196,40 +250,26 @@ class Gateway:
 
     async def serve(self, kind: Kind, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        runtime = self.runtime
-        if runtime is None:
+        pipeline = self.pipeline
+        if pipeline is None:
             raise ApiError(503, "no Policy loaded yet", SERVER, "policy_not_loaded", headers={"Retry-After": "1"})
-        try:
-            body = await self._read(kind, request)
-            identity = identify(request.headers, body, runtime.access)
-            call, outcome = self._call(kind, body, identity, runtime, started)
-        except ApiError as e:
-            self.metrics.child(self.metrics.invalid, runtime.namespace, e.code).inc()
-            raise
-        gauge = self.metrics.child(self.metrics.in_flight, identity.tier)
-        gauge.inc()
-        try:
-            return await self.forwarder.serve(request, runtime, call, outcome)
-        except ApiError as e:
-            outcome.status = e.status
-            raise
-        except Exception:
-            outcome.status = 500
-            raise
-        finally:
-            gauge.dec()
-            record(self.metrics, runtime.namespace, outcome, time.monotonic() - started)
+        runtime = pipeline.runtime
+        raw = await self._read(request)
+        sink = HttpSink(request)
+        identity = Identity(runtime.namespace, None, runtime.access.default or "", Priority.NORMAL, None)
+        x = Exchange(kind, raw, request.headers, runtime, sink, started, Outcome(), identity)
+        await pipeline.chain.run(x)
+        if sink.response is None:
+            raise RuntimeError("the pipeline ended without an answer")
+        return sink.response
 
-    async def _read(self, kind: Kind, request: web.Request) -> dict[str, Any]:
+    async def _read(self, request: web.Request) -> bytes:
         limits = self.config.limits
         check_size(request.content_length, limits)
         try:
-            raw = await request.read()
+            return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise too_large(limits) from None
-        body = parse_body(raw)
-        validate(kind, body, limits)
-        return body
 
     async def models(self, request: web.Request) -> web.Response:
         runtime = self.runtime
@@ -255,6 +295,20 @@ class Gateway:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         self.in_flight += 1
+        status = 500
+        try:
+            response = await self._answer(request, handler)
+            status = response.status
+            return response
+        finally:
+            self.in_flight -= 1
+            route = request.match_info.route.resource
+            endpoint = route.canonical if route is not None else "unmatched"
+            self.metrics.child(self.metrics.responses, endpoint, str(status)).inc()
+
+    async def _answer(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
             return await handler(request)
         except ApiError as e:
@@ -268,8 +322,6 @@ class Gateway:
             log.exception("unexpected error serving %s", request.path)
             err = ApiError(500, "internal error in the tierwise sidecar", SERVER, "internal_error")
             return web.Response(status=500, body=err.body(), content_type="application/json")
-        finally:
-            self.in_flight -= 1
 
     # ------------------------------------------------------------ lifecycle
 
@@ -304,7 +356,7 @@ class Gateway:
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
-        await self.forwarder.start()
+        await self.state.start()
         self._tasks.append(asyncio.create_task(self._watch()))
         if self.config.dns_interval:
             self._tasks.append(asyncio.create_task(self._discover(self.config.dns_interval)))
@@ -313,7 +365,7 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.forwarder.close()
+        await self.state.close()
 
 
 async def run(

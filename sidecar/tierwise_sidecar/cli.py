@@ -7,8 +7,8 @@ import asyncio
 import json
 import logging
 import os
-import random
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,19 +16,22 @@ from typing import Any, TypeVar
 import yaml
 
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
-from tierwise_sidecar.app import Gateway, GatewayConfig, Source, run
+from tierwise_sidecar import estimate, identify, route, validate
+from tierwise_sidecar.account import Outcome
+from tierwise_sidecar.app import Gateway, Source, run
+from tierwise_sidecar.config import ForwardConfig, GatewayConfig
 from tierwise_sidecar.difficulty import difficulty_of
-from tierwise_sidecar.errors import ApiError
-from tierwise_sidecar.estimate import estimate_request
-from tierwise_sidecar.forward import ForwardConfig
-from tierwise_sidecar.identify import identify
+from tierwise_sidecar.estimate import estimate_on
+from tierwise_sidecar.exchange import BufferSink, Exchange
+from tierwise_sidecar.identify import Identity, Priority
 from tierwise_sidecar.ingress import Ingress, IngressSource, parse_target, parse_upstream
+from tierwise_sidecar.pipeline import Chain
 from tierwise_sidecar.policy_source import CrFolder, PolicyFile, PolicyLoadError
-from tierwise_sidecar.route import order_backends
-from tierwise_sidecar.runtime import build_runtime
+from tierwise_sidecar.runtime import HEALTH, Runtime, build_runtime, self_hosted_keys
 from tierwise_sidecar.secrets import DEFAULT_DIR, SecretSource
-from tierwise_sidecar.tokens import TokenCounter
-from tierwise_sidecar.validate import Kind, Limits, validate
+from tierwise_sidecar.state import SharedState
+from tierwise_sidecar.tokens import TOKENS
+from tierwise_sidecar.validate import Kind, Limits
 
 DEFAULT_POLICY_FILE = Path("/etc/tierwise/policy/policy.json")
 T = TypeVar("T")
@@ -139,44 +142,48 @@ def _policy_of(path: Path, namespace: str | None, platform: str) -> Any:
     return CrFolder(path, namespace, platform).load().policy
 
 
+def _estimate_chain(runtime: Runtime, state: SharedState) -> Chain:
+    """The stages a request passes before any backend is called, exactly as the sidecar builds them."""
+    stages = (validate.build, identify.build, estimate.build, route.build)
+    return Chain([s for s in (b(runtime, state) for b in stages) if s is not None])
+
+
 def _cmd_estimate(args: argparse.Namespace) -> int:
     try:
         policy = _policy_of(args.policy, args.namespace, args.platform_namespace)
-        body = json.loads(Path(args.request).read_text() if args.request != "-" else sys.stdin.read())
+        raw = Path(args.request).read_bytes() if args.request != "-" else sys.stdin.buffer.read()
     except (PolicyLoadError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     runtime = build_runtime(policy, SecretSource(Path("/nonexistent"), {}))
+    state = SharedState(GatewayConfig())
+    # Routing as if every replica of a self-hosted backend were up: there is no cluster to ask.
+    state.get(HEALTH).endpoints.replace({key: ("http://self-hosted.invalid",) for key in self_hosted_keys(policy)})
     kind: Kind = args.kind
     headers = {"x-tierwise-tier": args.tier} if args.tier else {}
     headers["x-tierwise-priority"] = args.priority
-    try:
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request must be a JSON object", "invalid_request_error", "invalid_json")
-        validate(kind, body, Limits())
-        identity = identify(headers, body, runtime.access)
-    except ApiError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+    placeholder = Identity(runtime.namespace, None, runtime.access.default or "", Priority.NORMAL, None)
+    x = Exchange(kind, raw, headers, runtime, BufferSink(), time.monotonic(), Outcome(), placeholder)
+    asyncio.run(_estimate_chain(runtime, state).run(x))
+    if x.error is not None:
+        print(f"error: {x.error.message}", file=sys.stderr)
         return 1
-    tier = runtime.tiers[identity.tier]
-    counter = TokenCounter()
-    estimates = [(b, estimate_request(counter, kind, body, b.spec)) for b in tier.backends]
+    tier = runtime.tiers[x.identity.tier]
     rows = [
         {"backend": b.name, "model": b.model, "inputTokens": est.input_tokens,
          "maxOutputTokens": est.output_tokens, "maxCostUsd": round(est.usd, 8)}
-        for b, est in estimates
+        for b in tier.backends
+        for est in (estimate_on(x, b, state.get(TOKENS)),)
     ]  # fmt: skip
-    # Counted with the cheapest backend's encoding, as the sidecar does.
-    tokens = next(est.input_tokens for b, est in estimates if b is tier.by_price[0])
-    score = difficulty_of(kind, body, tokens, identity.priority)
-    decision = order_backends(tier, score, {}, lambda b: tokens < b.max_context, random.Random(0))
+    decision = x.decision
     out = {
         "namespace": runtime.namespace,
         "tier": tier.name,
         "strategy": str(tier.strategy),
-        "score": score,
-        "decision": decision.decision,
-        "routedTo": decision.order[0].name if decision.order else None,
+        # Scored whether or not the tier routes by it, to show what cost-aware routing would see.
+        "score": x.score if x.score is not None else difficulty_of(kind, x.body, x.input_tokens, x.identity.priority),
+        "decision": decision.decision if decision else None,
+        "routedTo": decision.order[0].name if decision and decision.order else None,
         "backends": rows,
     }
     if args.output == "json":

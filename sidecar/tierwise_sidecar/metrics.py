@@ -16,6 +16,8 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tierwise_sidecar.state import Key, SharedState
+
 M = TypeVar("M", bound=MetricWrapperBase)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -129,6 +131,14 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.in_flight = Gauge("tierwise_in_flight_requests", "Requests being served.", ["tier"], registry=r)
+        self.responses = Counter(
+            "tierwise_http_responses", "Every HTTP response of the gateway, by endpoint and status, whatever answered.",
+            ["endpoint", "code"], registry=r,
+        )  # fmt: skip
+        self.substituted = Counter(
+            "tierwise_model_substitutions", "Requests naming a model the namespace does not serve, served by the "
+            "default tier instead.", ["namespace", "tier"], registry=r,
+        )  # fmt: skip
         self.reloads = Counter(
             "tierwise_policy_reloads", "Policy reloads, by result (applied or refused).", ["result"], registry=r
         )
@@ -151,3 +161,10 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+
+def _metrics(state: SharedState) -> Metrics:
+    return Metrics(max_tenants=state.config.max_tenants)
+
+
+METRICS = Key("metrics", _metrics)

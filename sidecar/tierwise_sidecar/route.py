@@ -1,20 +1,31 @@
-"""The choose-backend stage: in which order to try a tier's backends and replicas. Pure.
+"""The choose-backend stage: in which order to try a tier's backends and replicas.
 
 Weighted: a weighted random pick, the rest by weight. LeastLoaded: fewest in-flight requests per
 unit of weight. CostAware: the difficulty score against the tier's thresholds picks the cheapest
 (easy), the strongest (hard) or a weighted pick (in between). Backends whose breakers are all open
 or whose context is too small are left out; the caller tells them apart to answer correctly.
+The ordering is a pure function; the stage only feeds it the health the sidecar has learnt.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tierwise.api.tier import RoutingStrategy
-from tierwise_sidecar.runtime import BackendRoute, TierRoute
+from tierwise_sidecar.difficulty import difficulty_of
+from tierwise_sidecar.metrics import METRICS, Metrics
+from tierwise_sidecar.runtime import HEALTH, BackendRoute, Health, TierRoute
+from tierwise_sidecar.state import Key
 from tierwise_sidecar.sticky import rendezvous
+
+if TYPE_CHECKING:
+    from tierwise_sidecar.exchange import Exchange, Reply
+    from tierwise_sidecar.runtime import Runtime
+    from tierwise_sidecar.state import SharedState
 
 CHEAP, STRONG, WEIGHTED, LEAST_LOADED, PINNED = "cheap", "strong", "weighted", "least_loaded", "pinned"
 
@@ -76,3 +87,45 @@ def order_endpoints(endpoints: Sequence[str], session: str | None, turn: int, pi
         return []
     start = turn % len(endpoints)
     return [*endpoints[start:], *endpoints[:start]]
+
+
+def decide(
+    tier: TierRoute, input_tokens: int, score: float | None, health: Health, *, rng: random.Random, now: float
+) -> Decision:
+    """The order of a tier's backends for a request, as the sidecar's health sees them now."""
+
+    def usable(b: BackendRoute) -> bool:
+        return input_tokens < b.max_context and health.usable(b, now)
+
+    return order_backends(tier, score if tier.strategy is RoutingStrategy.COST_AWARE else None, health.in_flight,
+                          usable, rng)  # fmt: skip
+
+
+class RouteStage:
+    name = "route"
+
+    def __init__(self, health: Health, metrics: Metrics, rng: random.Random, now: Callable[[], float]) -> None:
+        self.health = health
+        self.metrics = metrics
+        self.rng = rng
+        self.now = now
+
+    async def enter(self, x: Exchange) -> Reply | None:
+        tier = x.runtime.tiers[x.identity.tier]
+        if tier.needs_score:
+            x.score = difficulty_of(x.kind, x.body, x.input_tokens, x.identity.priority)
+        x.decision = decide(tier, x.input_tokens, x.score, self.health, rng=self.rng, now=self.now())
+        if x.decision.score is not None:
+            self.metrics.child(self.metrics.route_score, tier.name).observe(x.decision.score)
+        return None
+
+    async def leave(self, x: Exchange) -> None:
+        return None
+
+
+# One random source for routing and failover jitter, shared by every Policy's stages.
+RNG = Key("rng", lambda state: random.Random())
+
+
+def build(runtime: Runtime, state: SharedState) -> RouteStage:
+    return RouteStage(state.get(HEALTH), state.get(METRICS), state.get(RNG), time.monotonic)

@@ -15,8 +15,10 @@ from tierwise.naming import backend_key, serving_port
 from tierwise.policy import Policy
 from tierwise_sidecar.breaker import Breaker
 from tierwise_sidecar.endpoints import Endpoints
-from tierwise_sidecar.identify import TierAccess
+from tierwise_sidecar.identify import TierAccess, model_routes
+from tierwise_sidecar.money import Rates
 from tierwise_sidecar.secrets import SecretSource
+from tierwise_sidecar.state import Key, SharedState
 from tierwise_sidecar.sticky import SessionPins
 
 log = logging.getLogger("tierwise.sidecar")
@@ -69,6 +71,7 @@ class BackendRoute:
     key: str
     model: str
     pricing: Pricing
+    rates: Rates
     price: float
     strength: int
     max_context: int
@@ -85,6 +88,7 @@ class BackendRoute:
             key=backend_key(tier, b.name),
             model=b.model,
             pricing=b.pricing,
+            rates=Rates.of(b.pricing),
             price=blended_price(b.pricing),
             strength=b.capabilities.strength,
             max_context=b.capabilities.max_context_tokens,
@@ -162,8 +166,15 @@ def build_runtime(policy: Policy, secrets: SecretSource, pin_tier: bool = False)
             ref = b.spec.api_key_secret_ref
             if ref is not None and b.api_key is None:
                 log.warning("backend %s: Secret %s key %s not found; sending no API key", b.key, ref.name, ref.key)
+    served = {n: (policy.tiers[n].spec.priority, {b.model for b in t.backends}) for n, t in tiers.items()}
     access = TierAccess(
-        policy.namespace, frozenset(tiers), frozenset(policy.unavailable_tiers), policy.default_tier, pin_tier
+        policy.namespace,
+        frozenset(tiers),
+        frozenset(policy.unavailable_tiers),
+        policy.default_tier,
+        pin_tier,
+        model_routes(served, policy.default_tier),
+        bool(policy.refuse_unknown_models),
     )
     return Runtime(policy, tiers, access)
 
@@ -176,6 +187,10 @@ def self_hosted(policy: Policy) -> list[tuple[str, str, str, int]]:
         for b in t.spec.backends
         if b.deployment is not None
     ]
+
+
+def self_hosted_keys(policy: Policy) -> list[str]:
+    return [backend_key(tier, backend) for tier, backend, _, _ in self_hosted(policy)]
 
 
 class Health:
@@ -214,3 +229,15 @@ class Health:
 
     def open_targets(self, backend: BackendRoute, now: float) -> int:
         return sum(1 for e in self.targets(backend) if not self.breaker(backend, e).available(now))
+
+
+def _health(state: SharedState) -> Health:
+    return Health(Endpoints(), state.config.breaker_threshold, state.config.breaker_cooldown)
+
+
+HEALTH = Key("health", _health)
+
+
+def unreachable(runtime: Runtime, health: Health) -> list[str]:
+    """Backends with no endpoint to send to (a self-hosted backend whose replicas are unknown)."""
+    return [b.key for t in runtime.tiers.values() for b in t.backends if not health.targets(b)]

@@ -23,6 +23,8 @@ from typing import Any
 
 import tiktoken
 
+from tierwise_sidecar.state import Key
+
 # The identifiers tiktoken derives its cache file names from (never fetched here).
 _ENCODING_URLS = {
     "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
@@ -151,3 +153,6 @@ class TokenCounter:
         if tools:
             n += self._cached(self.encoding(model), json.dumps(list(tools), sort_keys=True, separators=(",", ":")))
         return n
+
+
+TOKENS = Key("tokens", lambda state: TokenCounter())

@@ -3,18 +3,27 @@
 Types are checked by pydantic in strict mode (a string where a number belongs is an error, as it
 is at OpenAI); sizes by the gateway's limits, so a huge body is refused before anything else reads
 it. Unknown fields are kept and forwarded: providers add parameters faster than gateways do.
+
+Whatever the parser cannot take is the caller's error, a 400, never a 500: invalid UTF-8 (a lone
+surrogate escape included), NaN and Infinity (not JSON, and no provider takes them), numbers out of
+a double's range, and bodies nested deeper than the JSON encoder re-renders (254 levels).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tierwise_sidecar.errors import ApiError, bad_request
+
+if TYPE_CHECKING:
+    from tierwise_sidecar.exchange import Exchange, Reply
+    from tierwise_sidecar.runtime import Runtime
+    from tierwise_sidecar.state import SharedState
 
 Kind = Literal["chat", "completions", "embeddings"]
 
@@ -40,8 +49,12 @@ class _Message(_Open):
     name: str | None = Field(default=None, max_length=256)
 
 
+# A model name goes into upstream bodies and log lines: no control characters (CR/LF, NUL, ...).
+MODEL_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+
+
 class _Sampling(_Open):
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=256, pattern=MODEL_PATTERN)
     max_tokens: int | None = Field(default=None, ge=1)
     n: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -62,7 +75,7 @@ class CompletionRequest(_Sampling):
 
 
 class EmbeddingRequest(_Open):
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=256, pattern=MODEL_PATTERN)
     input: str | list[str] | list[int] | list[list[int]]
     user: str | None = Field(default=None, max_length=256)
 
@@ -90,11 +103,16 @@ def too_large(limits: Limits) -> ApiError:
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        body = orjson.loads(raw)
+    except (ValueError, RecursionError) as e:
         raise bad_request(f"request body is not valid JSON: {e}", "invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object", "invalid_json")
+    try:
+        # What cannot be rendered again cannot be forwarded: refused here, not half-way.
+        orjson.dumps(body)
+    except (TypeError, ValueError) as e:
+        raise bad_request(f"request body cannot be forwarded: {e}", "invalid_json") from None
     return body
 
 
@@ -142,3 +160,22 @@ def _check_inputs(inputs: Any, limits: Limits) -> None:
         raise bad_request(
             f"input: {len(inputs)} items is more than the limit of {limits.max_inputs}", "invalid_value", "input"
         )
+
+
+class ValidateStage:
+    name = "validate"
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+
+    async def enter(self, x: Exchange) -> Reply | None:
+        x.body = parse_body(x.raw)
+        validate(x.kind, x.body, self.limits)
+        return None
+
+    async def leave(self, x: Exchange) -> None:
+        return None
+
+
+def build(runtime: Runtime, state: SharedState) -> ValidateStage:
+    return ValidateStage(state.config.limits)
