@@ -55,7 +55,7 @@ else
   stage=$(mktemp -d)
   trap 'rm -rf "$stage"' EXIT
   say "copying the sources from $source"
-  tar -C "$source" --exclude=__pycache__ --exclude='*.egg-info' -cf - pyproject.toml README.md api operator sidecar \
+  tar -C "$source" --exclude=__pycache__ --exclude='*.egg-info' -cf - pyproject.toml README.md api operator sidecar cli \
     | tar -C "$stage" -xf -
   say "installing tierwise$extras (not editable)"
   "${pip[@]}" install "$stage$extras"

@@ -111,7 +111,7 @@ def net(aio: Loop, tmp_path: Path) -> Iterator[Net]:
     n.close()
 
 
-TIERWISE = [sys.executable, "-m", "tierwise.cli"]
+TIERWISE = [sys.executable, "-m", "tierwise_cli"]
 Launch = Callable[..., tuple[subprocess.Popen[bytes], str]]
 
 

@@ -28,7 +28,7 @@ class OperatorProcess:
 
     def start(self, wait: bool = True) -> OperatorProcess:
         cmd = [
-            sys.executable, "-m", "tierwise.cli", "operator",
+            sys.executable, "-m", "tierwise_cli", "operator",
             "--kubeconfig", str(self.cluster.kubeconfig),
             "--health-port", str(self.port),
             *self.args,

@@ -22,7 +22,7 @@ import pytest
 import tierwise
 from localcluster import free_port
 from tests.conftest import ROOT, wait_for
-from tierwise.cli import OPERATOR_DEPENDENCIES, OPERATOR_MISSING
+from tierwise_cli.main import OPERATOR_DEPENDENCIES, OPERATOR_MISSING
 
 pytestmark = [pytest.mark.images, pytest.mark.timeout(300)]
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.cases import budget, tier
-from tierwise.cli import OPERATOR_MISSING, main
+from tierwise_cli.main import OPERATOR_MISSING, main
 
 ROOT = Path(__file__).resolve().parents[2]
 

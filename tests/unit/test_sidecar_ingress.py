@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from tierwise.api.tier import Backend
-from tierwise.cli import main
 from tierwise.compiler import compile
 from tierwise.loader import load
 from tierwise.policy import Policy
+from tierwise_cli.main import main
 from tierwise_sidecar.app import Gateway, GatewayConfig
 from tierwise_sidecar.errors import ApiError
 from tierwise_sidecar.identify import identify

@@ -1,4 +1,5 @@
-"""The `tierwise` command."""
+"""The `tierwise` command: `compile` here, the data path's commands from the sidecar, `operator` and
+`webhook` from the operator (when its dependencies are installed)."""
 
 from __future__ import annotations
 

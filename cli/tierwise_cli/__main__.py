@@ -1,0 +1,5 @@
+import sys
+
+from tierwise_cli.main import main
+
+sys.exit(main())
