@@ -170,6 +170,18 @@ INVALID: list[tuple[str, Obj, str, str]] = [
         "spec.perRequestMax",
         "must not exceed limit.usd",
     ),
+    (
+        "budget-per-request-tokens-above-limit",
+        budget(limit={"usd": 100, "tokens": 1000}, perRequestMax={"tokens": 5000}),
+        "spec.perRequestMax",
+        "must not exceed limit.tokens",
+    ),
+    (
+        "budget-rolling-with-time-zone",
+        budget(period="Rolling24Hours", timeZone="Europe/Berlin"),
+        "spec.timeZone",
+        "a rolling window has no time zone",
+    ),
     ("budget-unknown-period", budget(period="Hourly"), "spec.period", "Monthly"),
     ("budget-zero-percent", budget(thresholds=[{"percent": 0, "action": "Notify"}]), "spec.thresholds[0].percent", "1"),
     (
@@ -213,6 +225,7 @@ VALID: list[tuple[str, Obj]] = [
     ("budget-minimal", budget()),
     ("budget-tokens-only", budget(limit={"tokens": 1000000})),
     ("budget-no-thresholds", budget(thresholds=[])),
+    ("budget-rolling", budget(period="Rolling7Days")),
     ("cache-minimal", cache()),
     (
         "cache-redis-only",

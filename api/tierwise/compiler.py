@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from tierwise.api.common import NamespaceSelection
 from tierwise.api.resources import AnyResource, CachePolicy, CostBudget, InferenceTier, Namespace, Problem
+from tierwise.periods import zone
 from tierwise.policy import Policy, PolicyBudget, PolicyCache, PolicyTier, Source
 
 DEFAULT_PLATFORM_NAMESPACE = "tierwise-system"
@@ -177,6 +178,11 @@ def _check_selector(world: _World, obj: CostBudget | CachePolicy) -> list[Proble
 
 def _check_budget(world: _World, b: CostBudget) -> list[Problem]:
     problems = _check_selector(world, b)
+    try:
+        zone(b.spec.time_zone)
+    except ValueError as e:
+        # CEL cannot know the zone list; the compiler (tierwise compile, the webhook, the operator) can.
+        problems.append(Problem(b.ref, "spec.timeZone", str(e), about="time zone"))
     for i, th in enumerate(b.spec.thresholds):
         if th.downgrade_to is not None and not _tier_known(world, b, th.downgrade_to):
             problems.append(_unknown_tier(b, f"spec.thresholds[{i}].downgradeTo", th.downgrade_to))

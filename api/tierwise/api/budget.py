@@ -43,6 +43,9 @@ class Period(StrEnum):
     DAILY = "Daily"
     WEEKLY = "Weekly"
     MONTHLY = "Monthly"
+    ROLLING_24_HOURS = "Rolling24Hours"
+    ROLLING_7_DAYS = "Rolling7Days"
+    ROLLING_30_DAYS = "Rolling30Days"
 
 
 class Amount(ApiModel):
@@ -102,9 +105,17 @@ class CostBudgetSpec(ApiModel):
     """Desired state of a CostBudget. The operator never writes it: spec comes from Git."""
 
     selector: BudgetSelector = Field(default_factory=BudgetSelector, description="Whose traffic is counted.")
-    period: Period = Field(default=Period.MONTHLY, description="Daily, Weekly (from Monday) or Monthly.")
+    period: Period = Field(
+        default=Period.MONTHLY,
+        description="Calendar periods Daily, Weekly (from Monday) or Monthly, starting at local midnight in "
+        "timeZone; or a rolling window Rolling24Hours, Rolling7Days or Rolling30Days, in which spend ages out "
+        "continuously.",
+    )
     time_zone: str = Field(
-        default="UTC", min_length=1, max_length=64, description="IANA time zone in which periods start."
+        default="UTC",
+        min_length=1,
+        max_length=64,
+        description="IANA time zone in which calendar periods start (a rolling window has none: leave it UTC).",
     )
     limit: Amount = Field(description="Spend allowed per period.")
     per_request_max: Amount | None = Field(
@@ -121,6 +132,25 @@ class CostBudgetSpec(ApiModel):
 
     invariants = (
         strictly_ascending("thresholds", "percent"),
+        Invariant(
+            rule="!has(self.period) || !self.period.startsWith('Rolling')"
+            " || !has(self.timeZone) || self.timeZone == 'UTC'",
+            message="a rolling window has no time zone: leave timeZone UTC",
+            holds=lambda s: not s.period.value.startswith("Rolling") or s.time_zone == "UTC",
+            field=".timeZone",
+        ),
+        Invariant(
+            rule="!has(self.perRequestMax) || !has(self.perRequestMax.tokens) || !has(self.limit.tokens)"
+            " || self.perRequestMax.tokens <= self.limit.tokens",
+            message="perRequestMax.tokens must not exceed limit.tokens",
+            holds=lambda s: (
+                s.per_request_max is None
+                or s.per_request_max.tokens is None
+                or s.limit.tokens is None
+                or s.per_request_max.tokens <= s.limit.tokens
+            ),
+            field=".perRequestMax",
+        ),
         Invariant(
             rule="!has(self.perRequestMax) || !has(self.perRequestMax.usd) || !has(self.limit.usd)"
             " || self.perRequestMax.usd <= self.limit.usd",
