@@ -39,6 +39,11 @@ SECURITY_CONTEXT: Obj = {
 }
 TMP_VOLUME: Obj = {"name": "tierwise-tmp", "emptyDir": {"sizeLimit": "64Mi"}}
 TMP_MOUNT: Obj = {"name": "tierwise-tmp", "mountPath": "/tmp"}
+# The sidecar's budget ledger without Redis: an emptyDir outlives a restart of the container (a
+# crash, an OOM kill), not the pod. A TIERWISE_REDIS_URL in the stores Secret takes precedence.
+STATE_VOLUME: Obj = {"name": "tierwise-state", "emptyDir": {"sizeLimit": "64Mi"}}
+STATE_MOUNT: Obj = {"name": "tierwise-state", "mountPath": "/var/lib/tierwise"}
+LEDGER = "sqlite:/var/lib/tierwise/budgets.sqlite"
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ def sidecar_container(cfg: InjectionConfig) -> Obj:
             _field_env("TIERWISE_POD_NAMESPACE", "metadata.namespace"),
             _field_env("TIERWISE_POD_NAME", "metadata.name"),
             _field_env("TIERWISE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            {"name": "TIERWISE_BUDGET_STORE", "value": LEDGER},
         ],
         "ports": [{"name": "tierwise", "containerPort": SIDECAR_HEALTH_PORT, "protocol": "TCP"}],
         "startupProbe": {
@@ -111,7 +117,11 @@ def sidecar_container(cfg: InjectionConfig) -> Obj:
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": SIDECAR_HEALTH_PORT}, "periodSeconds": 10},
         "resources": cfg.resources,
         "securityContext": SECURITY_CONTEXT,
-        "volumeMounts": [{"name": "tierwise-policy", "mountPath": POLICY_MOUNT, "readOnly": True}, TMP_MOUNT],
+        "volumeMounts": [
+            {"name": "tierwise-policy", "mountPath": POLICY_MOUNT, "readOnly": True},
+            TMP_MOUNT,
+            STATE_MOUNT,
+        ],
     }
     if cfg.stores_secret:
         c["envFrom"] = [{"secretRef": {"name": cfg.stores_secret, "optional": True}}]
@@ -141,6 +151,7 @@ def patch(pod: Obj, cfg: InjectionConfig) -> list[Obj]:
         # unready until it appears.
         {"name": "tierwise-policy", "configMap": {"name": POLICY_CONFIGMAP, "optional": True}},
         TMP_VOLUME,
+        STATE_VOLUME,
     ]
     if spec.get("volumes"):
         ops += [{"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes]

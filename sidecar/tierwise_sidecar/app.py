@@ -189,6 +189,7 @@ class Gateway:
         if prepared.endpoints is not None:
             self.health.endpoints.replace(prepared.endpoints)
             self.health.prune()
+        prepared.pipeline.chain.activate()
         self.pipeline = prepared.pipeline
         runtime = prepared.pipeline.runtime
         if prepared.why == "keys":

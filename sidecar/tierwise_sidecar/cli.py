@@ -57,6 +57,20 @@ def _serve_args(p: argparse.ArgumentParser, host_help: str) -> None:
     p.add_argument("--log-level", default=os.environ.get("TIERWISE_LOG_LEVEL", "INFO"))
 
 
+def _budget_store_arg(p: argparse.ArgumentParser, default: str, where: str) -> None:
+    p.add_argument(
+        "--budget-store",
+        default=os.environ.get("TIERWISE_REDIS_URL") or os.environ.get("TIERWISE_BUDGET_STORE") or default,
+        help="where budgets are counted: a redis:// or rediss:// URL (shared by every sidecar), sqlite:PATH "
+        f"(this process alone) or memory. Default: $TIERWISE_REDIS_URL, else $TIERWISE_BUDGET_STORE, else {where}. "
+        "Pass a URL with a password through the environment, not the command line",
+    )
+
+
+def _state_home() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "tierwise"
+
+
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     try:
         import uvloop
@@ -78,6 +92,7 @@ def _serve(
         drain_seconds=args.drain_seconds,
         dns_interval=dns_interval,
         pin_tier=ingress,
+        budget_store=args.budget_store,
     )
     # The app's own sidecar is for the pod alone; an ingress is reached by Services on the pod IP,
     # so it listens on every interface ("": IPv4 and IPv6).
@@ -200,6 +215,8 @@ def add_commands(sub: Any) -> None:
     g.add_argument("--platform-namespace", default=DEFAULT_PLATFORM_NAMESPACE)
     g.add_argument("--endpoints", type=Path, help="YAML of tier/backend: [base URLs] for self-hosted backends")
     _serve_args(g, "127.0.0.1")
+    ledger = _state_home() / "budgets.sqlite"
+    _budget_store_arg(g, f"sqlite:{ledger}", f"sqlite:{ledger} (spend survives a restart)")
     g.set_defaults(func=_cmd_gateway)
 
     s = sub.add_parser("sidecar", help="serve the OpenAI API in a pod, from the Policy the operator mounts")
@@ -227,6 +244,7 @@ def add_commands(sub: Any) -> None:
         help="with --ingress: base URL of the model server in the same pod, e.g. http://127.0.0.1:8000/v1",
     )
     _serve_args(s, "127.0.0.1; with --ingress every interface")
+    _budget_store_arg(s, "memory", "memory")
     s.set_defaults(func=_cmd_sidecar)
 
     e = sub.add_parser("estimate", help="print the token and cost estimate of a request under a Policy")

@@ -20,7 +20,7 @@ from tierwise_sidecar.runtime import Runtime
 from tierwise_sidecar.validate import Kind
 
 if TYPE_CHECKING:
-    from tierwise_sidecar.budget_rules import BudgetNote
+    from tierwise_sidecar.budgets.note import BudgetNote
     from tierwise_sidecar.route import Decision
 
 

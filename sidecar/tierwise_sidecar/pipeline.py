@@ -38,6 +38,14 @@ class Chain:
     def __init__(self, stages: Sequence[Stage]) -> None:
         self.stages = tuple(stages)
 
+    def activate(self) -> None:
+        """The chain's Policy is going into force: stages that point shared state (metrics, what a
+        store keeps current) at their Policy do so now, on the event loop, not when built."""
+        for stage in self.stages:
+            activate = getattr(stage, "activate", None)
+            if activate is not None:
+                activate()
+
     async def run(self, x: Exchange) -> None:
         """Take the exchange through every stage until one answers, then back out."""
         entered = 0

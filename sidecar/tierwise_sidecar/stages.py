@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tierwise_sidecar import account, estimate, forward, identify, route, validate
+from tierwise_sidecar.budgets import stage as budget
 from tierwise_sidecar.pipeline import Chain, Stage
 from tierwise_sidecar.runtime import Runtime
 from tierwise_sidecar.state import SharedState
@@ -19,6 +20,7 @@ BUILDERS: tuple[Callable[[Runtime, SharedState], Stage | None], ...] = (
     validate.build,
     identify.build,
     estimate.build,
+    budget.build,
     route.build,
     forward.build,
 )

@@ -1,0 +1,1 @@
+"""Budgets: rules, ledgers (memory, SQLite, Redis) and the budget stage."""

@@ -1,0 +1,246 @@
+"""Where budget spend is counted: the ledger contract, and the ledger of one process.
+
+A reservation holds a request's worst case against every budget that counts it, all or nothing;
+it is a lease, freed when its request settles or, if its holder died, when the lease expires.
+Settling adds the actual cost (settled spend is never given back) and releases the lease. Settle
+never waits for I/O: the request's answer is out by then, and what a store owes is flushed by the
+ledger itself (and on close).
+
+MemoryLedger is the ledger of one process: on its own (with a SQLite journal) it is the standalone
+gateway's ledger; beside Redis it is the local view a sidecar enforces while Redis is away.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tierwise.periods import Window
+from tierwise_sidecar.budgets.rules import OK, ZERO, Amount, Bucket, BudgetRule, Judgement, judge
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One budget's part of a reservation: the window it counts in, and the amount asked."""
+
+    rule: BudgetRule
+    window: Window
+    ask: Amount
+
+
+@dataclass(slots=True)
+class Reservation:
+    id: str
+    lines: tuple[Line, ...]
+    expires: float
+    # Held in the shared store (Redis), as opposed to this process's own ledger.
+    remote: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """A budget's spend in its window: settled, and held by requests in flight."""
+
+    spent: Amount = ZERO
+    held: Amount = ZERO
+
+    @property
+    def committed(self) -> Amount:
+        return self.spent + self.held
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    line: Line
+    judgement: Judgement
+    # After the reservation when it was granted.
+    totals: Totals
+
+    @property
+    def refused(self) -> bool:
+        return self.judgement.outcome != OK
+
+    @property
+    def committed(self) -> Amount:
+        return self.totals.committed
+
+
+@dataclass(frozen=True, slots=True)
+class Booking:
+    reservation: Reservation | None  # None: refused, nothing held
+    verdicts: tuple[Verdict, ...]
+    # Judged on this process's own view because the shared store was unreachable.
+    degraded: bool = False
+
+
+class Ledger(Protocol):
+    async def reserve(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking: ...
+
+    def settle(self, reservation: Reservation, actual: Amount, now: float) -> None:
+        """Release the lease and count `actual` in every line's window; never blocks."""
+
+    def totals(self, rule: BudgetRule, window: Window) -> Totals:
+        """The last known spend of a budget, settled and in flight (for thresholds and metrics)."""
+
+    @property
+    def degraded(self) -> bool: ...
+
+
+class Journal(Protocol):
+    """Where a process ledger's settled spend survives a restart."""
+
+    async def start(self) -> Iterable[tuple[str, Amount]]:
+        """Open it; every spend key with its amount so far."""
+
+    def record(self, key: str, amount: Amount) -> None:
+        """Add to a spend key's amount (written behind, in order)."""
+
+    async def close(self) -> None: ...
+
+
+def spend_key(rule: BudgetRule, w: Window, at: float | None = None) -> str:
+    """The name spend is counted under: the budget and its calendar period, or a rolling window's
+    bucket (the one holding `at`, by default the window's newest)."""
+    if not w.rolling:
+        return f"{rule.key}@{w.id}"
+    bucket = w.last_bucket if at is None else w.bucket(at)
+    return f"{rule.key}@{w.id}#{bucket}"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def judge_all(
+    lines: Sequence[Line], totals: Callable[[Line], Totals], bucket: Callable[[Line], Bucket | None], now: float
+) -> tuple[list[Verdict], bool]:
+    """Each line judged on its committed spend; refused if any budget that enforces refuses."""
+    verdicts = []
+    refused = False
+    for line in lines:
+        before = totals(line)
+        j = judge(line.rule, before.committed, line.ask, bucket(line), now)
+        refused = refused or (j.outcome != OK and not line.rule.dry_run)
+        verdicts.append(Verdict(line, j, before))
+    return verdicts, refused
+
+
+class MemoryLedger:
+    """One process's ledger. `base`: spend this process does not hold itself but must count (the
+    shared store's last known totals, while it is away)."""
+
+    def __init__(self, journal: Journal | None = None, base: Callable[[BudgetRule, Window], Totals] | None = None):
+        self.journal = journal
+        self.base = base
+        self._spent: dict[str, list[int]] = {}
+        self._reserved: dict[str, list[int]] = {}
+        self._leases: dict[str, Reservation] = {}
+        self._buckets: dict[str, Bucket] = {}
+
+    @property
+    def degraded(self) -> bool:
+        return False
+
+    async def start(self) -> None:
+        if self.journal is not None:
+            for key, amount in await self.journal.start():
+                self._add(key, amount, journal=False)
+
+    async def close(self) -> None:
+        if self.journal is not None:
+            await self.journal.close()
+
+    # ------------------------------------------------------------ reading
+
+    def spent(self, rule: BudgetRule, w: Window) -> Amount:
+        if not w.rolling:
+            got = self._spent.get(spend_key(rule, w))
+            return Amount(got[0], got[1]) if got else ZERO
+        prefix = f"{rule.key}@{w.id}#"
+        micros = tokens = 0
+        for b in range(w.first_bucket, w.last_bucket + 1):
+            got = self._spent.get(f"{prefix}{b}")
+            if got:
+                micros += got[0]
+                tokens += got[1]
+        return Amount(micros, tokens)
+
+    def reserved(self, rule: BudgetRule) -> Amount:
+        got = self._reserved.get(rule.key)
+        return Amount(got[0], got[1]) if got else ZERO
+
+    def totals(self, rule: BudgetRule, window: Window) -> Totals:
+        spent, held = self.spent(rule, window), self.reserved(rule)
+        if self.base is None:
+            return Totals(spent, held)
+        other = self.base(rule, window)
+        return Totals(spent + other.spent, held + other.held)
+
+    def leases(self) -> int:
+        return len(self._leases)
+
+    # ------------------------------------------------------------ writing
+
+    def _add(self, key: str, amount: Amount, journal: bool = True) -> None:
+        got = self._spent.get(key)
+        if got is None:
+            self._spent[key] = [amount.micros, amount.tokens]
+        else:
+            got[0] += amount.micros
+            got[1] += amount.tokens
+        if journal and self.journal is not None:
+            self.journal.record(key, amount)
+
+    def _hold(self, rule: BudgetRule, amount: Amount, sign: int) -> None:
+        got = self._reserved.setdefault(rule.key, [0, 0])
+        got[0] += sign * amount.micros
+        got[1] += sign * amount.tokens
+
+    def sweep(self, now: float) -> int:
+        """Free the leases of requests that never settled (their holder died); how many."""
+        expired = [r for r in self._leases.values() if r.expires <= now]
+        for r in expired:
+            self._release(r)
+        return len(expired)
+
+    def _release(self, r: Reservation) -> bool:
+        if self._leases.pop(r.id, None) is None:
+            return False
+        for line in r.lines:
+            self._hold(line.rule, line.ask, -1)
+        return True
+
+    async def reserve(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking:
+        return self.reserve_now(lines, now, lease_seconds)
+
+    def reserve_now(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking:
+        """Judge and hold at once: nothing else runs in between on the event loop."""
+        self.sweep(now)
+        verdicts, refused = judge_all(
+            lines, lambda ln: self.totals(ln.rule, ln.window), lambda ln: self._buckets.get(ln.rule.key), now
+        )
+        if refused:
+            return Booking(None, tuple(verdicts))
+        reservation = Reservation(new_id(), tuple(lines), now + lease_seconds)
+        self._leases[reservation.id] = reservation
+        for v in verdicts:
+            self._hold(v.line.rule, v.line.ask, 1)
+            if v.judgement.bucket is not None:
+                self._buckets[v.line.rule.key] = v.judgement.bucket
+        after = tuple(
+            Verdict(v.line, v.judgement, Totals(v.totals.spent, v.totals.held + v.line.ask)) for v in verdicts
+        )
+        return Booking(reservation, after)
+
+    def forget_spent(self) -> None:
+        """Drop the spend counted here (it is in the shared store now); leases stay."""
+        self._spent.clear()
+
+    def settle(self, reservation: Reservation, actual: Amount, now: float) -> None:
+        self._release(reservation)
+        if actual == ZERO:
+            return
+        for line in reservation.lines:
+            self._add(spend_key(line.rule, line.window), actual)

@@ -1,0 +1,379 @@
+"""Budgets shared by every sidecar, in Redis: one round trip per reservation, settles batched.
+
+A reservation is one server-side script over every budget that counts the request: it frees
+expired leases, reads each budget's settled spend (a calendar period's hash, or the buckets of a
+rolling window) and what requests in flight hold, judges each as `rules.judge` does, and only when
+no enforcing budget refuses, holds the amount under a lease. Settling is a second script: it
+releases the lease (if it has not expired) and adds the actual cost; it carries this sidecar's
+instance id and a sequence number, recorded in a bitmap, so a settle that is sent again (its
+reply was lost, or it was owed while Redis was away) counts once.
+
+All keys share one hash tag, so the scripts also run on Redis Cluster, where every key of one
+script must live in one slot. Amounts are integers (micro-dollars, tokens) passed as decimal
+strings: Lua's numbers are doubles, exact up to 2^53 micro-dollars ($9e9), above any limit the API
+allows, and increments never go through Lua's number formatting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from tierwise.periods import ROLLING_SECONDS, Window
+from tierwise_sidecar.budgets.ledger import Booking, Line, Reservation, Totals, Verdict, new_id
+from tierwise_sidecar.budgets.rules import OK, OVER_LIMIT, THROTTLED, Amount, BudgetRule, Judgement
+
+log = logging.getLogger("tierwise.budgets")
+
+PREFIX = "tierwise:{budgets}:"
+# Keys of a finished calendar period are kept a while for whoever reports on them, then expire.
+KEEP_AFTER_PERIOD = 35 * 24 * 3600
+APPLIED_TTL = 7 * 24 * 3600
+
+RESERVE = """
+local now = tonumber(ARGV[1])
+local id = ARGV[2]
+local expires = ARGV[3]
+local n = tonumber(ARGV[4])
+
+local function sweep(held, leases, lease)
+  local gone = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 256)
+  for _, lid in ipairs(gone) do
+    local amt = redis.call('HGET', lease, lid)
+    if amt then
+      local u, t = string.match(amt, '^(%d+) (%d+)$')
+      if u ~= '0' then redis.call('HINCRBY', held, 'u', '-' .. u) end
+      if t ~= '0' then redis.call('HINCRBY', held, 't', '-' .. t) end
+      redis.call('HDEL', lease, lid)
+    end
+    redis.call('ZREM', leases, lid)
+  end
+end
+
+local function spent(key, rolling, first)
+  if rolling == 0 then
+    local v = redis.call('HMGET', key, 'u', 't')
+    return tonumber(v[1]) or 0, tonumber(v[2]) or 0
+  end
+  local all = redis.call('HGETALL', key)
+  local u, t = 0, 0
+  for i = 1, #all, 2 do
+    local b, unit = string.match(all[i], '^(%-?%d+):([ut])$')
+    if tonumber(b) < first then
+      redis.call('HDEL', key, all[i])
+    elseif unit == 'u' then
+      u = u + tonumber(all[i + 1])
+    else
+      t = t + tonumber(all[i + 1])
+    end
+  end
+  return u, t
+end
+
+local function rate_at(spec, cu, ct)
+  local rate = 0
+  for su, st, r in string.gmatch(spec, '(%-?%d+),(%-?%d+),([%d%.]+)') do
+    su, st = tonumber(su), tonumber(st)
+    if (su >= 0 and cu >= su) or (st >= 0 and ct >= st) then rate = tonumber(r) end
+  end
+  return rate
+end
+
+local out, plans, refused = {}, {}, false
+for i = 0, n - 1 do
+  local k = 5 * i
+  local spend, held, leases, lease, bucket = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
+  local a = 5 + 8 * i
+  local rolling, first = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local cap_u, cap_t = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local ask_u, ask_t = ARGV[a + 4], ARGV[a + 5]
+  local dry, spec = ARGV[a + 6], ARGV[a + 7]
+  sweep(held, leases, lease)
+  local su, st = spent(spend, rolling, first)
+  local h = redis.call('HMGET', held, 'u', 't')
+  local cu, ct = su + (tonumber(h[1]) or 0), st + (tonumber(h[2]) or 0)
+  local code, wait, tokens = 0, 0, nil
+  if (cap_u >= 0 and cu + tonumber(ask_u) > cap_u) or (cap_t >= 0 and ct + tonumber(ask_t) > cap_t) then
+    code = 1
+  else
+    local rate = rate_at(spec, cu, ct)
+    if rate > 0 then
+      local burst = math.max(1, rate)
+      local b = redis.call('HMGET', bucket, 'tokens', 'at')
+      local have = burst
+      if b[1] then have = math.min(burst, tonumber(b[1]) + math.max(now - tonumber(b[2]), 0) * rate) end
+      if have >= 1 then tokens = have - 1 else code, wait, tokens = 2, (1 - have) / rate, have end
+    end
+  end
+  if code ~= 0 and dry ~= '1' then refused = true end
+  plans[i] = {held, leases, lease, bucket, ask_u, ask_t, tokens, code}
+  out[#out + 1] = code
+  out[#out + 1] = su
+  out[#out + 1] = st
+  out[#out + 1] = cu - su
+  out[#out + 1] = ct - st
+  out[#out + 1] = tostring(wait)
+end
+if refused then
+  table.insert(out, 1, 0)
+  return out
+end
+for i = 0, n - 1 do
+  local p = plans[i]
+  if p[5] ~= '0' then redis.call('HINCRBY', p[1], 'u', p[5]) end
+  if p[6] ~= '0' then redis.call('HINCRBY', p[1], 't', p[6]) end
+  redis.call('ZADD', p[2], expires, id)
+  redis.call('HSET', p[3], id, p[5] .. ' ' .. p[6])
+  if p[7] and p[8] == 0 then
+    redis.call('HSET', p[4], 'tokens', tostring(p[7]), 'at', tostring(now))
+    redis.call('EXPIRE', p[4], 3600)
+  end
+end
+table.insert(out, 1, 1)
+return out
+"""
+
+SETTLE = """
+if redis.call('SETBIT', KEYS[1], ARGV[1], 1) == 1 then return 0 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+local id, n, act_u, act_t = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
+for i = 0, n - 1 do
+  local spend, held, leases, lease = KEYS[2 + 4 * i], KEYS[3 + 4 * i], KEYS[4 + 4 * i], KEYS[5 + 4 * i]
+  if redis.call('ZREM', leases, id) == 1 then
+    local amt = redis.call('HGET', lease, id)
+    if amt then
+      local u, t = string.match(amt, '^(%d+) (%d+)$')
+      if u ~= '0' then redis.call('HINCRBY', held, 'u', '-' .. u) end
+      if t ~= '0' then redis.call('HINCRBY', held, 't', '-' .. t) end
+    end
+    redis.call('HDEL', lease, id)
+  end
+  local prefix, ttl = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
+  if act_u ~= '0' then redis.call('HINCRBY', spend, prefix .. 'u', act_u) end
+  if act_t ~= '0' then redis.call('HINCRBY', spend, prefix .. 't', act_t) end
+  redis.call('EXPIRE', spend, ttl)
+end
+return 1
+"""
+
+
+def spend_redis_key(rule: BudgetRule, w: Window) -> str:
+    return f"{PREFIX}spend:{rule.key}@{w.id}"
+
+
+def _keys(rule: BudgetRule) -> tuple[str, str, str, str]:
+    """held (in-flight amounts), leases (id -> expiry), lease (id -> amounts), bucket (throttle)."""
+    k = rule.key
+    return f"{PREFIX}held:{k}", f"{PREFIX}leases:{k}", f"{PREFIX}lease:{k}", f"{PREFIX}bucket:{k}"
+
+
+def _ttl(w: Window) -> int:
+    length = ROLLING_SECONDS.get(w.period)
+    return int(length + 24 * 3600) if length else int(w.end - w.start) + KEEP_AFTER_PERIOD
+
+
+def _throttle_spec(rule: BudgetRule) -> str:
+    def n(v: int | None) -> int:
+        return -1 if v is None else v
+
+    return ";".join(f"{n(s.micros)},{n(s.tokens)},{rps!r}" for s, rps in rule.throttles)
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """A settle to send: idempotent by (instance, seq)."""
+
+    seq: int
+    reservation: Reservation
+    actual: Amount
+
+
+class StoreUnavailableError(Exception):
+    pass
+
+
+class RedisLedgerClient:
+    """The scripts and the settle queue; no local view (the shared ledger adds that)."""
+
+    def __init__(self, url: str, on_failed: Callable[[Sequence[Settle]], None], timeout: float = 0.5) -> None:
+        self.url = url
+        self.instance = uuid.uuid4().hex
+        self._seq = 0
+        self._on_failed = on_failed
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # A reserve or settle sent twice would hold or count twice: no blind retries here; a
+            # failure degrades to the local ledger and settles are sent again idempotently.
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._reserve = self._client.register_script(RESERVE)
+        self._settle = self._client.register_script(SETTLE)
+        self._queue: asyncio.Queue[Settle] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        self._sending = 0
+        self.sent = 0
+
+    async def start(self) -> None:
+        self._worker = asyncio.create_task(self._send_settles())
+
+    async def drain(self, seconds: float = 5.0) -> None:
+        """Wait (bounded) until every queued settle was sent or handed back as failed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while not self._queue.empty() or self._sending:
+                    await asyncio.sleep(0.005)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        rest = []
+        while not self._queue.empty():
+            rest.append(self._queue.get_nowait())
+        if rest:
+            self._on_failed(rest)
+        await self._client.aclose()
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as e:
+            raise StoreUnavailableError(str(e)) from None
+
+    async def reserve(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking:
+        keys: list[str] = []
+        args: list[Any] = [repr(now), new_id(), repr(now + lease_seconds), len(lines)]
+        for line in lines:
+            r, w = line.rule, line.window
+            keys += [spend_redis_key(r, w), *_keys(r)]
+            cap = r.cap
+            args += [
+                1 if w.rolling else 0,
+                w.first_bucket,
+                -1 if cap is None or cap.micros is None else cap.micros,
+                -1 if cap is None or cap.tokens is None else cap.tokens,
+                str(line.ask.micros),
+                str(line.ask.tokens),
+                "1" if r.dry_run else "0",
+                _throttle_spec(r),
+            ]
+        try:
+            out = await self._reserve(keys=keys, args=args)
+        except (RedisError, OSError) as e:
+            raise StoreUnavailableError(f"{type(e).__name__}: {e}") from None
+        granted = int(out[0]) == 1
+        verdicts = []
+        for i, line in enumerate(lines):
+            code, su, st, hu, ht, wait = out[1 + 6 * i : 7 + 6 * i]
+            outcome = OK if int(code) == 0 else OVER_LIMIT if int(code) == 1 else THROTTLED
+            held = Amount(int(hu), int(ht)) + (line.ask if granted else Amount())
+            verdicts.append(
+                Verdict(line, Judgement(outcome, None, float(wait)), Totals(Amount(int(su), int(st)), held))
+            )
+        if not granted:
+            return Booking(None, tuple(verdicts))
+        return Booking(Reservation(str(args[1]), tuple(lines), now + lease_seconds, remote=True), tuple(verdicts))
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def settle(self, reservation: Reservation, actual: Amount) -> None:
+        self._queue.put_nowait(Settle(self.next_seq(), reservation, actual))
+
+    def _settle_call(self, s: Settle) -> tuple[list[str], list[Any]]:
+        keys = [f"{PREFIX}applied:{self.instance}"]
+        args: list[Any] = [s.seq, APPLIED_TTL, s.reservation.id, len(s.reservation.lines), str(s.actual.micros),
+                           str(s.actual.tokens)]  # fmt: skip
+        for line in s.reservation.lines:
+            r, w = line.rule, line.window
+            held, leases, lease, _ = _keys(r)
+            keys += [spend_redis_key(r, w), held, leases, lease]
+            args += [f"{w.last_bucket}:" if w.rolling else "", _ttl(w)]
+        return keys, args
+
+    async def send(self, batch: Sequence[Settle]) -> None:
+        """Settle a batch in one round trip; raises StoreUnavailable when it could not be sent."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for s in batch:
+                    keys, args = self._settle_call(s)
+                    await self._settle(keys=keys, args=args, client=pipe)
+                await pipe.execute()
+        except (RedisError, OSError) as e:
+            raise StoreUnavailableError(f"{type(e).__name__}: {e}") from None
+        self.sent += len(batch)
+
+    async def _send_settles(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < 256:
+                batch.append(self._queue.get_nowait())
+            self._sending = len(batch)
+            try:
+                await self.send(batch)
+            except StoreUnavailableError as e:
+                log.warning("budget store %s: %d settle(s) not sent (%s); kept to send when it returns",
+                            self.redacted, len(batch), e)  # fmt: skip
+                self._on_failed(batch)
+            except asyncio.CancelledError:
+                self._on_failed(batch)  # sent again later: a settle counts once however often it is sent
+                raise
+            finally:
+                self._sending = 0
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def read(self, rules: Sequence[tuple[BudgetRule, Window]]) -> list[Totals]:
+        """Settled plus in-flight spend of each (budget, window), as the store has them now."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for r, w in rules:
+                    pipe.hgetall(spend_redis_key(r, w))
+                    pipe.hmget(_keys(r)[0], "u", "t")
+                got = await pipe.execute()
+        except (RedisError, OSError) as e:
+            raise StoreUnavailableError(f"{type(e).__name__}: {e}") from None
+        out = []
+        for i, (_, w) in enumerate(rules):
+            spend, held = got[2 * i], got[2 * i + 1]
+            out.append(Totals(_spend_of(spend, w), Amount(int(held[0] or 0), int(held[1] or 0))))
+        return out
+
+    @property
+    def redacted(self) -> str:
+        """The store's address without credentials, for logs."""
+        kw = self._client.connection_pool.connection_kwargs
+        return f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+
+
+def _spend_of(fields: dict[bytes, bytes], w: Window) -> Amount:
+    micros = tokens = 0
+    for f, v in fields.items():
+        name = f.decode()
+        if w.rolling:
+            bucket, _, unit = name.partition(":")
+            if int(bucket) < w.first_bucket:
+                continue
+        else:
+            unit = name
+        if unit == "u":
+            micros += int(v)
+        elif unit == "t":
+            tokens += int(v)
+    return Amount(micros, tokens)

@@ -1,0 +1,162 @@
+"""Budgets in Redis, kept when Redis is away.
+
+Normally every reservation is judged in Redis (all sidecars see one ledger) and the replies keep a
+snapshot of each budget's committed spend; a refresher keeps it current for every budget of the
+Policy. When Redis cannot be reached, no request gets a 5xx: the sidecar judges on its own ledger,
+counting the last known committed spend of each budget plus what it has spent and holds since,
+says so (a log line, `tierwise_budget_store_degraded`, a response header), and keeps every settle
+it owes Redis. It probes Redis every second; when Redis answers, the owed settles are sent (once
+each: they are idempotent) before it is trusted again. While degraded, N sidecars can together
+overshoot a budget by up to N times the remaining amount each last saw; with Redis up, by at most
+the difference between a request's estimate and its actual cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from tierwise.periods import Window, window
+from tierwise_sidecar.budgets.ledger import Booking, Line, MemoryLedger, Reservation, Totals
+from tierwise_sidecar.budgets.redis_store import RedisLedgerClient, Settle, StoreUnavailableError
+from tierwise_sidecar.budgets.rules import Amount, BudgetRule
+
+log = logging.getLogger("tierwise.budgets")
+
+PROBE_SECONDS = 1.0
+REFRESH_SECONDS = 5.0
+
+
+class SharedLedger:
+    def __init__(self, url: str, clock: Callable[[], float] = time.time, timeout: float = 0.5) -> None:
+        self.client = RedisLedgerClient(url, self._owe, timeout)
+        self.clock = clock
+        self.local = MemoryLedger(base=self._last_known)
+        self._snapshot: dict[tuple[str, str], Totals] = {}
+        self._owed: list[Settle] = []
+        self._tracked: tuple[BudgetRule, ...] = ()
+        self._degraded = False
+        self._task: asyncio.Task[None] | None = None
+        self.errors = 0
+        self.replayed = 0
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
+
+    def owed(self) -> int:
+        return len(self._owed)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.client.start()
+        try:
+            await self.client.ping()
+            await self._refresh()
+        except StoreUnavailableError as e:
+            self._degrade(f"unreachable at start: {e}")
+        self._task = asyncio.create_task(self._watch())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.client.drain()
+        if self._owed:
+            try:
+                await self.client.send(self._owed)
+                self._owed.clear()
+            except StoreUnavailableError as e:
+                log.error("budget store %s: %d settle(s) could not be sent before exit (%s)", self.client.redacted,
+                          len(self._owed), e)  # fmt: skip
+        await self.client.close()
+
+    def track(self, rules: Sequence[BudgetRule]) -> None:
+        """The budgets of the Policy in force: their totals are refreshed for decisions and metrics."""
+        self._tracked = tuple(rules)
+
+    # ------------------------------------------------------------ the contract
+
+    def _last_known(self, rule: BudgetRule, w: Window) -> Totals:
+        return self._snapshot.get((rule.key, w.id)) or Totals()
+
+    def totals(self, rule: BudgetRule, w: Window) -> Totals:
+        if self._degraded:
+            return self.local.totals(rule, w)
+        return self._last_known(rule, w)
+
+    async def reserve(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking:
+        if not self._degraded:
+            try:
+                booking = await self.client.reserve(lines, now, lease_seconds)
+            except StoreUnavailableError as e:
+                self._degrade(str(e))
+            else:
+                for v in booking.verdicts:
+                    self._snapshot[(v.line.rule.key, v.line.window.id)] = v.totals
+                return booking
+        booking = self.local.reserve_now(lines, now, lease_seconds)
+        return Booking(booking.reservation, booking.verdicts, degraded=True)
+
+    def settle(self, reservation: Reservation, actual: Amount, now: float) -> None:
+        if reservation.remote or not self._degraded:
+            self.client.settle(reservation, actual)
+            return
+        # Judged locally: counted locally until Redis has it, and owed to Redis.
+        self.local.settle(reservation, actual, now)
+        self._owed.append(Settle(self.client.next_seq(), reservation, actual))
+
+    # ------------------------------------------------------------ degraded and back
+
+    def _owe(self, settles: Sequence[Settle]) -> None:
+        self._owed.extend(settles)
+        self._degrade(f"{len(settles)} settle(s) could not be sent")
+
+    def _degrade(self, why: str) -> None:
+        self.errors += 1
+        if not self._degraded:
+            self._degraded = True
+            log.warning("budget store %s unavailable (%s): enforcing on this sidecar's last known totals and "
+                        "its own spend until it returns", self.client.redacted, why)  # fmt: skip
+
+    async def _recover(self) -> None:
+        await self.client.ping()
+        while self._owed:
+            batch = self._owed[:256]
+            await self.client.send(batch)
+            del self._owed[: len(batch)]
+            self.replayed += len(batch)
+        await self._refresh()
+        # What was counted locally is in Redis now, and in the snapshot.
+        self.local.forget_spent()
+        self._degraded = False
+        log.info("budget store %s is back: owed settles sent, enforcing on it again", self.client.redacted)
+
+    async def _refresh(self) -> None:
+        if not self._tracked:
+            return
+        now = self.clock()
+        pairs = [(r, window(r.period, r.time_zone, now)) for r in self._tracked]
+        totals = await self.client.read(pairs)
+        for (r, w), amount in zip(pairs, totals, strict=True):
+            self._snapshot[(r.key, w.id)] = amount
+
+    async def _watch(self) -> None:
+        last_refresh = time.monotonic()
+        while True:
+            await asyncio.sleep(PROBE_SECONDS)
+            try:
+                if self._degraded:
+                    await self._recover()
+                elif time.monotonic() - last_refresh >= REFRESH_SECONDS:
+                    await self._refresh()
+                    last_refresh = time.monotonic()
+            except StoreUnavailableError as e:
+                self._degrade(str(e))
+            except Exception:
+                log.exception("budget store watch failed")

@@ -1,0 +1,246 @@
+"""The budget stage: every budget that counts a request holds its worst case before any backend is
+called, and is settled to its actual cost afterwards, whatever happened.
+
+On the way in: the budgets of the Policy whose selector matches the request (tenant, tier; the
+compiler already kept those counting this namespace) are judged on where their spend stands.
+Downgrade moves the request to a cheaper tier; a request no budget could ever take (above a
+per-request maximum, or above a whole cap) is refused with a 400, since a retry will not help;
+then the worst case is reserved against every budget at once, all or nothing, and a refusal is a
+429 with a budget code, the budget named and Retry-After until relief (period end, or for a
+rolling window the oldest bucket leaving it). A dry-run budget is judged and counted but never
+acts. On the way out the reservation is settled to what the backends reported (or what was
+counted of a stream that was cut or abandoned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tierwise.periods import Window, seconds_to_relief, window
+from tierwise_sidecar.budgets.ledger import Ledger, Line, MemoryLedger, Verdict
+from tierwise_sidecar.budgets.metrics import BUDGET_METRICS, BudgetMetrics
+from tierwise_sidecar.budgets.note import BudgetNote
+from tierwise_sidecar.budgets.rules import OVER_LIMIT, ZERO, Amount, BudgetRule, rule_of
+from tierwise_sidecar.budgets.shared import SharedLedger
+from tierwise_sidecar.budgets.sqlite import SqliteJournal
+from tierwise_sidecar.errors import INVALID_REQUEST, RATE_LIMIT, ApiError
+from tierwise_sidecar.estimate import enter_tier, reserve_amount
+from tierwise_sidecar.money import micros_usd
+from tierwise_sidecar.state import Key, SharedState
+from tierwise_sidecar.tokens import TOKENS, TokenCounter
+
+if TYPE_CHECKING:
+    from tierwise_sidecar.exchange import Exchange, Reply
+    from tierwise_sidecar.runtime import Runtime
+
+log = logging.getLogger("tierwise.budgets")
+
+# A lease outlives its request's own deadline by this much before a crashed holder's hold is freed.
+LEASE_MARGIN_SECONDS = 30.0
+H_RESET = "x-tierwise-budget-reset"
+
+
+def make_ledger(state: SharedState) -> Ledger:
+    store = state.config.budget_store
+    if store.startswith(("redis://", "rediss://", "unix://")):
+        return SharedLedger(store, clock=state.config.clock)
+    if store.startswith("sqlite:"):
+        return MemoryLedger(SqliteJournal(Path(store.removeprefix("sqlite:")).expanduser()))
+    if store != "memory":
+        raise ValueError(f"budget store {store!r}: expected memory, sqlite:PATH or a redis:// URL")
+    return MemoryLedger()
+
+
+LEDGER: Key[Ledger] = Key("budget-ledger", make_ledger)
+
+
+class Windows:
+    """Each budget's current window, recomputed only when it moves on (the time zone arithmetic
+    is not redone for every request)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Window] = {}
+
+    def __call__(self, rule: BudgetRule, now: float) -> Window:
+        w = self._cache.get(rule.key)
+        if w is None or w.period is not rule.period or not _holds(w, now):
+            w = self._cache[rule.key] = window(rule.period, rule.time_zone, now)
+        return w
+
+
+def _holds(w: Window, now: float) -> bool:
+    if w.rolling:
+        return w.last_bucket * w.bucket_seconds <= now < w.end
+    return w.start <= now < w.end
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _refusal(v: Verdict, now: float) -> ApiError:
+    rule, w = v.line.rule, v.line.window
+    relief = seconds_to_relief(w, now)
+    if v.judgement.outcome == OVER_LIMIT:
+        committed = v.committed
+        spent = (
+            f"${micros_usd(committed.micros)} of ${micros_usd(rule.limit.micros)}"
+            if rule.has_usd
+            else f"{committed.tokens} of {rule.limit.tokens} tokens"
+        )
+        when = "the period resets" if not w.rolling else "older spend leaves the window"
+        return ApiError(
+            429,
+            f"budget {rule.key} cannot take this request: {spent} spent or held by requests in flight, and this "
+            f"request may cost up to ${micros_usd(v.line.ask.micros)}; {when} in {relief} s",
+            RATE_LIMIT,
+            "budget_exceeded",
+            headers={"Retry-After": str(relief), H_RESET: _iso(now + relief)},
+        )
+    wait = max(1, int(-(-v.judgement.retry_after // 1)))
+    return ApiError(
+        429,
+        f"budget {rule.key} is throttled: its traffic is limited to {rule.throttle_rate(v.committed):g} request(s) "
+        "per second",
+        RATE_LIMIT,
+        "budget_throttled",
+        headers={"Retry-After": str(wait)},
+    )
+
+
+class BudgetStage:
+    name = "budget"
+
+    def __init__(
+        self,
+        rules: Sequence[BudgetRule],
+        ledger: Ledger,
+        counter: TokenCounter,
+        metrics: BudgetMetrics,
+        clock: Callable[[], float],
+    ) -> None:
+        self.rules = tuple(rules)
+        self.ledger = ledger
+        self.counter = counter
+        self.metrics = metrics
+        self.clock = clock
+        self.windows = Windows()
+
+    def activate(self) -> None:
+        """This Policy's budgets are the ones in force (called on the event loop, at the swap)."""
+        self.metrics.watch(self.rules, self.ledger, self.windows, self.clock)
+        if isinstance(self.ledger, SharedLedger):
+            self.ledger.track(self.rules)
+
+    async def enter(self, x: Exchange) -> Reply | None:
+        who = x.identity
+        rules = [r for r in self.rules if r.counts(who.tenant, who.tier)]
+        if not rules:
+            return None
+        now = self.clock()
+        note = x.budget = BudgetNote()
+        pairs = [(r, self.windows(r, now)) for r in rules]
+        self._downgrade(x, note, pairs)
+        tier = x.runtime.tiers[x.identity.tier]
+        est = reserve_amount(x, tier)
+        ask = Amount(est.micros, est.tokens)
+        for rule, _ in pairs:
+            why = rule.too_big(ask)
+            if why is None:
+                continue
+            if rule.dry_run:
+                note.notices.append(f"{rule.key} (dry run) would refuse: {why}")
+                self.metrics.action(rule, "dry_run_refusal")
+                continue
+            self.metrics.refused(rule, "per_request")
+            raise ApiError(
+                400,
+                f"budget {rule.key} refuses this request: {why}. A retry will not help: lower max_tokens (or "
+                "max_completion_tokens) or shorten the prompt",
+                INVALID_REQUEST,
+                "request_over_budget",
+                param="max_tokens",
+            )
+        lease = tier.timeouts.total + LEASE_MARGIN_SECONDS
+        booking = await self.ledger.reserve([Line(r, w, ask) for r, w in pairs], now, lease)
+        note.verdicts, note.degraded = booking.verdicts, booking.degraded
+        for v in booking.verdicts:
+            if v.refused and v.line.rule.dry_run:
+                note.notices.append(f"{v.line.rule.key} (dry run) would refuse: {v.judgement.outcome}")
+                self.metrics.action(v.line.rule, "dry_run_refusal")
+        if booking.reservation is None:
+            first = next(v for v in booking.verdicts if v.refused and not v.line.rule.dry_run)
+            self.metrics.refused(first.line.rule, "limit" if first.judgement.outcome == OVER_LIMIT else "throttle")
+            raise _refusal(first, now)
+        note.held.append(booking.reservation)
+        note.holding = ask
+        for v in booking.verdicts:
+            pct = v.line.rule.notice(v.committed)
+            if pct is not None:
+                note.notices.append(f"{v.line.rule.key} passed {pct}%")
+                self.metrics.action(v.line.rule, "notify")
+        x.extend = self._extend
+        return None
+
+    def _downgrade(self, x: Exchange, note: BudgetNote, pairs: list[tuple[BudgetRule, Window]]) -> None:
+        """The cheaper tier the first budget past a Downgrade threshold names, judged on the spend
+        last seen (a threshold is a level, not a limit: being a request late is fine)."""
+        who = x.identity
+        for rule, w in pairs:
+            to = rule.downgrade_to(self.ledger.totals(rule, w).committed)
+            if to is None or to == who.tier:
+                continue
+            if to not in x.runtime.tiers:
+                log.warning("budget %s: downgrade tier %s is not usable from namespace %s; not downgrading",
+                            rule.key, to, who.namespace)  # fmt: skip
+                continue
+            if rule.dry_run:
+                note.notices.append(f"{rule.key} (dry run) would downgrade {who.tier} to {to}")
+                self.metrics.action(rule, "dry_run_downgrade")
+                continue
+            note.downgraded_from = who.tier
+            x.identity = dataclasses.replace(who, tier=to)
+            enter_tier(x, x.runtime.tiers[to], self.counter)
+            self.metrics.action(rule, "downgrade")
+            return
+
+    async def _extend(self, x: Exchange, micros: int, tokens: int) -> bool:
+        """Hold more when the request may now cost more than held (a costlier fallback tier, a
+        resumed stream); False when a budget cannot take it."""
+        note = x.budget
+        if note is None or not note.held:
+            return True
+        more = Amount(max(micros - note.holding.micros, 0), max(tokens - note.holding.tokens, 0))
+        if more == ZERO:
+            return True
+        first = note.held[0]
+        lines = [Line(ln.rule, ln.window, more) for ln in first.lines]
+        booking = await self.ledger.reserve(lines, self.clock(), first.expires - self.clock())
+        if booking.reservation is None:
+            return False
+        note.held.append(booking.reservation)
+        note.holding = note.holding + more
+        return True
+
+    async def leave(self, x: Exchange) -> None:
+        note = x.budget
+        if note is None or not note.held:
+            return
+        o = x.outcome
+        actual = Amount(o.micros, o.tokens)
+        now = self.clock()
+        self.ledger.settle(note.held[0], actual, now)
+        for extra in note.held[1:]:
+            self.ledger.settle(extra, ZERO, now)
+
+
+def build(runtime: Runtime, state: SharedState) -> BudgetStage | None:
+    rules = [rule_of(b) for b in runtime.policy.budgets]
+    if not rules:
+        return None
+    return BudgetStage(rules, state.get(LEDGER), state.get(TOKENS), state.get(BUDGET_METRICS), state.config.clock)
