@@ -65,6 +65,13 @@ def _budget_store_arg(p: argparse.ArgumentParser, default: str, where: str) -> N
         f"(this process alone) or memory. Default: $TIERWISE_REDIS_URL, else $TIERWISE_BUDGET_STORE, else {where}. "
         "Pass a URL with a password through the environment, not the command line",
     )
+    p.add_argument(
+        "--budget-lease-margin",
+        type=float,
+        default=30.0,
+        help="seconds a budget reservation outlives its request's deadline: how long the holds of a sidecar "
+        "that died keep budget from the others (default 30)",
+    )
 
 
 def _state_home() -> Path:
@@ -93,6 +100,7 @@ def _serve(
         dns_interval=dns_interval,
         pin_tier=ingress,
         budget_store=args.budget_store,
+        lease_margin_seconds=args.budget_lease_margin,
     )
     # The app's own sidecar is for the pod alone; an ingress is reached by Services on the pod IP,
     # so it listens on every interface ("": IPv4 and IPv6).

@@ -32,8 +32,8 @@ class GatewayConfig:
     pin_tier: bool = False
     # Where budgets are counted: "memory", "sqlite:PATH" or a redis:// / rediss:// URL.
     budget_store: str = "memory"
-    # With Redis: the local ledger that keeps counting while Redis is unreachable, and holds what
-    # is owed to it until it returns ("memory" or "sqlite:PATH").
-    budget_fallback: str = "memory"
+    # A reservation's lease outlives its request's own deadline (the tier's total timeout) by this
+    # much: the longest a dead sidecar's holds keep budget from others.
+    lease_margin_seconds: float = 30.0
     # Wall-clock time, in seconds since the epoch: budget periods and leases. Tests move it.
     clock: Callable[[], float] = time.time

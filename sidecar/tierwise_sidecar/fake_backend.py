@@ -50,6 +50,13 @@ class FakeStats:
     drops: int = 0
     overloaded: int = 0
     models: dict[str, int] = field(default_factory=dict)
+    # Usage reported in answers that went out whole (a stream cut or dropped on purpose is not in it).
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    completion_tokens: dict[str, int] = field(default_factory=dict)
+
+    def used(self, model: str, usage: dict[str, int]) -> None:
+        self.prompt_tokens[model] = self.prompt_tokens.get(model, 0) + usage["prompt_tokens"]
+        self.completion_tokens[model] = self.completion_tokens.get(model, 0) + usage.get("completion_tokens", 0)
 
 
 def _error(status: int, message: str, type_: str, code: str) -> web.Response:
@@ -135,8 +142,9 @@ class FakeBackend:
             await self._sleep_ms(self.config.first_byte_ms)
             if body.get("stream"):
                 include = bool((body.get("stream_options") or {}).get("include_usage")) and self.config.include_usage
-                return await self._stream(request, model, pieces, usage if include else None, chat)
+                return await self._stream(request, model, pieces, usage, include=include, chat=chat)
             await self._sleep_ms(self.config.per_token_ms * len(pieces))
+            self.stats.used(model, usage)
             return web.json_response(self._whole(model, "".join(pieces), usage, chat))
         finally:
             self.stats.in_flight -= 1
@@ -159,7 +167,7 @@ class FakeBackend:
         return out
 
     async def _stream(
-        self, request: web.Request, model: str, pieces: list[str], usage: dict[str, int] | None, chat: bool
+        self, request: web.Request, model: str, pieces: list[str], usage: dict[str, int], *, include: bool, chat: bool
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
@@ -192,9 +200,10 @@ class FakeBackend:
                 await self._sleep_ms(self.config.per_token_ms)
             await send(delta({"content": piece}))
         await send(delta({}, "stop"))
-        if usage is not None:
+        if include:
             await send(None, {"usage": usage})
         await resp.write(b"data: [DONE]\n\n")
+        self.stats.used(model, usage)
         await resp.write_eof()
         return resp
 

@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tierwise.budgets")
 
-# A lease outlives its request's own deadline by this much before a crashed holder's hold is freed.
-LEASE_MARGIN_SECONDS = 30.0
 H_RESET = "x-tierwise-budget-reset"
 
 
@@ -122,13 +120,16 @@ class BudgetStage:
         ledger: Ledger,
         counter: TokenCounter,
         metrics: BudgetMetrics,
+        *,
         clock: Callable[[], float],
+        lease_margin: float = 30.0,
     ) -> None:
         self.rules = tuple(rules)
         self.ledger = ledger
         self.counter = counter
         self.metrics = metrics
         self.clock = clock
+        self.lease_margin = lease_margin
         self.windows = Windows()
 
     def activate(self) -> None:
@@ -166,7 +167,7 @@ class BudgetStage:
                 "request_over_budget",
                 param="max_tokens",
             )
-        lease = tier.timeouts.total + LEASE_MARGIN_SECONDS
+        lease = tier.timeouts.total + self.lease_margin
         booking = await self.ledger.reserve([Line(r, w, ask) for r, w in pairs], now, lease)
         note.verdicts, note.degraded = booking.verdicts, booking.degraded
         for v in booking.verdicts:
@@ -243,4 +244,6 @@ def build(runtime: Runtime, state: SharedState) -> BudgetStage | None:
     rules = [rule_of(b) for b in runtime.policy.budgets]
     if not rules:
         return None
-    return BudgetStage(rules, state.get(LEDGER), state.get(TOKENS), state.get(BUDGET_METRICS), state.config.clock)
+    cfg = state.config
+    return BudgetStage(rules, state.get(LEDGER), state.get(TOKENS), state.get(BUDGET_METRICS), clock=cfg.clock,
+                       lease_margin=cfg.lease_margin_seconds)  # fmt: skip
