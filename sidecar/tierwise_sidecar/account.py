@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from tierwise_sidecar.estimate import Estimate
 from tierwise_sidecar.metrics import METRICS, Metrics
@@ -38,7 +38,9 @@ H_COST = "x-tierwise-cost-usd"
 H_TOKENS = "x-tierwise-tokens"
 H_ATTEMPTS = "x-tierwise-attempts"
 H_FALLBACK = "x-tierwise-fallback-from"
-H_REQUESTED_MODEL = "x-tierwise-requested-model"
+H_SUBSTITUTED = "x-tierwise-model-substituted"
+# A header value carries printable ASCII; anything else in a model name is percent-encoded.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 H_BUDGET_REMAINING_USD = "x-tierwise-budget-remaining-usd"
 H_BUDGET_REMAINING_TOKENS = "x-tierwise-budget-remaining-tokens"
 H_BUDGET_STATE = "x-tierwise-budget-state"
@@ -129,7 +131,7 @@ def render_headers(x: Exchange, final: bool) -> dict[str, str]:
     if o.estimate is not None:
         h[H_ESTIMATE] = usd(o.estimate.usd)
     if x.identity.substituted is not None:
-        h[H_REQUESTED_MODEL] = x.identity.substituted
+        h[H_SUBSTITUTED] = quote(x.identity.substituted, safe=_HEADER_SAFE)
     note = x.budget
     if note is not None:
         h.update(note.headers())

@@ -303,9 +303,7 @@ class Gateway:
             return response
         finally:
             self.in_flight -= 1
-            route = request.match_info.route.resource
-            endpoint = route.canonical if route is not None else "unmatched"
-            self.metrics.child(self.metrics.responses, endpoint, str(status)).inc()
+            self.metrics.child(self.metrics.responses, _endpoint(request), str(status)).inc()
 
     async def _answer(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -367,6 +365,19 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.state.close()
+
+
+# The paths the gateway serves: a request to another path is counted as "unmatched", so a scan of
+# random paths cannot grow the metric's label set.
+SERVED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/healthz", "/readyz",
+                    "/metrics"})  # fmt: skip
+
+
+def _endpoint(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    if resource is not None:
+        return resource.canonical
+    return request.path if request.path in SERVED else "unmatched"  # a known path with a wrong method
 
 
 async def run(

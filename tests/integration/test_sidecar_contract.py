@@ -1,0 +1,132 @@
+"""What docs/sidecar.md promises and a look from outside found missing: a model name routes to the
+tier that serves it, an unknown one is served visibly (or refused where the namespace says so); a
+request that fails upstream leaves one log line with no key and no prompt; a backend that cannot
+be reached is warned about at load; retries and stream endings are what the docs say."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Net
+from tests.servers import CHAT, backend, tier
+from tierwise_sidecar.secrets import SecretSource
+
+DEFAULT = {"defaultFor": {"names": ["apps"]}}
+SECRET = "sk-test-never-logged"
+
+
+def _tiers(net: Net) -> list[dict[str, object]]:
+    fake = net.fake()
+    return [
+        tier("gold", [backend("g", fake.v1, "gpt-4o", (2.5, 10))], priority=10),
+        tier("silver", [backend("s", fake.v1, "gpt-4o-mini")], access=DEFAULT),
+        tier("bronze", [backend("b", fake.v1, "gpt-4o-mini", (0.1, 0.4))], priority=-1),
+    ]
+
+
+def test_a_model_name_routes_to_the_tier_that_serves_it(net: Net) -> None:
+    gw = net.gateway(*_tiers(net), namespace="apps")
+    status, h, _ = gw.post("/v1/chat/completions", {**CHAT, "model": "gpt-4o"})
+    assert status == 200 and h["x-tierwise-tier"] == "gold" and "x-tierwise-model-substituted" not in h
+    # Served by two tiers: the default tier, when it is one of them.
+    status, h, _ = gw.post("/v1/chat/completions", {**CHAT, "model": "gpt-4o-mini"})
+    assert status == 200 and h["x-tierwise-tier"] == "silver"
+
+
+def test_an_unknown_model_is_served_by_the_default_tier_visibly(net: Net) -> None:
+    gw = net.gateway(*_tiers(net), namespace="apps")
+    status, h, _ = gw.post("/v1/chat/completions", {**CHAT, "model": "gpt-5-ultra"})
+    assert status == 200 and h["x-tierwise-tier"] == "silver" and h["x-tierwise-model"] == "gpt-4o-mini"
+    assert h["x-tierwise-model-substituted"] == "gpt-5-ultra"
+    # A non-ASCII name cannot break the header.
+    status, h, _ = gw.post("/v1/chat/completions", {**CHAT, "model": "modèle-é"})
+    assert status == 200 and h["x-tierwise-model-substituted"] == "mod%C3%A8le-%C3%A9"
+    metrics = gw.get("/metrics")[1].decode()
+    assert 'tierwise_model_substitutions_total{namespace="apps",tier="silver"} 2.0' in metrics
+
+
+def test_a_namespace_can_refuse_unknown_models(net: Net) -> None:
+    namespace = {"apiVersion": "v1", "kind": "Namespace",
+                 "metadata": {"name": "apps", "labels": {"tierwise.dev/unknown-model": "refuse"}}}  # fmt: skip
+    gw = net.gateway(*_tiers(net), namespace, namespace="apps")
+    status, _, body = gw.post("/v1/chat/completions", {**CHAT, "model": "gpt-5-ultra"})
+    assert status == 404 and b'"code": "model_not_found"' in body and b"silver" in body
+    assert gw.post("/v1/chat/completions", {**CHAT, "model": "gpt-4o"})[0] == 200
+    # A tier named in the header is that tier, whatever the model says.
+    assert gw.post("/v1/chat/completions", {**CHAT, "model": "gpt-5-ultra"}, {"x-tierwise-tier": "bronze"})[0] == 200
+
+
+def test_a_request_failing_upstream_leaves_one_line_with_no_key_and_no_prompt(
+    net: Net, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = net.fake("dead")
+    dead.stop_listening()
+    tiers = [
+        tier("gold", [backend("g", dead.url + "/v1", apiKeySecretRef={"name": "openai", "key": "k"})],
+             access=DEFAULT, fallback={"tier": "silver"}),
+        tier("silver", [backend("s", dead.url + "/v1")]),
+    ]  # fmt: skip
+    gw = net.gateway(
+        *tiers, namespace="apps", secrets=SecretSource(Path("/nonexistent"), {"TIERWISE_SECRET_OPENAI_K": SECRET})
+    )
+    prompt = "my private prompt text"
+    with caplog.at_level(logging.DEBUG, logger="tierwise"):
+        status, _, _ = gw.post(
+            "/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": prompt}]}
+        )
+    assert status == 502
+    lines = [r.getMessage() for r in caplog.records if "request failed upstream" in r.getMessage()]
+    assert len(lines) == 1
+    line = lines[0]
+    assert "status=502" in line and "tier=gold" in line and "gold/g@127.0.0.1:" in line and "silver/s@" in line
+    assert "=ConnectionError" in line
+    every = "\n".join(r.getMessage() for r in caplog.records)
+    assert SECRET not in every and prompt not in every
+
+
+def test_a_backend_with_no_endpoint_is_warned_about_at_load(net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    fake = net.fake()
+    self_hosted = {"name": "llama", "model": "llama-8b", "pricing": {"inputPerMillion": 0.1, "outputPerMillion": 0.1},
+                   "deployment": {"image": "vllm/vllm-openai:v0.11.0"}}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="tierwise"):
+        gw = net.gateway(tier("t", [backend("b", fake.v1), self_hosted], access=DEFAULT), namespace="apps")
+    warned = [r.getMessage() for r in caplog.records if "no known endpoint" in r.getMessage()]
+    assert warned == [
+        "backend t/llama has no known endpoint: requests skip it "
+        "(self-hosted: no replica found; list it in --endpoints)"
+    ]
+    assert gw.post("/v1/chat/completions", CHAT)[0] == 200
+
+
+@pytest.mark.parametrize(("upstream", "answer", "tries"), [(500, 502, 2), (502, 502, 2), (503, 503, 1), (504, 504, 1)])
+def test_the_retry_policy_is_the_documented_one(net: Net, upstream: int, answer: int, tries: int) -> None:
+    """A 500 or 502 is a blip, retried once on the same target; a 503 (overloaded) and a 504
+    (timeout) say the target is busy or slow, and the next target is tried instead."""
+    fake = net.fake(error_rate=1.0, error_status=upstream)
+    gw = net.gateway(tier("t", [backend("b", fake.v1)], access=DEFAULT), namespace="apps")
+    status, h, _ = gw.post("/v1/chat/completions", CHAT)
+    assert (status, h["x-tierwise-attempts"], fake.requests) == (answer, str(tries), tries)
+
+
+def test_a_complete_stream_ends_with_done_and_a_cut_one_with_an_error_event_only(net: Net) -> None:
+    fake = net.fake(completion_tokens=8)
+    gw = net.gateway(tier("t", [backend("b", fake.v1)], access=DEFAULT), namespace="apps")
+    raw = _stream(gw.url)
+    assert raw.endswith(b"data: [DONE]\n\n") and b": tierwise cost_usd=" in raw
+    fake.configure(drop_after_chunks=3)
+    cut = _stream(gw.url)
+    assert b"[DONE]" not in cut
+    last = cut.strip().split(b"\n\n")[-1]
+    assert last.startswith(b'data: {"error"') and b"stream_interrupted" in last
+
+
+def _stream(url: str) -> bytes:
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return bytes(r.read())
