@@ -12,7 +12,7 @@ less.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -42,15 +42,16 @@ class Window:
     bucket_seconds: float = 0.0
     first_bucket: int = 0
     last_bucket: int = 0
+    # Stable name of a calendar period (its start in epoch seconds) or of a rolling window.
+    id: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        name = self.period.value if self.rolling else f"{self.period.value}:{int(self.start)}"
+        object.__setattr__(self, "id", name)
 
     @property
     def rolling(self) -> bool:
         return self.bucket_seconds > 0
-
-    @property
-    def id(self) -> str:
-        """Stable name of a calendar period (its start in epoch seconds) or of a rolling window."""
-        return f"{self.period.value}:{int(self.start)}" if not self.rolling else self.period.value
 
     def bucket(self, t: float) -> int:
         return int(t // self.bucket_seconds)

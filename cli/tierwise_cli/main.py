@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -54,27 +55,38 @@ def _operator_missing(args: argparse.Namespace) -> int:
     return 2
 
 
+def _missing(module: str) -> bool:
+    """Is a dependency not installed? Asked without importing it."""
+    if module in sys.modules:
+        return sys.modules[module] is None
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
+
+
 def _add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`tierwise operator` and `tierwise webhook`. The sidecar image leaves their dependencies out;
-    there both commands are still listed, and running them says what to install."""
+    there both commands are still listed, and running them says what to install. Nothing of the
+    operator is imported unless one of them runs."""
     commands = {
         "operator": "run the operator: reconcile tiers into Deployments, Services, scaling, Policies",
         "webhook": "serve the sidecar-injection admission webhook over TLS",
     }
-    try:
-        from tierwise_operator import run, webhook
-    except ModuleNotFoundError as e:
-        # Only a missing third-party dependency; a broken module of ours still fails loudly.
-        if (e.name or "").partition(".")[0] not in OPERATOR_DEPENDENCIES:
-            raise
+    if any(_missing(name) for name in sorted(OPERATOR_DEPENDENCIES)):
         for name, help_text in commands.items():
             p = sub.add_parser(name, help=f"{help_text} (needs tierwise[operator])", add_help=False)
             p.set_defaults(func=_operator_missing)
         return
-    for name, module in (("operator", run), ("webhook", webhook)):
+    from tierwise_operator import commands as operator_commands
+
+    for name, add, main in (
+        ("operator", operator_commands.operator_arguments, operator_commands.operator_main),
+        ("webhook", operator_commands.webhook_arguments, operator_commands.webhook_main),
+    ):
         p = sub.add_parser(name, help=commands[name])
-        module.add_arguments(p)
-        p.set_defaults(func=module.main)
+        add(p)
+        p.set_defaults(func=main)
 
 
 def build_parser() -> argparse.ArgumentParser:

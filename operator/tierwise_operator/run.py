@@ -16,8 +16,6 @@ import threading
 
 import kopf
 
-from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
-from tierwise.naming import DEFAULT_SIDECAR_IMAGE
 from tierwise_operator import handlers
 from tierwise_operator.controller import Config, Controller
 from tierwise_operator.health import serve_health
@@ -95,28 +93,6 @@ async def operate(args: argparse.Namespace) -> None:
         await controller.stop()
         await runner.cleanup()
         await kube.close()
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kubeconfig", help="kubeconfig to use (default: $KUBECONFIG, else the in-cluster service account)")
-    p.add_argument(
-        "--platform-namespace",
-        default=os.environ.get("TIERWISE_PLATFORM_NAMESPACE", DEFAULT_PLATFORM_NAMESPACE),
-        help="namespace whose objects may govern other namespaces (where tierwise is installed)",
-    )
-    p.add_argument(
-        "--prometheus-url",
-        default=os.environ.get("TIERWISE_PROMETHEUS_URL"),
-        help="Prometheus that scrapes the sidecars: autoscaling signals and SLO status",
-    )
-    p.add_argument(
-        "--sidecar-image",
-        default=os.environ.get("TIERWISE_SIDECAR_IMAGE", DEFAULT_SIDECAR_IMAGE),
-        help="image of the sidecar put in front of self-hosted model servers (backend.deployment.sidecar)",
-    )
-    p.add_argument("--health-port", type=int, default=8081, help="port of /healthz, /readyz and /metrics")
-    p.add_argument("--autoscale-interval", type=float, default=15.0, help="seconds between autoscaler passes")
-    p.add_argument("--slo-interval", type=float, default=30.0, help="seconds between SLO observations")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -146,19 +146,20 @@ def record(metrics: Metrics, namespace: str, x: Exchange, duration: float) -> No
     tenant = metrics.tenant(x.identity.tenant)
     tier = o.tier or x.identity.tier
     backend = o.backend.name if o.backend is not None else "none"
-    metrics.child(metrics.requests, namespace, tenant, tier, backend, str(o.status)).inc()
-    metrics.child(metrics.duration, namespace, tier).observe(duration)
+    metrics.requests.inc((namespace, tenant, tier, backend, str(o.status)))
+    metrics.duration.observe((namespace, tier), duration)
     if o.route is not None and o.backend is not None:
-        metrics.child(metrics.route, tier, o.route, backend).inc()
+        metrics.route.inc((tier, o.route, backend))
     if o.estimate is not None:
-        metrics.child(metrics.estimated_cost, namespace, tenant, x.identity.tier).inc(o.estimate.usd)
+        metrics.estimated_cost.inc((namespace, tenant, x.identity.tier), o.estimate.usd)
+    tokens = metrics.tokens
     for s in o.segments:
         b = s.backend
-        metrics.child(metrics.tokens, namespace, tenant, b.tier, b.name, "input").inc(s.input_tokens)
-        metrics.child(metrics.tokens, namespace, tenant, b.tier, b.name, "output").inc(s.output_tokens)
+        tokens.inc((namespace, tenant, b.tier, b.name, "input"), s.input_tokens)
+        tokens.inc((namespace, tenant, b.tier, b.name, "output"), s.output_tokens)
         if s.cached_tokens:
-            metrics.child(metrics.tokens, namespace, tenant, b.tier, b.name, "cached_input").inc(s.cached_tokens)
-        metrics.child(metrics.cost, namespace, tenant, b.tier, b.name).inc(s.usd)
+            tokens.inc((namespace, tenant, b.tier, b.name, "cached_input"), s.cached_tokens)
+        metrics.cost.inc((namespace, tenant, b.tier, b.name), s.usd)
 
 
 def _where(endpoint: str) -> str:
@@ -208,7 +209,7 @@ class AccountStage:
         duration = time.monotonic() - x.started
         if not x.valid:
             code = x.error.code if x.error is not None else "internal_error"
-            metrics.child(metrics.invalid, namespace, code).inc()
+            metrics.invalid.inc((namespace, code))
             return
         record(metrics, namespace, x, duration)
         if _failed_upstream(x):

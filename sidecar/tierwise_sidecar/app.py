@@ -303,7 +303,7 @@ class Gateway:
             return response
         finally:
             self.in_flight -= 1
-            self.metrics.child(self.metrics.responses, _endpoint(request), str(status)).inc()
+            self.metrics.responses.inc((_endpoint(request), str(status)))
 
     async def _answer(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]

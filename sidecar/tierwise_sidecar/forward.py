@@ -254,7 +254,7 @@ class ForwardStage:
 
     def note_attempt(self, x: Exchange, cand: Candidate, result: str) -> None:
         labels = (x.identity.namespace, cand.tier.name, cand.backend.name, result)
-        self.metrics.child(self.metrics.attempts, *labels).inc()
+        self.metrics.attempts.inc(labels)
 
     def gauge_circuits(self, backend: BackendRoute) -> None:
         self.metrics.open_circuits.labels(backend.tier, backend.name).set(self.health.open_targets(backend, self.now()))
@@ -272,7 +272,7 @@ class ForwardStage:
     # ------------------------------------------------------------ serving
 
     async def enter(self, x: Exchange) -> Reply | None:
-        self.metrics.child(self.metrics.in_flight, x.identity.tier).inc()
+        self.metrics.in_flight.add((x.identity.tier,), 1)
         flight = Flight(x)
         flight.plan = self.plan(x, flight.state)
         try:
@@ -285,7 +285,7 @@ class ForwardStage:
         return None
 
     async def leave(self, x: Exchange) -> None:
-        self.metrics.child(self.metrics.in_flight, x.identity.tier).dec()
+        self.metrics.in_flight.add((x.identity.tier,), -1)
 
     def _whole(self, started: Started, x: Exchange) -> Reply:
         usage = started.data.get("usage")

@@ -173,7 +173,7 @@ class IdentifyStage:
     async def enter(self, x: Exchange) -> Reply | None:
         x.identity = who = identify(x.headers, x.body, x.runtime.access)
         if who.substituted is not None:
-            self.metrics.child(self.metrics.substituted, who.namespace, who.tier).inc()
+            self.metrics.substituted.inc((who.namespace, who.tier))
         return None
 
     async def leave(self, x: Exchange) -> None:

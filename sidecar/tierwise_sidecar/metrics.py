@@ -9,16 +9,13 @@ the first `max_tenants` distinct tenants keep their name, later ones are counted
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tierwise_sidecar.hotmetrics import FastCounter, FastGauge, FastHistogram
 from tierwise_sidecar.state import Key, SharedState
-
-M = TypeVar("M", bound=MetricWrapperBase)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -70,42 +67,57 @@ class BackendInFlight(Collector):
 
 
 class Metrics:
+    """The sidecar's metrics. Those updated on every request are hot-path families (a dict update,
+    no lock: see hotmetrics); the rest are prometheus_client's own."""
+
     def __init__(self, registry: CollectorRegistry | None = None, max_tenants: int = 100) -> None:
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry = registry or CollectorRegistry()
         self.tenant = TenantLabels(max_tenants)
         who = ["namespace", "tenant", "tier"]
-        self.requests = Counter(
+        self.requests = FastCounter(
             "tierwise_requests", "Requests answered, by served tier, backend and HTTP status.",
-            [*who, "backend", "code"], registry=r,
+            [*who, "backend", "code"], r,
         )  # fmt: skip
-        self.invalid = Counter(
-            "tierwise_invalid_requests", "Requests refused before routing, by error code.", ["namespace", "code"],
-            registry=r,
-        )  # fmt: skip
-        self.duration = Histogram(
+        self.invalid = FastCounter(
+            "tierwise_invalid_requests", "Requests refused before routing, by error code.", ["namespace", "code"], r
+        )
+        self.duration = FastHistogram(
             "tierwise_request_duration_seconds", "Time to the whole response, fallbacks included.",
-            ["namespace", "tier"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            ["namespace", "tier"], LATENCY_BUCKETS, r,
         )  # fmt: skip
-        self.first_byte = Histogram(
+        self.first_byte = FastHistogram(
             "tierwise_time_to_first_byte_seconds", "Time to the first streamed byte sent to the caller.",
-            ["namespace", "tier"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            ["namespace", "tier"], LATENCY_BUCKETS, r,
         )  # fmt: skip
-        self.tokens = Counter(
+        self.tokens = FastCounter(
             "tierwise_tokens", "Tokens used, as reported by the provider (or counted when it does not say).",
-            [*who, "backend", "kind"], registry=r,
+            [*who, "backend", "kind"], r,
         )  # fmt: skip
-        self.cost = Counter(
-            "tierwise_cost_usd", "Actual cost in USD from the backend's pricing.", [*who, "backend"], registry=r
+        self.cost = FastCounter(
+            "tierwise_cost_usd", "Actual cost in USD from the backend's pricing.", [*who, "backend"], r
         )
-        self.estimated_cost = Counter(
-            "tierwise_estimated_cost_usd", "Upper-bound cost estimated before the call.", who, registry=r
+        self.estimated_cost = FastCounter(
+            "tierwise_estimated_cost_usd", "Upper-bound cost estimated before the call.", who, r
         )
-        self.attempts = Counter(
+        self.attempts = FastCounter(
             "tierwise_upstream_attempts", "Attempts sent to backends, by result (ok, client_error or a failure kind).",
-            ["namespace", "tier", "backend", "result"], registry=r,
+            ["namespace", "tier", "backend", "result"], r,
+        )  # fmt: skip
+        self.route = FastCounter(
+            "tierwise_route_decisions", "Backend choices, by strategy decision.", ["tier", "decision", "backend"], r
+        )
+        self.route_score = FastHistogram(
+            "tierwise_route_score", "Difficulty score of cost-aware routed requests (0 easy .. 1 hard).", ["tier"],
+            SCORE_BUCKETS, r,
+        )  # fmt: skip
+        self.in_flight = FastGauge("tierwise_in_flight_requests", "Requests being served.", ["tier"], r)
+        self.responses = FastCounter(
+            "tierwise_http_responses", "Every HTTP response of the gateway, by endpoint and status, whatever answered.",
+            ["endpoint", "code"], r,
+        )  # fmt: skip
+        self.substituted = FastCounter(
+            "tierwise_model_substitutions", "Requests naming a model the namespace does not serve, served by the "
+            "default tier instead.", ["namespace", "tier"], r,
         )  # fmt: skip
         self.fallbacks = Counter(
             "tierwise_fallbacks", "Requests moved to a fallback tier.", ["from_tier", "to_tier", "reason"], registry=r
@@ -118,26 +130,9 @@ class Metrics:
             "tierwise_circuit_open_targets", "Endpoints of a backend whose circuit breaker is open.",
             ["tier", "backend"], registry=r,
         )  # fmt: skip
-        self.route = Counter(
-            "tierwise_route_decisions", "Backend choices, by strategy decision.", ["tier", "decision", "backend"],
-            registry=r,
-        )  # fmt: skip
-        self.route_score = Histogram(
-            "tierwise_route_score", "Difficulty score of cost-aware routed requests (0 easy .. 1 hard).", ["tier"],
-            buckets=SCORE_BUCKETS, registry=r,
-        )  # fmt: skip
         self.session_moves = Counter(
             "tierwise_session_moves", "Sticky sessions moved to another target because theirs failed.", ["tier"],
             registry=r,
-        )  # fmt: skip
-        self.in_flight = Gauge("tierwise_in_flight_requests", "Requests being served.", ["tier"], registry=r)
-        self.responses = Counter(
-            "tierwise_http_responses", "Every HTTP response of the gateway, by endpoint and status, whatever answered.",
-            ["endpoint", "code"], registry=r,
-        )  # fmt: skip
-        self.substituted = Counter(
-            "tierwise_model_substitutions", "Requests naming a model the namespace does not serve, served by the "
-            "default tier instead.", ["namespace", "tier"], registry=r,
         )  # fmt: skip
         self.reloads = Counter(
             "tierwise_policy_reloads", "Policy reloads, by result (applied or refused).", ["result"], registry=r
@@ -152,15 +147,6 @@ class Metrics:
 
     def watch_backends(self, load: BackendLoad) -> None:
         self.registry.register(BackendInFlight(load))
-
-    def child(self, metric: M, *labels: str) -> M:
-        """The labelled series, remembered: prometheus_client's labels() validates and locks on
-        every call, which the hot path does a dozen times per request."""
-        key = (id(metric), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
 
 
 def _metrics(state: SharedState) -> Metrics:

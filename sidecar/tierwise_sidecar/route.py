@@ -116,7 +116,7 @@ class RouteStage:
             x.score = difficulty_of(x.kind, x.body, x.input_tokens, x.identity.priority)
         x.decision = decide(tier, x.input_tokens, x.score, self.health, rng=self.rng, now=self.now())
         if x.decision.score is not None:
-            self.metrics.child(self.metrics.route_score, tier.name).observe(x.decision.score)
+            self.metrics.route_score.observe((tier.name,), x.decision.score)
         return None
 
     async def leave(self, x: Exchange) -> None:

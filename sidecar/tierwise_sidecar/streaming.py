@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from tierwise.api.tier import FailureKind
 from tierwise_sidecar.exchange import ClientGoneError, Exchange, Sink
+from tierwise_sidecar.hotmetrics import FastHistogram
 from tierwise_sidecar.money import usd
 from tierwise_sidecar.sse import DONE_EVENT, Relay, StreamState, error_event
 from tierwise_sidecar.upstream import Started, UpstreamError
@@ -29,9 +30,10 @@ class Writer:
     """Writes a stream to the sink: notes the first byte, and tells a caller who hung up (or
     stopped reading) from a provider that failed."""
 
-    def __init__(self, sink: Sink, first_byte: Any, started: float) -> None:
+    def __init__(self, sink: Sink, first_byte: FastHistogram, labels: tuple[str, str], started: float) -> None:
         self.sink = sink
         self.first_byte = first_byte
+        self.labels = labels
         self.started = started
         self.writing = False
         self._first = True
@@ -44,7 +46,7 @@ class Writer:
             self.writing = False
         if self._first:
             self._first = False
-            self.first_byte.observe(time.monotonic() - self.started)
+            self.first_byte.observe(self.labels, time.monotonic() - self.started)
 
 
 async def relay(fw: ForwardStage, flight: Flight, started: Started) -> None:
@@ -53,8 +55,7 @@ async def relay(fw: ForwardStage, flight: Flight, started: Started) -> None:
     outcome, state = x.outcome, flight.state
     await x.open_stream()
     metrics = fw.metrics
-    ttfb = metrics.child(metrics.first_byte, x.identity.namespace, outcome.tier or x.identity.tier)
-    writer = Writer(x.sink, ttfb, x.started)
+    writer = Writer(x.sink, metrics.first_byte, (x.identity.namespace, outcome.tier or x.identity.tier), x.started)
     while True:
         cand = started.candidate
         seg = StreamState(chat=x.kind == "chat", strip_usage=not x.client_usage)

@@ -12,7 +12,9 @@ gateway's ledger; beside Redis it is the local view a sidecar enforces while Red
 
 from __future__ import annotations
 
-import uuid
+import heapq
+import itertools
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -87,6 +89,9 @@ class Ledger(Protocol):
     @property
     def degraded(self) -> bool: ...
 
+    def track(self, rules: Sequence[BudgetRule]) -> None:
+        """The budgets of the Policy in force (a shared store keeps their totals current)."""
+
 
 class Journal(Protocol):
     """Where a process ledger's settled spend survives a restart."""
@@ -104,13 +109,19 @@ def spend_key(rule: BudgetRule, w: Window, at: float | None = None) -> str:
     """The name spend is counted under: the budget and its calendar period, or a rolling window's
     bucket (the one holding `at`, by default the window's newest)."""
     if not w.rolling:
-        return f"{rule.key}@{w.id}"
+        return rule.key + "@" + w.id
     bucket = w.last_bucket if at is None else w.bucket(at)
     return f"{rule.key}@{w.id}#{bucket}"
 
 
+# Reservation ids: this process's random prefix and a counter (unique across sidecars sharing a
+# store, and cheaper than a UUID per request).
+_PREFIX = os.urandom(8).hex()
+_COUNTER = itertools.count(1)
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    return f"{_PREFIX}{next(_COUNTER):x}"
 
 
 def judge_all(
@@ -137,11 +148,16 @@ class MemoryLedger:
         self._spent: dict[str, list[int]] = {}
         self._reserved: dict[str, list[int]] = {}
         self._leases: dict[str, Reservation] = {}
+        # (expiry, id) of every lease, soonest first: a sweep looks at the expired ones only.
+        self._expiry: list[tuple[float, str]] = []
         self._buckets: dict[str, Bucket] = {}
 
     @property
     def degraded(self) -> bool:
         return False
+
+    def track(self, rules: Sequence[BudgetRule]) -> None:
+        return None  # everything it counts is its own
 
     async def start(self) -> None:
         if self.journal is not None:
@@ -200,10 +216,14 @@ class MemoryLedger:
 
     def sweep(self, now: float) -> int:
         """Free the leases of requests that never settled (their holder died); how many."""
-        expired = [r for r in self._leases.values() if r.expires <= now]
-        for r in expired:
-            self._release(r)
-        return len(expired)
+        freed = 0
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now:
+            _, rid = heapq.heappop(expiry)
+            r = self._leases.get(rid)
+            if r is not None and self._release(r):
+                freed += 1
+        return freed
 
     def _release(self, r: Reservation) -> bool:
         if self._leases.pop(r.id, None) is None:
@@ -225,14 +245,14 @@ class MemoryLedger:
             return Booking(None, tuple(verdicts))
         reservation = Reservation(new_id(), tuple(lines), now + lease_seconds)
         self._leases[reservation.id] = reservation
+        heapq.heappush(self._expiry, (reservation.expires, reservation.id))
+        after = []
         for v in verdicts:
             self._hold(v.line.rule, v.line.ask, 1)
             if v.judgement.bucket is not None:
                 self._buckets[v.line.rule.key] = v.judgement.bucket
-        after = tuple(
-            Verdict(v.line, v.judgement, Totals(v.totals.spent, v.totals.held + v.line.ask)) for v in verdicts
-        )
-        return Booking(reservation, after)
+            after.append(Verdict(v.line, v.judgement, Totals(v.totals.spent, v.totals.held + v.line.ask)))
+        return Booking(reservation, tuple(after))
 
     def forget_spent(self) -> None:
         """Drop the spend counted here (it is in the shared store now); leases stay."""

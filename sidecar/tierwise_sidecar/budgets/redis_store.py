@@ -27,7 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from tierwise.periods import ROLLING_SECONDS, Window
 from tierwise_sidecar.budgets.ledger import Booking, Line, Reservation, Totals, Verdict, new_id
@@ -36,6 +36,10 @@ from tierwise_sidecar.budgets.rules import OK, OVER_LIMIT, THROTTLED, Amount, Bu
 log = logging.getLogger("tierwise.budgets")
 
 PREFIX = "tierwise:{budgets}:"
+# A settle waits at most this long for a reservation to share a round trip with. It only delays
+# when a hold is released and its spend lands (both in the safe direction for others' decisions);
+# a sidecar killed in that window leaves its lease to expire.
+SETTLE_DELAY = 0.05
 # Keys of a finished calendar period are kept a while for whoever reports on them, then expire.
 KEEP_AFTER_PERIOD = 35 * 24 * 3600
 APPLIED_TTL = 7 * 24 * 3600
@@ -189,6 +193,13 @@ def _throttle_spec(rule: BudgetRule) -> str:
     return ";".join(f"{n(s.micros)},{n(s.tokens)},{rps!r}" for s, rps in rule.throttles)
 
 
+def _caps(rule: BudgetRule) -> tuple[int, int]:
+    cap = rule.cap
+    if cap is None:
+        return -1, -1
+    return -1 if cap.micros is None else cap.micros, -1 if cap.tokens is None else cap.tokens
+
+
 @dataclass(frozen=True, slots=True)
 class Settle:
     """A settle to send: idempotent by (instance, seq)."""
@@ -203,7 +214,14 @@ class StoreUnavailableError(Exception):
 
 
 class RedisLedgerClient:
-    """The scripts and the settle queue; no local view (the shared ledger adds that)."""
+    """The scripts and one outbox for them; no local view (the shared ledger adds that).
+
+    Reservations issued while the event loop is busy are sent together, in one pipeline, at its
+    next turn; settles wait for the next reservation to ride along with (at most SETTLE_DELAY):
+    a round trip and redis-py's per-command work are shared by every request in flight, and a
+    lone request costs one round trip, not two. Scripts are called by their SHA, loaded again only
+    when Redis answers that it does not know them (after a restart).
+    """
 
     def __init__(self, url: str, on_failed: Callable[[Sequence[Settle]], None], timeout: float = 0.5) -> None:
         self.url = url
@@ -219,40 +237,137 @@ class RedisLedgerClient:
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
-        self._reserve = self._client.register_script(RESERVE)
-        self._settle = self._client.register_script(SETTLE)
-        self._queue: asyncio.Queue[Settle] = asyncio.Queue()
-        self._worker: asyncio.Task[None] | None = None
-        self._sending = 0
+        self._scripts = {RESERVE: self._client.register_script(RESERVE), SETTLE: self._client.register_script(SETTLE)}
+        self._outbox: list[tuple[str, list[Any], asyncio.Future[Any] | Settle]] = []
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._settles_pending = 0
         self.sent = 0
 
     async def start(self) -> None:
-        self._worker = asyncio.create_task(self._send_settles())
+        return None
 
     async def drain(self, seconds: float = 5.0) -> None:
-        """Wait (bounded) until every queued settle was sent or handed back as failed."""
+        """Wait (bounded) until every settle issued was sent or handed back as failed."""
+        if self._outbox and not self._scheduled:
+            self._flush()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                while not self._queue.empty() or self._sending:
+                while self._settles_pending:
                     await asyncio.sleep(0.005)
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        rest = []
-        while not self._queue.empty():
-            rest.append(self._queue.get_nowait())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._flushing):
+            task.cancel()
+        await asyncio.gather(*self._flushing, return_exceptions=True)
+        rest = [item for _, _, item in self._outbox if isinstance(item, Settle)]
+        self._outbox.clear()
         if rest:
+            self._settles_pending -= len(rest)
             self._on_failed(rest)
         await self._client.aclose()
 
     async def ping(self) -> None:
         try:
-            await self._client.ping()
+            await self._client.execute_command("PING")  # type: ignore[no-untyped-call]
         except (RedisError, OSError) as e:
             raise StoreUnavailableError(str(e)) from None
+
+    # ------------------------------------------------------------ the outbox
+
+    def _post(self, script: str, args: list[Any], item: asyncio.Future[Any] | Settle) -> None:
+        self._outbox.append((script, args, item))
+        if self._scheduled:
+            return
+        loop = asyncio.get_running_loop()
+        if isinstance(item, Settle):
+            if self._timer is None:
+                self._timer = loop.call_later(SETTLE_DELAY, self._flush)
+            return
+        self._scheduled = True
+        loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._outbox = self._outbox, []
+        if batch:
+            task = asyncio.create_task(self._send(batch))
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+
+    async def _send(self, batch: list[tuple[str, list[Any], asyncio.Future[Any] | Settle]]) -> None:
+        try:
+            results = await self._call(batch)
+        except asyncio.CancelledError:
+            self._fail(batch, StoreUnavailableError("closed"))
+            raise
+        except (RedisError, OSError) as e:
+            self._fail(batch, StoreUnavailableError(f"{type(e).__name__}: {e}"))
+            return
+        failed: list[Settle] = []
+        for (_, _, item), result in zip(batch, results, strict=True):
+            error = result if isinstance(result, Exception) else None
+            if isinstance(item, Settle):
+                self._settles_pending -= 1
+                if error is None:
+                    self.sent += 1
+                else:
+                    failed.append(item)
+            elif not item.done():
+                if error is None:
+                    item.set_result(result)
+                else:
+                    item.set_exception(StoreUnavailableError(f"{type(error).__name__}: {error}"))
+        if failed:
+            log.warning("budget store %s: %d settle(s) not applied; kept to send again", self.redacted, len(failed))
+            self._on_failed(failed)
+
+    def _fail(self, batch: list[tuple[str, list[Any], asyncio.Future[Any] | Settle]], error: Exception) -> None:
+        settles = [item for _, _, item in batch if isinstance(item, Settle)]
+        for _, _, item in batch:
+            if not isinstance(item, Settle) and not item.done():
+                item.set_exception(error)
+        if settles:
+            self._settles_pending -= len(settles)
+            log.warning("budget store %s: %d settle(s) not sent (%s); kept to send when it returns",
+                        self.redacted, len(settles), error)  # fmt: skip
+            self._on_failed(settles)
+
+    async def _call(self, batch: list[tuple[str, list[Any], asyncio.Future[Any] | Settle]]) -> list[Any]:
+        """Every call of the batch in one round trip (a lone one without a pipeline's overhead).
+        A call Redis answered NOSCRIPT (it restarted and lost its script cache) ran nothing: its
+        script is loaded and that call alone is sent again; one that ran is never sent twice."""
+        results = await self._round_trip([(script, args) for script, args, _ in batch])
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            for script in {batch[i][0] for i in missing}:
+                await self._client.script_load(script)
+            again = await self._round_trip([(batch[i][0], batch[i][1]) for i in missing])
+            for i, r in zip(missing, again, strict=True):
+                results[i] = r
+        return results
+
+    async def _round_trip(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
+        if len(calls) == 1:
+            script, args = calls[0]
+            call = self._client.execute_command
+            try:
+                return [await call("EVALSHA", self._scripts[script].sha, *args)]  # type: ignore[no-untyped-call]
+            except NoScriptError as e:
+                return [e]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for script, args in calls:
+                pipe.execute_command("EVALSHA", self._scripts[script].sha, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+    # ------------------------------------------------------------ the contract
 
     async def reserve(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking:
         keys: list[str] = []
@@ -260,30 +375,19 @@ class RedisLedgerClient:
         for line in lines:
             r, w = line.rule, line.window
             keys += [spend_redis_key(r, w), *_keys(r)]
-            cap = r.cap
-            args += [
-                1 if w.rolling else 0,
-                w.first_bucket,
-                -1 if cap is None or cap.micros is None else cap.micros,
-                -1 if cap is None or cap.tokens is None else cap.tokens,
-                str(line.ask.micros),
-                str(line.ask.tokens),
-                "1" if r.dry_run else "0",
-                _throttle_spec(r),
-            ]
-        try:
-            out = await self._reserve(keys=keys, args=args)
-        except (RedisError, OSError) as e:
-            raise StoreUnavailableError(f"{type(e).__name__}: {e}") from None
+            args += [1 if w.rolling else 0, w.first_bucket, *_caps(r), str(line.ask.micros), str(line.ask.tokens),
+                     "1" if r.dry_run else "0", _throttle_spec(r)]  # fmt: skip
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._post(RESERVE, [len(keys), *keys, *args], fut)
+        out = await fut
         granted = int(out[0]) == 1
         verdicts = []
         for i, line in enumerate(lines):
             code, su, st, hu, ht, wait = out[1 + 6 * i : 7 + 6 * i]
             outcome = OK if int(code) == 0 else OVER_LIMIT if int(code) == 1 else THROTTLED
             held = Amount(int(hu), int(ht)) + (line.ask if granted else Amount())
-            verdicts.append(
-                Verdict(line, Judgement(outcome, None, float(wait)), Totals(Amount(int(su), int(st)), held))
-            )
+            totals = Totals(Amount(int(su), int(st)), held)
+            verdicts.append(Verdict(line, Judgement(outcome, None, float(wait)), totals))
         if not granted:
             return Booking(None, tuple(verdicts))
         return Booking(Reservation(str(args[1]), tuple(lines), now + lease_seconds, remote=True), tuple(verdicts))
@@ -293,9 +397,11 @@ class RedisLedgerClient:
         return self._seq
 
     def settle(self, reservation: Reservation, actual: Amount) -> None:
-        self._queue.put_nowait(Settle(self.next_seq(), reservation, actual))
+        s = Settle(self.next_seq(), reservation, actual)
+        self._settles_pending += 1
+        self._post(SETTLE, self._settle_call(s), s)
 
-    def _settle_call(self, s: Settle) -> tuple[list[str], list[Any]]:
+    def _settle_call(self, s: Settle) -> list[Any]:
         keys = [f"{PREFIX}applied:{self.instance}"]
         args: list[Any] = [s.seq, APPLIED_TTL, s.reservation.id, len(s.reservation.lines), str(s.actual.micros),
                            str(s.actual.tokens)]  # fmt: skip
@@ -304,48 +410,30 @@ class RedisLedgerClient:
             held, leases, lease, _ = _keys(r)
             keys += [spend_redis_key(r, w), held, leases, lease]
             args += [f"{w.last_bucket}:" if w.rolling else "", _ttl(w)]
-        return keys, args
+        return [len(keys), *keys, *args]
 
     async def send(self, batch: Sequence[Settle]) -> None:
-        """Settle a batch in one round trip; raises StoreUnavailable when it could not be sent."""
+        """Send settles now, in one round trip (replaying what was owed); raises StoreUnavailable
+        when they could not all be applied."""
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for s in batch:
-                    keys, args = self._settle_call(s)
-                    await self._settle(keys=keys, args=args, client=pipe)
-                await pipe.execute()
+            results = await self._call([(SETTLE, self._settle_call(s), s) for s in batch])
         except (RedisError, OSError) as e:
             raise StoreUnavailableError(f"{type(e).__name__}: {e}") from None
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise StoreUnavailableError(f"{len(errors)} settle(s) failed: {errors[0]}")
         self.sent += len(batch)
 
-    async def _send_settles(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < 256:
-                batch.append(self._queue.get_nowait())
-            self._sending = len(batch)
-            try:
-                await self.send(batch)
-            except StoreUnavailableError as e:
-                log.warning("budget store %s: %d settle(s) not sent (%s); kept to send when it returns",
-                            self.redacted, len(batch), e)  # fmt: skip
-                self._on_failed(batch)
-            except asyncio.CancelledError:
-                self._on_failed(batch)  # sent again later: a settle counts once however often it is sent
-                raise
-            finally:
-                self._sending = 0
-
     def queued(self) -> int:
-        return self._queue.qsize()
+        return self._settles_pending
 
     async def read(self, rules: Sequence[tuple[BudgetRule, Window]]) -> list[Totals]:
-        """Settled plus in-flight spend of each (budget, window), as the store has them now."""
+        """Settled and in-flight spend of each (budget, window), as the store has them now."""
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for r, w in rules:
                     pipe.hgetall(spend_redis_key(r, w))
-                    pipe.hmget(_keys(r)[0], "u", "t")
+                    pipe.hmget(_keys(r)[0], ["u", "t"])
                 got = await pipe.execute()
         except (RedisError, OSError) as e:
             raise StoreUnavailableError(f"{type(e).__name__}: {e}") from None

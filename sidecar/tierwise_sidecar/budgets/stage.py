@@ -26,8 +26,6 @@ from tierwise_sidecar.budgets.ledger import Ledger, Line, MemoryLedger, Verdict
 from tierwise_sidecar.budgets.metrics import BUDGET_METRICS, BudgetMetrics
 from tierwise_sidecar.budgets.note import BudgetNote
 from tierwise_sidecar.budgets.rules import OVER_LIMIT, ZERO, Amount, BudgetRule, rule_of
-from tierwise_sidecar.budgets.shared import SharedLedger
-from tierwise_sidecar.budgets.sqlite import SqliteJournal
 from tierwise_sidecar.errors import INVALID_REQUEST, RATE_LIMIT, ApiError
 from tierwise_sidecar.estimate import enter_tier, reserve_amount
 from tierwise_sidecar.money import micros_usd
@@ -44,10 +42,15 @@ H_RESET = "x-tierwise-budget-reset"
 
 
 def make_ledger(state: SharedState) -> Ledger:
+    """The configured store; its client library is imported only when it is the one in use."""
     store = state.config.budget_store
     if store.startswith(("redis://", "rediss://", "unix://")):
+        from tierwise_sidecar.budgets.shared import SharedLedger
+
         return SharedLedger(store, clock=state.config.clock)
     if store.startswith("sqlite:"):
+        from tierwise_sidecar.budgets.sqlite import SqliteJournal
+
         return MemoryLedger(SqliteJournal(Path(store.removeprefix("sqlite:")).expanduser()))
     if store != "memory":
         raise ValueError(f"budget store {store!r}: expected memory, sqlite:PATH or a redis:// URL")
@@ -135,8 +138,7 @@ class BudgetStage:
     def activate(self) -> None:
         """This Policy's budgets are the ones in force (called on the event loop, at the swap)."""
         self.metrics.watch(self.rules, self.ledger, self.windows, self.clock)
-        if isinstance(self.ledger, SharedLedger):
-            self.ledger.track(self.rules)
+        self.ledger.track(self.rules)
 
     async def enter(self, x: Exchange) -> Reply | None:
         who = x.identity
@@ -181,6 +183,8 @@ class BudgetStage:
         note.held.append(booking.reservation)
         note.holding = ask
         for v in booking.verdicts:
+            if not v.line.rule.notices:
+                continue
             pct = v.line.rule.notice(v.committed)
             if pct is not None:
                 note.notices.append(f"{v.line.rule.key} passed {pct}%")
@@ -193,6 +197,8 @@ class BudgetStage:
         last seen (a threshold is a level, not a limit: being a request late is fine)."""
         who = x.identity
         for rule, w in pairs:
+            if not rule.downgrades:
+                continue
             to = rule.downgrade_to(self.ledger.totals(rule, w).committed)
             if to is None or to == who.tier:
                 continue
