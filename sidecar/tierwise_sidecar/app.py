@@ -9,6 +9,7 @@ reloads (breakers, session pins, clients, ledgers) lives in the shared state.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -380,6 +381,22 @@ def _endpoint(request: web.Request) -> str:
     return request.path if request.path in SERVED else "unmatched"  # a known path with a wrong method
 
 
+# Young objects (a request's) are collected after this many allocations instead of 700: most die by
+# reference counting anyway, and each collection has a fixed cost the request path pays.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def settle_the_heap() -> None:
+    """Move what start-up built (modules, the Policy, tiktoken's tables: some 60k objects) out of
+    the garbage collector's sight: a full collection over them takes ~27 ms, a pause every request
+    in flight would wait out and a tail-latency spike under load. Later collections scan only what
+    requests and reloads create."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def run(
     gateway: Gateway,
     host: str,
@@ -393,6 +410,7 @@ async def run(
     while an injected sidecar's API listens on loopback, for its own pod only."""
     runner = web.AppRunner(gateway.app(), shutdown_timeout=gateway.config.drain_seconds, access_log=None)
     await runner.setup()
+    settle_the_heap()
     site = web.TCPSite(runner, host, port, shutdown_timeout=gateway.config.drain_seconds)
     await site.start()
     health: web.AppRunner | None = None

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -44,23 +45,30 @@ SETTLE_DELAY = 0.05
 KEEP_AFTER_PERIOD = 35 * 24 * 3600
 APPLIED_TTL = 7 * 24 * 3600
 
-RESERVE = """
-local now = tonumber(ARGV[1])
-local id = ARGV[2]
-local expires = ARGV[3]
-local n = tonumber(ARGV[4])
+# One script runs a whole flush: its settles and its reservations, in the order they were issued
+# (KEYS and ARGV consumed op after op). A flush is one command however many requests it carries,
+# which is what redis-py's per-command work makes worth it. A settle carries this sidecar's
+# instance and a sequence number, kept in a bitmap, so one sent again counts once; a reservation
+# holds its budgets' amounts all or nothing.
+BATCH = """
+local ki, ai = 0, 1
+local function key() ki = ki + 1 return KEYS[ki] end
+local function arg() ai = ai + 1 return ARGV[ai] end
 
-local function sweep(held, leases, lease)
-  local gone = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 256)
-  for _, lid in ipairs(gone) do
-    local amt = redis.call('HGET', lease, lid)
-    if amt then
-      local u, t = string.match(amt, '^(%d+) (%d+)$')
-      if u ~= '0' then redis.call('HINCRBY', held, 'u', '-' .. u) end
-      if t ~= '0' then redis.call('HINCRBY', held, 't', '-' .. t) end
-      redis.call('HDEL', lease, lid)
-    end
-    redis.call('ZREM', leases, lid)
+local function release(held, leases, lease, id)
+  local amt = redis.call('HGET', lease, id)
+  if amt then
+    local u, t = string.match(amt, '^(%d+) (%d+)$')
+    if u ~= '0' then redis.call('HINCRBY', held, 'u', '-' .. u) end
+    if t ~= '0' then redis.call('HINCRBY', held, 't', '-' .. t) end
+    redis.call('HDEL', lease, id)
+  end
+  redis.call('ZREM', leases, id)
+end
+
+local function sweep(held, leases, lease, now)
+  for _, lid in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 256)) do
+    release(held, leases, lease, lid)
   end
 end
 
@@ -93,82 +101,113 @@ local function rate_at(spec, cu, ct)
   return rate
 end
 
-local out, plans, refused = {}, {}, false
-for i = 0, n - 1 do
-  local k = 5 * i
-  local spend, held, leases, lease, bucket = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
-  local a = 5 + 8 * i
-  local rolling, first = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  local cap_u, cap_t = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local ask_u, ask_t = ARGV[a + 4], ARGV[a + 5]
-  local dry, spec = ARGV[a + 6], ARGV[a + 7]
-  sweep(held, leases, lease)
-  local su, st = spent(spend, rolling, first)
-  local h = redis.call('HMGET', held, 'u', 't')
-  local cu, ct = su + (tonumber(h[1]) or 0), st + (tonumber(h[2]) or 0)
-  local code, wait, tokens = 0, 0, nil
-  if (cap_u >= 0 and cu + tonumber(ask_u) > cap_u) or (cap_t >= 0 and ct + tonumber(ask_t) > cap_t) then
-    code = 1
-  else
-    local rate = rate_at(spec, cu, ct)
-    if rate > 0 then
-      local burst = math.max(1, rate)
-      local b = redis.call('HMGET', bucket, 'tokens', 'at')
-      local have = burst
-      if b[1] then have = math.min(burst, tonumber(b[1]) + math.max(now - tonumber(b[2]), 0) * rate) end
-      if have >= 1 then tokens = have - 1 else code, wait, tokens = 2, (1 - have) / rate, have end
+-- ARGS: now id expires n, then per budget: rolling first cap_u cap_t ask_u ask_t dry throttles
+-- KEYS: per budget: spend held leases lease bucket
+local function reserve()
+  local now, id, expires, n = tonumber(arg()), arg(), arg(), tonumber(arg())
+  local out, plans, refused = {1}, {}, false
+  for i = 1, n do
+    local spend, held, leases, lease, bucket = key(), key(), key(), key(), key()
+    local rolling, first = tonumber(arg()), tonumber(arg())
+    local cap_u, cap_t = tonumber(arg()), tonumber(arg())
+    local ask_u, ask_t, dry, spec = arg(), arg(), arg(), arg()
+    sweep(held, leases, lease, now)
+    local su, st = spent(spend, rolling, first)
+    local h = redis.call('HMGET', held, 'u', 't')
+    local cu, ct = su + (tonumber(h[1]) or 0), st + (tonumber(h[2]) or 0)
+    local code, wait, tokens = 0, 0, nil
+    if (cap_u >= 0 and cu + tonumber(ask_u) > cap_u) or (cap_t >= 0 and ct + tonumber(ask_t) > cap_t) then
+      code = 1
+    else
+      local rate = rate_at(spec, cu, ct)
+      if rate > 0 then
+        local burst = math.max(1, rate)
+        local b = redis.call('HMGET', bucket, 'tokens', 'at')
+        local have = burst
+        if b[1] then have = math.min(burst, tonumber(b[1]) + math.max(now - tonumber(b[2]), 0) * rate) end
+        if have >= 1 then tokens = have - 1 else code, wait, tokens = 2, (1 - have) / rate, have end
+      end
+    end
+    if code ~= 0 and dry ~= '1' then refused = true end
+    plans[i] = {held, leases, lease, bucket, ask_u, ask_t, tokens, code}
+    for _, v in ipairs({code, su, st, cu - su, ct - st, tostring(wait)}) do out[#out + 1] = v end
+  end
+  if refused then
+    out[1] = 0
+    return out
+  end
+  for i = 1, n do
+    local p = plans[i]
+    if p[5] ~= '0' then redis.call('HINCRBY', p[1], 'u', p[5]) end
+    if p[6] ~= '0' then redis.call('HINCRBY', p[1], 't', p[6]) end
+    redis.call('ZADD', p[2], expires, id)
+    redis.call('HSET', p[3], id, p[5] .. ' ' .. p[6])
+    if p[7] and p[8] == 0 then
+      redis.call('HSET', p[4], 'tokens', tostring(p[7]), 'at', tostring(now))
+      redis.call('EXPIRE', p[4], 3600)
     end
   end
-  if code ~= 0 and dry ~= '1' then refused = true end
-  plans[i] = {held, leases, lease, bucket, ask_u, ask_t, tokens, code}
-  out[#out + 1] = code
-  out[#out + 1] = su
-  out[#out + 1] = st
-  out[#out + 1] = cu - su
-  out[#out + 1] = ct - st
-  out[#out + 1] = tostring(wait)
-end
-if refused then
-  table.insert(out, 1, 0)
   return out
 end
-for i = 0, n - 1 do
-  local p = plans[i]
-  if p[5] ~= '0' then redis.call('HINCRBY', p[1], 'u', p[5]) end
-  if p[6] ~= '0' then redis.call('HINCRBY', p[1], 't', p[6]) end
-  redis.call('ZADD', p[2], expires, id)
-  redis.call('HSET', p[3], id, p[5] .. ' ' .. p[6])
-  if p[7] and p[8] == 0 then
-    redis.call('HSET', p[4], 'tokens', tostring(p[7]), 'at', tostring(now))
-    redis.call('EXPIRE', p[4], 3600)
+
+-- ARGS: seq applied_ttl id n actual_u actual_t, then per budget: field_prefix spend_ttl
+-- KEYS: applied, then per budget: spend held leases lease
+local function settle()
+  local applied = key()
+  local seq, ttl, id, n, act_u, act_t = arg(), arg(), arg(), tonumber(arg()), arg(), arg()
+  local dup = redis.call('SETBIT', applied, seq, 1) == 1
+  redis.call('EXPIRE', applied, ttl)
+  for i = 1, n do
+    local spend, held, leases, lease = key(), key(), key(), key()
+    local prefix, spend_ttl = arg(), arg()
+    if not dup then
+      if redis.call('ZSCORE', leases, id) then release(held, leases, lease, id) end
+      if act_u ~= '0' then redis.call('HINCRBY', spend, prefix .. 'u', act_u) end
+      if act_t ~= '0' then redis.call('HINCRBY', spend, prefix .. 't', act_t) end
+      redis.call('EXPIRE', spend, spend_ttl)
+    end
   end
+  if dup then return 0 end
+  return 1
 end
-table.insert(out, 1, 1)
-return out
+
+local results = {}
+for op = 1, tonumber(ARGV[1]) do
+  if arg() == 'R' then results[op] = reserve() else results[op] = settle() end
+end
+return results
 """
 
-SETTLE = """
-if redis.call('SETBIT', KEYS[1], ARGV[1], 1) == 1 then return 0 end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-local id, n, act_u, act_t = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
-for i = 0, n - 1 do
-  local spend, held, leases, lease = KEYS[2 + 4 * i], KEYS[3 + 4 * i], KEYS[4 + 4 * i], KEYS[5 + 4 * i]
-  if redis.call('ZREM', leases, id) == 1 then
-    local amt = redis.call('HGET', lease, id)
-    if amt then
-      local u, t = string.match(amt, '^(%d+) (%d+)$')
-      if u ~= '0' then redis.call('HINCRBY', held, 'u', '-' .. u) end
-      if t ~= '0' then redis.call('HINCRBY', held, 't', '-' .. t) end
-    end
-    redis.call('HDEL', lease, id)
-  end
-  local prefix, ttl = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
-  if act_u ~= '0' then redis.call('HINCRBY', spend, prefix .. 'u', act_u) end
-  if act_t ~= '0' then redis.call('HINCRBY', spend, prefix .. 't', act_t) end
-  redis.call('EXPIRE', spend, ttl)
-end
-return 1
-"""
+
+class _HiredisPacking:
+    """Commands packed by hiredis, in C: redis-py's asyncio connection packs in Python, which
+    for a script call with its keys and arguments costs some 300 us of CPU (hiredis: 5 us)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        if isinstance(name, str) and " " in name:  # "SCRIPT LOAD": the name is two words
+            args = (*name.split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+class _Connection(_HiredisPacking, aioredis.Connection):
+    pass
+
+
+class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
+    pass
+
+
+class _UnixConnection(_HiredisPacking, aioredis.UnixDomainSocketConnection):
+    pass
+
+
+def _connection_class(url: str) -> type[aioredis.Connection | aioredis.UnixDomainSocketConnection]:
+    if url.startswith("rediss://"):
+        return _SSLConnection
+    if url.startswith("unix://"):
+        return _UnixConnection
+    return _Connection
 
 
 def spend_redis_key(rule: BudgetRule, w: Window) -> str:
@@ -236,9 +275,11 @@ class RedisLedgerClient:
             # failure degrades to the local ledger and settles are sent again idempotently.
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
+            connection_class=_connection_class(url),
         )
-        self._scripts = {RESERVE: self._client.register_script(RESERVE), SETTLE: self._client.register_script(SETTLE)}
-        self._outbox: list[tuple[str, list[Any], asyncio.Future[Any] | Settle]] = []
+        self._batch = self._client.register_script(BATCH)
+        # Each op: its keys, its args (its kind first), and what waits for its result.
+        self._outbox: list[tuple[list[Any], list[Any], asyncio.Future[Any] | Settle]] = []
         self._flushing: set[asyncio.Task[None]] = set()
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -279,8 +320,8 @@ class RedisLedgerClient:
 
     # ------------------------------------------------------------ the outbox
 
-    def _post(self, script: str, args: list[Any], item: asyncio.Future[Any] | Settle) -> None:
-        self._outbox.append((script, args, item))
+    def _post(self, keys: list[Any], args: list[Any], item: asyncio.Future[Any] | Settle) -> None:
+        self._outbox.append((keys, args, item))
         if self._scheduled:
             return
         loop = asyncio.get_running_loop()
@@ -302,7 +343,7 @@ class RedisLedgerClient:
             self._flushing.add(task)
             task.add_done_callback(self._flushing.discard)
 
-    async def _send(self, batch: list[tuple[str, list[Any], asyncio.Future[Any] | Settle]]) -> None:
+    async def _send(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any] | Settle]]) -> None:
         try:
             results = await self._call(batch)
         except asyncio.CancelledError:
@@ -311,25 +352,14 @@ class RedisLedgerClient:
         except (RedisError, OSError) as e:
             self._fail(batch, StoreUnavailableError(f"{type(e).__name__}: {e}"))
             return
-        failed: list[Settle] = []
         for (_, _, item), result in zip(batch, results, strict=True):
-            error = result if isinstance(result, Exception) else None
             if isinstance(item, Settle):
                 self._settles_pending -= 1
-                if error is None:
-                    self.sent += 1
-                else:
-                    failed.append(item)
+                self.sent += 1
             elif not item.done():
-                if error is None:
-                    item.set_result(result)
-                else:
-                    item.set_exception(StoreUnavailableError(f"{type(error).__name__}: {error}"))
-        if failed:
-            log.warning("budget store %s: %d settle(s) not applied; kept to send again", self.redacted, len(failed))
-            self._on_failed(failed)
+                item.set_result(result)
 
-    def _fail(self, batch: list[tuple[str, list[Any], asyncio.Future[Any] | Settle]], error: Exception) -> None:
+    def _fail(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any] | Settle]], error: Exception) -> None:
         settles = [item for _, _, item in batch if isinstance(item, Settle)]
         for _, _, item in batch:
             if not isinstance(item, Settle) and not item.done():
@@ -340,45 +370,33 @@ class RedisLedgerClient:
                         self.redacted, len(settles), error)  # fmt: skip
             self._on_failed(settles)
 
-    async def _call(self, batch: list[tuple[str, list[Any], asyncio.Future[Any] | Settle]]) -> list[Any]:
-        """Every call of the batch in one round trip (a lone one without a pipeline's overhead).
-        A call Redis answered NOSCRIPT (it restarted and lost its script cache) ran nothing: its
-        script is loaded and that call alone is sent again; one that ran is never sent twice."""
-        results = await self._round_trip([(script, args) for script, args, _ in batch])
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            for script in {batch[i][0] for i in missing}:
-                await self._client.script_load(script)
-            again = await self._round_trip([(batch[i][0], batch[i][1]) for i in missing])
-            for i, r in zip(missing, again, strict=True):
-                results[i] = r
-        return results
-
-    async def _round_trip(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
-        if len(calls) == 1:
-            script, args = calls[0]
-            call = self._client.execute_command
+    async def _call(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any] | Settle]]) -> list[Any]:
+        """Every op of the batch in one script call. NOSCRIPT (Redis restarted and lost its script
+        cache) means nothing ran: the script is loaded and the call sent once more."""
+        keys = [k for op_keys, _, _ in batch for k in op_keys]
+        args = [len(batch), *(a for _, op_args, _ in batch for a in op_args)]
+        call = self._client.execute_command
+        for attempt in range(2):
             try:
-                return [await call("EVALSHA", self._scripts[script].sha, *args)]  # type: ignore[no-untyped-call]
-            except NoScriptError as e:
-                return [e]
-        async with self._client.pipeline(transaction=False) as pipe:
-            for script, args in calls:
-                pipe.execute_command("EVALSHA", self._scripts[script].sha, *args)
-            return list(await pipe.execute(raise_on_error=False))
+                return list(await call("EVALSHA", self._batch.sha, len(keys), *keys, *args))  # type: ignore[no-untyped-call]
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self._client.script_load(BATCH)
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ the contract
 
     async def reserve(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking:
         keys: list[str] = []
-        args: list[Any] = [repr(now), new_id(), repr(now + lease_seconds), len(lines)]
+        args: list[Any] = ["R", repr(now), new_id(), repr(now + lease_seconds), len(lines)]
         for line in lines:
             r, w = line.rule, line.window
             keys += [spend_redis_key(r, w), *_keys(r)]
             args += [1 if w.rolling else 0, w.first_bucket, *_caps(r), str(line.ask.micros), str(line.ask.tokens),
                      "1" if r.dry_run else "0", _throttle_spec(r)]  # fmt: skip
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._post(RESERVE, [len(keys), *keys, *args], fut)
+        self._post(keys, args, fut)
         out = await fut
         granted = int(out[0]) == 1
         verdicts = []
@@ -390,7 +408,7 @@ class RedisLedgerClient:
             verdicts.append(Verdict(line, Judgement(outcome, None, float(wait)), totals))
         if not granted:
             return Booking(None, tuple(verdicts))
-        return Booking(Reservation(str(args[1]), tuple(lines), now + lease_seconds, remote=True), tuple(verdicts))
+        return Booking(Reservation(str(args[2]), tuple(lines), now + lease_seconds, remote=True), tuple(verdicts))
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -399,29 +417,26 @@ class RedisLedgerClient:
     def settle(self, reservation: Reservation, actual: Amount) -> None:
         s = Settle(self.next_seq(), reservation, actual)
         self._settles_pending += 1
-        self._post(SETTLE, self._settle_call(s), s)
+        self._post(*self._settle_op(s), s)
 
-    def _settle_call(self, s: Settle) -> list[Any]:
+    def _settle_op(self, s: Settle) -> tuple[list[Any], list[Any]]:
         keys = [f"{PREFIX}applied:{self.instance}"]
-        args: list[Any] = [s.seq, APPLIED_TTL, s.reservation.id, len(s.reservation.lines), str(s.actual.micros),
+        args: list[Any] = ["S", s.seq, APPLIED_TTL, s.reservation.id, len(s.reservation.lines), str(s.actual.micros),
                            str(s.actual.tokens)]  # fmt: skip
         for line in s.reservation.lines:
             r, w = line.rule, line.window
             held, leases, lease, _ = _keys(r)
             keys += [spend_redis_key(r, w), held, leases, lease]
             args += [f"{w.last_bucket}:" if w.rolling else "", _ttl(w)]
-        return [len(keys), *keys, *args]
+        return keys, args
 
     async def send(self, batch: Sequence[Settle]) -> None:
-        """Send settles now, in one round trip (replaying what was owed); raises StoreUnavailable
-        when they could not all be applied."""
+        """Send settles now, in one script call (replaying what was owed); raises
+        StoreUnavailable when they could not be sent."""
         try:
-            results = await self._call([(SETTLE, self._settle_call(s), s) for s in batch])
+            await self._call([(*self._settle_op(s), s) for s in batch])
         except (RedisError, OSError) as e:
             raise StoreUnavailableError(f"{type(e).__name__}: {e}") from None
-        errors = [r for r in results if isinstance(r, Exception)]
-        if errors:
-            raise StoreUnavailableError(f"{len(errors)} settle(s) failed: {errors[0]}")
         self.sent += len(batch)
 
     def queued(self) -> int:
