@@ -235,3 +235,21 @@ def _sample(metrics: str, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no {name} {labels} in the metrics")
+
+
+def test_a_throttle_threshold_limits_the_budgets_traffic(net: Net) -> None:
+    clock = Clock(datetime(2026, 12, 3, 12, 0, tzinfo=NY).timestamp())
+    objs, _, _ = tiers(net, completion_tokens=16)
+    thresholds = [{"percent": 1, "action": "Throttle", "requestsPerSecond": 0.5}, {"percent": 100, "action": "Reject"}]
+    gw = net.gateway(*objs, budget("slow", limit={"usd": 1.0}, thresholds=thresholds), namespace="apps", clock=clock)
+    # $0.0074 a request: the first two start below 1% of $1; the third is past it, and takes the
+    # bucket's one request (0.5 per second, at least one); the fourth must wait 2 seconds.
+    for _ in range(3):
+        assert gw.post("/v1/chat/completions", ASK)[0] == 200
+    status, h, body = gw.post("/v1/chat/completions", ASK)
+    assert status == 429 and b'"code": "budget_throttled"' in body and h["Retry-After"] == "2"
+    clock.set(clock() + 2)
+    status, h, _ = gw.post("/v1/chat/completions", ASK)
+    assert status == 200 and h["x-tierwise-budget-state"] == "apps/slow=Throttled"
+    metrics = gw.get("/metrics")[1].decode()
+    assert 'tierwise_budget_refusals_total{budget="slow",budget_namespace="apps",reason="throttle"} 1.0' in metrics

@@ -1,0 +1,120 @@
+"""The stage chain on its own: it serves a request with no HTTP request behind it (a batch line, a
+cache replay) into a buffer, a stage's way out runs whatever happened, and a reload is built off
+the event loop without touching what is in force until it is applied."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.conftest import Net
+from tests.servers import CHAT, backend, tier
+from tierwise_sidecar.account import Outcome
+from tierwise_sidecar.app import Gateway
+from tierwise_sidecar.config import GatewayConfig
+from tierwise_sidecar.exchange import BufferSink, Exchange, Reply
+from tierwise_sidecar.identify import Identity, Priority
+from tierwise_sidecar.pipeline import Chain
+from tierwise_sidecar.policy_source import CrFolder
+from tierwise_sidecar.secrets import SecretSource
+
+DEFAULT = {"defaultFor": {"names": ["apps"]}}
+
+
+def _gateway(folder: Path, *objects: dict[str, Any]) -> Gateway:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "policy.yaml").write_text(yaml.safe_dump_all(list(objects)))
+    gw = Gateway(CrFolder(folder, "apps"), GatewayConfig(), SecretSource(Path("/nonexistent"), {}))
+    assert gw.reload()
+    return gw
+
+
+def _exchange(gw: Gateway, body: dict[str, Any], sink: BufferSink) -> Exchange:
+    runtime = gw.runtime
+    assert runtime is not None
+    identity = Identity(runtime.namespace, None, runtime.access.default or "", Priority.NORMAL, None)
+    return Exchange("chat", json.dumps(body).encode(), {}, runtime, sink, time.monotonic(), Outcome(), identity)
+
+
+def test_the_chain_serves_a_line_with_no_http_request_behind_it(net: Net, tmp_path: Path) -> None:
+    fake = net.fake(completion_tokens=5)
+    gw = _gateway(tmp_path / "p", tier("t", [backend("b", fake.v1)], access=DEFAULT))
+
+    async def go() -> tuple[BufferSink, BufferSink]:
+        await gw.state.start()
+        try:
+            pipeline = gw.pipeline
+            assert pipeline is not None
+            whole, stream = BufferSink(), BufferSink()
+            await pipeline.chain.run(_exchange(gw, CHAT, whole))
+            await pipeline.chain.run(_exchange(gw, {**CHAT, "stream": True}, stream))
+            return whole, stream
+        finally:
+            await gw.state.close()
+
+    whole, stream = asyncio.run(go())
+    assert whole.status == 200 and whole.closed
+    assert json.loads(whole.body)["choices"][0]["message"]["content"]
+    # Headers are the ones an HTTP caller gets, rendered by the account stage.
+    assert whole.headers["x-tierwise-tier"] == "t" and float(whole.headers["x-tierwise-cost-usd"]) > 0
+    assert stream.status == 200 and stream.content_type == "text/event-stream"
+    assert stream.body.endswith(b"data: [DONE]\n\n") and stream.headers["x-tierwise-backend"] == "b"
+    assert fake.requests == 2
+
+
+class _Recorder:
+    """A stage that notes its turns."""
+
+    def __init__(self, name: str, seen: list[str], answer: Reply | None = None, fail: bool = False) -> None:
+        self.name, self.seen, self.answer, self.fail = name, seen, answer, fail
+
+    async def enter(self, x: Exchange) -> Reply | None:
+        self.seen.append(f"in:{self.name}")
+        if self.fail:
+            raise RuntimeError("a bug")
+        return self.answer
+
+    async def leave(self, x: Exchange) -> None:
+        self.seen.append(f"out:{self.name}")
+        if self.fail:
+            raise RuntimeError("a bug on the way out too")
+
+
+def test_every_entered_stage_leaves_in_reverse_order_whatever_happened(net: Net, tmp_path: Path) -> None:
+    fake = net.fake()
+    gw = _gateway(tmp_path / "p", tier("t", [backend("b", fake.v1)], access=DEFAULT))
+
+    def run(*stages: _Recorder) -> tuple[BufferSink, BaseException | None]:
+        sink = BufferSink()
+        try:
+            asyncio.run(Chain(stages).run(_exchange(gw, CHAT, sink)))
+        except RuntimeError as e:
+            return sink, e
+        return sink, None
+
+    seen: list[str] = []
+    sink, _ = run(_Recorder("a", seen), _Recorder("hit", seen, Reply(200, b"{}")), _Recorder("never", seen))
+    assert seen == ["in:a", "in:hit", "out:hit", "out:a"] and sink.status == 200  # a 200 answered locally
+    seen.clear()
+    _, error = run(_Recorder("a", seen), _Recorder("bug", seen, fail=True), _Recorder("never", seen))
+    assert seen == ["in:a", "in:bug", "out:bug", "out:a"] and error is not None  # a failing leave costs no one
+
+
+def test_a_reload_is_built_without_touching_what_is_in_force(net: Net, tmp_path: Path) -> None:
+    old, new = net.fake("old"), net.fake("new")
+    folder = tmp_path / "p"
+    gw = _gateway(folder, tier("t", [backend("b", old.v1)], access=DEFAULT))
+    before = gw.pipeline
+    (folder / "policy.yaml").write_text(yaml.safe_dump(tier("t", [backend("b", new.v1)], access=DEFAULT)))
+    prepared = gw.prepare()  # what the reload thread runs
+    assert prepared is not None and prepared.pipeline is not None
+    assert gw.pipeline is before, "nothing changes until the loop applies it"
+    assert gw.apply(prepared) and gw.pipeline is prepared.pipeline
+    assert gw.runtime is not None and gw.runtime.tiers["t"].backends[0].url == new.v1
+    # The shared state is the same: what the sidecar learnt outlives the Policy.
+    assert gw.pipeline.chain.stages[-1].health is before.chain.stages[-1].health  # type: ignore[union-attr,attr-defined]
