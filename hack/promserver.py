@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from localcluster import free_port
+from localcluster import free_port, stop_process
 
 
 @dataclass
@@ -31,12 +31,7 @@ class Prometheus:
         return list(data["data"]["result"])
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        stop_process(self.process)
 
 
 def start_prometheus(

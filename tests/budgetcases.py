@@ -7,7 +7,7 @@ from typing import Any
 
 from tierwise.api.budget import CostBudgetSpec
 from tierwise.policy import PolicyBudget
-from tierwise_sidecar.budgets.rules import OK, OVER_LIMIT, THROTTLED, Amount, BudgetRule, rule_of
+from tierwise_sidecar.budgets.rules import OK, OVER_LIMIT, Amount, BudgetRule, rule_of
 
 
 def rule(name: str = "b", namespace: str = "apps", **spec: Any) -> BudgetRule:
@@ -16,6 +16,12 @@ def rule(name: str = "b", namespace: str = "apps", **spec: Any) -> BudgetRule:
 
 
 USD = Amount
+THROTTLED_AT_HALF: dict[str, Any] = {
+    "thresholds": [
+        {"percent": 50, "action": "Throttle", "requestsPerSecond": 0.5},
+        {"percent": 100, "action": "Reject"},
+    ]
+}
 # (case, rule spec, committed before (settled), ask, outcome)
 Case = tuple[str, dict[str, Any], Amount, Amount, str]
 CASES: list[Case] = [
@@ -43,27 +49,16 @@ CASES: list[Case] = [
     ("dry run judged over", {"dryRun": True}, USD(1_000_000), USD(1), OVER_LIMIT),
     (
         "throttled: first request passes (a full bucket)",
-        {
-            "thresholds": [
-                {"percent": 50, "action": "Throttle", "requestsPerSecond": 0.5},
-                {"percent": 100, "action": "Reject"},
-            ]
-        },
+        THROTTLED_AT_HALF,
         USD(600_000),
         USD(1000),
         OK,
     ),
     (
         "below the throttle level: no bucket",
-        {
-            "thresholds": [
-                {"percent": 50, "action": "Throttle", "requestsPerSecond": 0.5},
-                {"percent": 100, "action": "Reject"},
-            ]
-        },
+        THROTTLED_AT_HALF,
         USD(100_000),
         USD(1000),
         OK,
     ),
 ]
-OUTCOMES = (OK, OVER_LIMIT, THROTTLED)

@@ -9,15 +9,12 @@ reloads (breakers, session pins, clients, ledgers) lives in the shared state.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -26,7 +23,8 @@ from tierwise_sidecar.account import Outcome
 from tierwise_sidecar.config import GatewayConfig
 from tierwise_sidecar.endpoints import refresh_dns
 from tierwise_sidecar.errors import SERVER, ApiError
-from tierwise_sidecar.exchange import ClientGoneError, Exchange
+from tierwise_sidecar.exchange import Exchange
+from tierwise_sidecar.httpsink import HttpSink, endpoint_of
 from tierwise_sidecar.identify import Identity, Priority
 from tierwise_sidecar.metrics import METRICS
 from tierwise_sidecar.pipeline import Pipeline
@@ -38,10 +36,9 @@ from tierwise_sidecar.state import SharedState
 from tierwise_sidecar.tokens import TOKENS
 from tierwise_sidecar.validate import Kind, check_size, too_large
 
-__all__ = ["Gateway", "GatewayConfig", "Source", "run"]
+__all__ = ["Gateway", "GatewayConfig", "Source"]
 
 log = logging.getLogger("tierwise.sidecar")
-LAST_WRITE_SECONDS = 10.0
 
 
 class Source(Protocol):
@@ -59,49 +56,6 @@ class Prepared:
     endpoints: dict[str, tuple[str, ...]] | None = None
     refused: str | None = None
     why: str = "policy"
-
-
-class HttpSink:
-    """An answer written to an aiohttp request. A whole answer is sent at once (not when the
-    handler returns), so the stages' way out does not hold the caller."""
-
-    def __init__(self, request: web.Request) -> None:
-        self.request = request
-        self.response: web.StreamResponse | None = None
-
-    async def whole(self, status: int, headers: Mapping[str, str], body: bytes, content_type: str) -> None:
-        resp = web.Response(status=status, body=body, content_type=content_type, headers=headers)
-        self.response = resp
-        try:
-            await resp.prepare(self.request)
-            await resp.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            pass  # the caller left; nothing else to do for a whole answer
-
-    async def open(self, status: int, headers: Mapping[str, str]) -> None:
-        resp = web.StreamResponse(status=status, headers=headers)
-        self.response = resp
-        try:
-            await resp.prepare(self.request)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            raise ClientGoneError() from None
-
-    async def write(self, data: bytes) -> None:
-        assert self.response is not None
-        try:
-            await self.response.write(data)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            raise ClientGoneError() from None
-
-    async def close(self, last: bytes) -> None:
-        """The final bytes, bounded in time: a caller that stopped reading cannot hold the handler."""
-        assert self.response is not None
-        try:
-            async with asyncio.timeout(LAST_WRITE_SECONDS):
-                await self.response.write(last)
-                await self.response.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError, TimeoutError):
-            pass
 
 
 class Gateway:
@@ -304,7 +258,7 @@ class Gateway:
             return response
         finally:
             self.in_flight -= 1
-            self.metrics.responses.inc((_endpoint(request), str(status)))
+            self.metrics.responses.inc((endpoint_of(request), str(status)))
 
     async def _answer(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -366,72 +320,3 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.state.close()
-
-
-# The paths the gateway serves: a request to another path is counted as "unmatched", so a scan of
-# random paths cannot grow the metric's label set.
-SERVED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/healthz", "/readyz",
-                    "/metrics"})  # fmt: skip
-
-
-def _endpoint(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    if resource is not None:
-        return resource.canonical
-    return request.path if request.path in SERVED else "unmatched"  # a known path with a wrong method
-
-
-# Young objects (a request's) are collected after this many allocations instead of 700: most die by
-# reference counting anyway, and each collection has a fixed cost the request path pays.
-GC_YOUNG_THRESHOLD = 20_000
-
-
-def settle_the_heap() -> None:
-    """Move what start-up built (modules, the Policy, tiktoken's tables: some 60k objects) out of
-    the garbage collector's sight: a full collection over them takes ~27 ms, a pause every request
-    in flight would wait out and a tail-latency spike under load. Later collections scan only what
-    requests and reloads create."""
-    gc.collect()
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
-
-
-async def run(
-    gateway: Gateway,
-    host: str,
-    port: int,
-    ready: Callable[[int], None] | None = None,
-    health_port: int | None = None,
-) -> None:
-    """Serve until SIGTERM/SIGINT, then drain: stop accepting, let in-flight requests and streams
-    finish (up to drain_seconds), close. With `health_port`, /healthz, /readyz and /metrics are
-    also served there on every interface: kubelet probes and Prometheus reach a pod by its IP,
-    while an injected sidecar's API listens on loopback, for its own pod only."""
-    runner = web.AppRunner(gateway.app(), shutdown_timeout=gateway.config.drain_seconds, access_log=None)
-    await runner.setup()
-    settle_the_heap()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=gateway.config.drain_seconds)
-    await site.start()
-    health: web.AppRunner | None = None
-    if health_port is not None:
-        health = web.AppRunner(gateway.health_app(), access_log=None)
-        await health.setup()
-        await web.TCPSite(health, "", health_port).start()
-    bound = runner.addresses[0][1] if runner.addresses else port
-    log.info("serving on %s:%d", host or "*", bound)
-    if ready is not None:
-        ready(bound)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    gateway.draining = True
-    # Still serving while /readyz says 503, so load balancers and Endpoints stop sending first.
-    await asyncio.sleep(gateway.config.unready_seconds)
-    log.info("draining %d in-flight request(s)", gateway.in_flight)
-    await runner.cleanup()
-    if health is not None:
-        await health.cleanup()
-    log.info("stopped")

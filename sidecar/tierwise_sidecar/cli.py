@@ -18,7 +18,7 @@ import yaml
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
 from tierwise_sidecar import estimate, identify, route, validate
 from tierwise_sidecar.account import Outcome
-from tierwise_sidecar.app import Gateway, Source, run
+from tierwise_sidecar.app import Gateway, Source
 from tierwise_sidecar.config import ForwardConfig, GatewayConfig
 from tierwise_sidecar.difficulty import difficulty_of
 from tierwise_sidecar.estimate import estimate_on
@@ -29,6 +29,7 @@ from tierwise_sidecar.pipeline import Chain
 from tierwise_sidecar.policy_source import CrFolder, PolicyFile, PolicyLoadError
 from tierwise_sidecar.runtime import HEALTH, Runtime, build_runtime, self_hosted_keys
 from tierwise_sidecar.secrets import DEFAULT_DIR, SecretSource
+from tierwise_sidecar.serve import run
 from tierwise_sidecar.state import SharedState
 from tierwise_sidecar.tokens import TOKENS
 from tierwise_sidecar.validate import Kind, Limits

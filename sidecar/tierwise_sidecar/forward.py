@@ -272,7 +272,7 @@ class ForwardStage:
     # ------------------------------------------------------------ serving
 
     async def enter(self, x: Exchange) -> Reply | None:
-        self.metrics.in_flight.add((x.identity.tier,), 1)
+        self.metrics.in_flight.inc((x.identity.tier,))
         flight = Flight(x)
         flight.plan = self.plan(x, flight.state)
         try:
@@ -285,7 +285,7 @@ class ForwardStage:
         return None
 
     async def leave(self, x: Exchange) -> None:
-        self.metrics.in_flight.add((x.identity.tier,), -1)
+        self.metrics.in_flight.inc((x.identity.tier,), -1)
 
     def _whole(self, started: Started, x: Exchange) -> Reply:
         usage = started.data.get("usage")

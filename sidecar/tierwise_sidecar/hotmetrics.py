@@ -35,7 +35,11 @@ class _Family(Collector):
         return iter(())
 
 
-class FastCounter(_Family):
+class _Values(_Family):
+    """A value per label set, rendered as the family `kind` makes."""
+
+    kind: type[CounterMetricFamily] | type[GaugeMetricFamily]
+
     def __init__(self, name: str, doc: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
         super().__init__(name, doc, labels, registry)
         self.values: dict[Labels, float] = {}
@@ -45,26 +49,20 @@ class FastCounter(_Family):
         v[labels] = v.get(labels, 0.0) + amount
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        family = self.kind(self.name, self.doc, labels=self.labels)
         for labels, value in list(self.values.items()):
             family.add_metric(list(labels), value)
         yield family
 
 
-class FastGauge(_Family):
-    def __init__(self, name: str, doc: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
-        super().__init__(name, doc, labels, registry)
-        self.values: dict[Labels, float] = {}
+class FastCounter(_Values):
+    kind = CounterMetricFamily
 
-    def add(self, labels: Labels, amount: float) -> None:
-        v = self.values
-        v[labels] = v.get(labels, 0.0) + amount
 
-    def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(self.name, self.doc, labels=self.labels)
-        for labels, value in list(self.values.items()):
-            family.add_metric(list(labels), value)
-        yield family
+class FastGauge(_Values):
+    """`inc` with a negative amount takes away."""
+
+    kind = GaugeMetricFamily
 
 
 class FastHistogram(_Family):

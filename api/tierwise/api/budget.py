@@ -101,6 +101,22 @@ class Threshold(ApiModel):
     )
 
 
+def _per_request_within(unit: str) -> Invariant:
+    """perRequestMax.<unit> is no more than limit.<unit>, wherever both are set."""
+
+    def holds(s: CostBudgetSpec) -> bool:
+        pr, limit = s.per_request_max, getattr(s.limit, unit)
+        return pr is None or getattr(pr, unit) is None or limit is None or getattr(pr, unit) <= limit
+
+    return Invariant(
+        rule=f"!has(self.perRequestMax) || !has(self.perRequestMax.{unit}) || !has(self.limit.{unit})"
+        f" || self.perRequestMax.{unit} <= self.limit.{unit}",
+        message=f"perRequestMax.{unit} must not exceed limit.{unit}",
+        holds=holds,
+        field=".perRequestMax",
+    )
+
+
 class CostBudgetSpec(ApiModel):
     """Desired state of a CostBudget. The operator never writes it: spec comes from Git."""
 
@@ -139,30 +155,8 @@ class CostBudgetSpec(ApiModel):
             holds=lambda s: not s.period.value.startswith("Rolling") or s.time_zone == "UTC",
             field=".timeZone",
         ),
-        Invariant(
-            rule="!has(self.perRequestMax) || !has(self.perRequestMax.tokens) || !has(self.limit.tokens)"
-            " || self.perRequestMax.tokens <= self.limit.tokens",
-            message="perRequestMax.tokens must not exceed limit.tokens",
-            holds=lambda s: (
-                s.per_request_max is None
-                or s.per_request_max.tokens is None
-                or s.limit.tokens is None
-                or s.per_request_max.tokens <= s.limit.tokens
-            ),
-            field=".perRequestMax",
-        ),
-        Invariant(
-            rule="!has(self.perRequestMax) || !has(self.perRequestMax.usd) || !has(self.limit.usd)"
-            " || self.perRequestMax.usd <= self.limit.usd",
-            message="perRequestMax.usd must not exceed limit.usd",
-            holds=lambda s: (
-                s.per_request_max is None
-                or s.per_request_max.usd is None
-                or s.limit.usd is None
-                or s.per_request_max.usd <= s.limit.usd
-            ),
-            field=".perRequestMax",
-        ),
+        _per_request_within("tokens"),
+        _per_request_within("usd"),
     )
 
 
