@@ -32,7 +32,7 @@ from tierwise_sidecar.policy_source import Loaded, PolicyLoadError
 from tierwise_sidecar.runtime import HEALTH, Health, Runtime, build_runtime, self_hosted, unreachable
 from tierwise_sidecar.secrets import SecretSource
 from tierwise_sidecar.stages import build_chain
-from tierwise_sidecar.state import SharedState
+from tierwise_sidecar.state import SharedState, StartupError
 from tierwise_sidecar.tokens import TOKENS
 from tierwise_sidecar.validate import Kind, check_size, too_large
 
@@ -179,7 +179,10 @@ class Gateway:
             try:
                 prepared = await asyncio.to_thread(self.prepare)
                 if prepared is not None and prepared.pipeline is not None:
-                    await self.state.start()  # what the new stages asked for, before they serve
+                    try:
+                        await self.state.start()  # what the new stages asked for, before they serve
+                    except StartupError as e:
+                        prepared = Prepared(prepared.signature, refused=str(e))
                 self.apply(prepared)
             except Exception:
                 log.exception("policy reload failed")

@@ -30,7 +30,7 @@ from tierwise_sidecar.policy_source import CrFolder, PolicyFile, PolicyLoadError
 from tierwise_sidecar.runtime import HEALTH, Runtime, build_runtime, self_hosted_keys
 from tierwise_sidecar.secrets import DEFAULT_DIR, SecretSource
 from tierwise_sidecar.serve import run
-from tierwise_sidecar.state import SharedState
+from tierwise_sidecar.state import SharedState, StartupError
 from tierwise_sidecar.tokens import TOKENS
 from tierwise_sidecar.validate import Kind, Limits
 
@@ -112,7 +112,11 @@ def _serve(
         print("error: no usable Policy; see the log above", file=sys.stderr)
         return 1
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(run(gateway, host, args.port, health_port=args.health_port))
+        try:
+            runner.run(run(gateway, host, args.port, health_port=args.health_port))
+        except StartupError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

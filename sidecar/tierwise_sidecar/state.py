@@ -21,6 +21,10 @@ log = logging.getLogger("tierwise.sidecar")
 T = TypeVar("T")
 
 
+class StartupError(Exception):
+    """A component cannot start (its store is in use, say); the message says why and what to do."""
+
+
 @runtime_checkable
 class Lifecycle(Protocol):
     async def start(self) -> None: ...

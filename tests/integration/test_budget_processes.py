@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -280,3 +282,19 @@ def test_a_killed_sidecars_reservations_expire_and_settled_spend_stays(
     after = _redis_spend(redis_server.url)
     assert before[1] >= settled[1] and after[1] > before[1], "settled spend stays, new spend adds"
     assert after[1] == _tokens(fake)
+
+
+def test_a_second_gateway_on_the_same_ledger_file_is_refused_with_a_clear_error(
+    net: Net, launch: Launch, tmp_path: Path
+) -> None:
+    fake = net.fake()
+    policy = _policy(tmp_path / "policy", fake)
+    store = ["--budget-store", f"sqlite:{tmp_path / 'ledger.sqlite'}"]
+    launch("gateway", "--policy", str(policy), *store)
+    second = subprocess.run(
+        [sys.executable, "-m", "tierwise_cli", "gateway", "--policy", str(policy), *store, "--port", "0"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert second.returncode == 1
+    assert "is in use by pid" in second.stderr and "share budgets through Redis" in second.stderr
+    assert "Traceback" not in second.stderr

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from tierwise_sidecar.budgets.rules import Amount
+from tierwise_sidecar.state import StartupError
 
 log = logging.getLogger("tierwise.budgets")
 
@@ -48,7 +49,7 @@ KEEP_SECONDS = 400 * 24 * 3600
 _STOP = ("", Amount())
 
 
-class LedgerInUseError(RuntimeError):
+class LedgerInUseError(StartupError):
     pass
 
 
