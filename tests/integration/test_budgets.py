@@ -253,3 +253,22 @@ def test_a_throttle_threshold_limits_the_budgets_traffic(net: Net) -> None:
     assert status == 200 and h["x-tierwise-budget-state"] == "apps/slow=Throttled"
     metrics = gw.get("/metrics")[1].decode()
     assert 'tierwise_budget_refusals_total{budget="slow",budget_namespace="apps",reason="throttle"} 1.0' in metrics
+
+
+def test_a_refusal_only_holds_are_in_the_way_of_says_retry_soon(net: Net) -> None:
+    objs, _, _ = tiers(net, completion_tokens=16, first_byte_ms=1500)
+    gw = net.gateway(*objs, budget("small", limit={"usd": 0.02}), namespace="apps")
+    results: list[int] = []
+    callers = [threading.Thread(target=lambda: results.append(gw.post("/v1/chat/completions", ASK)[0]))
+               for _ in range(2)]  # fmt: skip
+    for c in callers:
+        c.start()
+    time.sleep(0.5)  # both hold $0.0074 now; their provider has not answered
+    status, h, body = gw.post("/v1/chat/completions", ASK)
+    assert status == 429 and h["Retry-After"] == "1" and b"requests in flight settle" in body
+    for c in callers:
+        c.join(10)
+    assert results == [200, 200]
+    # Spent now, not held: this one waits for the month to end.
+    status, h, body = gw.post("/v1/chat/completions", ASK)
+    assert status == 429 and int(h["Retry-After"]) > 3600 and b"the period resets" in body

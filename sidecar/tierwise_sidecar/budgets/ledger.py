@@ -221,11 +221,12 @@ class MemoryLedger:
         while expiry and expiry[0][0] <= now:
             _, rid = heapq.heappop(expiry)
             r = self._leases.get(rid)
-            if r is not None and self._release(r):
+            if r is not None and self.release(r):
                 freed += 1
         return freed
 
-    def _release(self, r: Reservation) -> bool:
+    def release(self, r: Reservation) -> bool:
+        """Drop a reservation's hold (without counting any spend); False if it holds nothing here."""
         if self._leases.pop(r.id, None) is None:
             return False
         for line in r.lines:
@@ -259,7 +260,7 @@ class MemoryLedger:
         self._spent.clear()
 
     def settle(self, reservation: Reservation, actual: Amount, now: float) -> None:
-        self._release(reservation)
+        self.release(reservation)
         if actual == ZERO:
             return
         for line in reservation.lines:

@@ -104,12 +104,15 @@ class SharedLedger:
         return Booking(booking.reservation, booking.verdicts, degraded=True)
 
     def settle(self, reservation: Reservation, actual: Amount, now: float) -> None:
-        if reservation.remote or not self._degraded:
-            self.client.settle(reservation, actual)
-            return
-        # Judged locally: counted locally until Redis has it, and owed to Redis.
-        self.local.settle(reservation, actual, now)
-        self._owed.append(Settle(self.client.next_seq(), reservation, actual))
+        if not reservation.remote:
+            if self._degraded:
+                # Judged locally: counted locally until Redis has it, and owed to Redis.
+                self.local.settle(reservation, actual, now)
+                self._owed.append(Settle(self.client.next_seq(), reservation, actual))
+                return
+            # Held here while Redis was away, settled once it is back: the spend goes to Redis.
+            self.local.release(reservation)
+        self.client.settle(reservation, actual)
 
     # ------------------------------------------------------------ degraded and back
 
@@ -126,16 +129,22 @@ class SharedLedger:
 
     async def _recover(self) -> None:
         await self.client.ping()
+        await self._pay_back()
+        await self._refresh()
+        # Settled while the totals were read: paid too, and nothing awaited until the switch, so
+        # no settle can slip between the last payment and trusting Redis again.
+        await self._pay_back()
+        # What was counted locally is in Redis now, and in the snapshot.
+        self.local.forget_spent()
+        self._degraded = False
+        log.info("budget store %s is back: owed settles sent, enforcing on it again", self.client.redacted)
+
+    async def _pay_back(self) -> None:
         while self._owed:
             batch = self._owed[:256]
             await self.client.send(batch)
             del self._owed[: len(batch)]
             self.replayed += len(batch)
-        await self._refresh()
-        # What was counted locally is in Redis now, and in the snapshot.
-        self.local.forget_spent()
-        self._degraded = False
-        log.info("budget store %s is back: owed settles sent, enforcing on it again", self.client.redacted)
 
     async def _refresh(self) -> None:
         if not self._tracked:

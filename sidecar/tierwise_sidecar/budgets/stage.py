@@ -25,7 +25,7 @@ from tierwise.periods import Window, seconds_to_relief, window
 from tierwise_sidecar.budgets.ledger import Ledger, Line, MemoryLedger, Verdict
 from tierwise_sidecar.budgets.metrics import BUDGET_METRICS, BudgetMetrics
 from tierwise_sidecar.budgets.note import BudgetNote
-from tierwise_sidecar.budgets.rules import OVER_LIMIT, ZERO, Amount, BudgetRule, rule_of
+from tierwise_sidecar.budgets.rules import OVER_LIMIT, ZERO, Amount, BudgetRule, judge, rule_of
 from tierwise_sidecar.errors import INVALID_REQUEST, RATE_LIMIT, ApiError
 from tierwise_sidecar.estimate import enter_tier, reserve_amount
 from tierwise_sidecar.money import micros_usd
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tierwise.budgets")
 
 H_RESET = "x-tierwise-budget-reset"
+# Retry-After when a budget is short only because of what requests in flight hold.
+HELD_RETRY_SECONDS = 1
 
 
 def make_ledger(state: SharedState) -> Ledger:
@@ -86,7 +88,6 @@ def _iso(ts: float) -> str:
 
 def _refusal(v: Verdict, now: float) -> ApiError:
     rule, w = v.line.rule, v.line.window
-    relief = seconds_to_relief(w, now)
     if v.judgement.outcome == OVER_LIMIT:
         committed = v.committed
         spent = (
@@ -94,7 +95,13 @@ def _refusal(v: Verdict, now: float) -> ApiError:
             if rule.has_usd
             else f"{committed.tokens} of {rule.limit.tokens} tokens"
         )
-        when = "the period resets" if not w.rolling else "older spend leaves the window"
+        if judge(rule, v.totals.spent, v.line.ask, None, now).outcome != OVER_LIMIT:
+            # Only what requests in flight hold is in the way: their holds give way to their
+            # actual cost (usually less) within a request's time.
+            relief, when = HELD_RETRY_SECONDS, "requests in flight settle"
+        else:
+            relief = seconds_to_relief(w, now)
+            when = "the period resets" if not w.rolling else "older spend leaves the window"
         return ApiError(
             429,
             f"budget {rule.key} cannot take this request: {spent} spent or held by requests in flight, and this "
