@@ -90,13 +90,15 @@ class StoreUnavailableError(Exception):
 
 
 class RedisLedgerClient:
-    """The scripts and one outbox for them; no local view (the shared ledger adds that).
+    """The script and one outbox for it; no local view (the shared ledger adds that).
 
-    Reservations issued while the event loop is busy are sent together, in one pipeline, at its
-    next turn; settles wait for the next reservation to ride along with (at most SETTLE_DELAY):
-    a round trip and redis-py's per-command work are shared by every request in flight, and a
-    lone request costs one round trip, not two. Scripts are called by their SHA, loaded again only
-    when Redis answers that it does not know them (after a restart).
+    Reservations go out at the event loop's next turn, together with whatever else was issued
+    meanwhile; settles wait for the next reservation to ride along with (at most SETTLE_DELAY).
+    One flush is in flight at a time, on a connection of its own (a redis-py Connection: no pool,
+    no lock, no timer per read; one timeout bounds the round trip), and what is issued while it is
+    goes out in the next: the busier the sidecar, the more requests share a round trip and
+    redis-py's work for it, and a lone request costs one round trip, not two. The script is called
+    by its SHA, loaded again only when Redis answers that it does not know it (after a restart).
     """
 
     def __init__(self, url: str, on_failed: Callable[[Sequence[Settle]], None], timeout: float = 0.5) -> None:
@@ -115,10 +117,18 @@ class RedisLedgerClient:
             connection_class=connection_class(url),
         )
         self._batch = self._client.register_script(BATCH)
+        pool: aioredis.ConnectionPool = aioredis.ConnectionPool.from_url(
+            url, socket_timeout=None, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+            health_check_interval=0, connection_class=connection_class(url),
+        )  # fmt: skip
+        self._conn = pool.make_connection()  # type: ignore[no-untyped-call]
+        self._lock = asyncio.Lock()
+        self.timeout = timeout
         # Each op: its keys, its args (its kind first), and what waits for its result.
         self._outbox: list[tuple[list[Any], list[Any], asyncio.Future[Any] | Settle]] = []
         self._flushing: set[asyncio.Task[None]] = set()
         self._scheduled = False
+        self._in_flight = False
         self._timer: asyncio.TimerHandle | None = None
         self._settles_pending = 0
         self.sent = 0
@@ -147,6 +157,7 @@ class RedisLedgerClient:
         if rest:
             self._settles_pending -= len(rest)
             self._on_failed(rest)
+        await self._conn.disconnect()
         await self._client.aclose()
 
     async def ping(self) -> None:
@@ -159,7 +170,7 @@ class RedisLedgerClient:
 
     def _post(self, keys: list[Any], args: list[Any], item: asyncio.Future[Any] | Settle) -> None:
         self._outbox.append((keys, args, item))
-        if self._scheduled:
+        if self._scheduled or self._in_flight:
             return
         loop = asyncio.get_running_loop()
         if isinstance(item, Settle):
@@ -174,11 +185,22 @@ class RedisLedgerClient:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._in_flight:
+            return  # the flush in flight sends what waits when it is done
         batch, self._outbox = self._outbox, []
         if batch:
+            self._in_flight = True
             task = asyncio.create_task(self._send(batch))
             self._flushing.add(task)
-            task.add_done_callback(self._flushing.discard)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._flushing.discard(task)
+        self._in_flight = False
+        if any(not isinstance(item, Settle) for _, _, item in self._outbox):
+            self._flush()  # reservations waited for this round trip
+        elif self._outbox and self._timer is None and not task.cancelled():
+            self._timer = asyncio.get_running_loop().call_later(SETTLE_DELAY, self._flush)
 
     async def _send(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any] | Settle]]) -> None:
         try:
@@ -186,8 +208,8 @@ class RedisLedgerClient:
         except asyncio.CancelledError:
             self._fail(batch, StoreUnavailableError("closed"))
             raise
-        except (RedisError, OSError) as e:
-            self._fail(batch, StoreUnavailableError(f"{type(e).__name__}: {e}"))
+        except (RedisError, OSError, StoreUnavailableError) as e:
+            self._fail(batch, e if isinstance(e, StoreUnavailableError) else StoreUnavailableError(str(e)))
             return
         for (_, _, item), result in zip(batch, results, strict=True):
             if isinstance(item, Settle):
@@ -212,15 +234,33 @@ class RedisLedgerClient:
         cache) means nothing ran: the script is loaded and the call sent once more."""
         keys = [k for op_keys, _, _ in batch for k in op_keys]
         args = [len(batch), *(a for _, op_args, _ in batch for a in op_args)]
-        call = self._client.execute_command
-        for attempt in range(2):
-            try:
-                return list(await call("EVALSHA", self._batch.sha, len(keys), *keys, *args))  # type: ignore[no-untyped-call]
-            except NoScriptError:
-                if attempt:
-                    raise
-                await self._client.script_load(BATCH)
+        async with self._lock:  # one command at a time on the connection: replies come in order
+            for attempt in range(2):
+                try:
+                    return list(await self._round_trip("EVALSHA", self._batch.sha, len(keys), *keys, *args))
+                except NoScriptError:
+                    if attempt:
+                        raise
+                    await self._round_trip("SCRIPT LOAD", BATCH)
         raise AssertionError("unreachable")
+
+    async def _round_trip(self, *command: Any) -> Any:
+        """One command on the flush's own connection, bounded in time; on any failure the
+        connection is dropped (a reply may still be on its way) and made again next time."""
+        conn = self._conn
+        try:
+            async with asyncio.timeout(self.timeout):
+                await conn.connect()
+                await conn.send_command(*command)
+                reply = await conn.read_response()
+        except NoScriptError:
+            raise
+        except (RedisError, OSError, TimeoutError) as e:
+            await conn.disconnect()
+            raise StoreUnavailableError(f"{type(e).__name__}: {e}") from None
+        if isinstance(reply, RedisError):
+            raise reply
+        return reply
 
     # ------------------------------------------------------------ the contract
 
@@ -272,7 +312,7 @@ class RedisLedgerClient:
         StoreUnavailable when they could not be sent."""
         try:
             await self._call([(*self._settle_op(s), s) for s in batch])
-        except (RedisError, OSError) as e:
+        except RedisError as e:
             raise StoreUnavailableError(f"{type(e).__name__}: {e}") from None
         self.sent += len(batch)
 
