@@ -8,9 +8,10 @@ the client did not ask for, the usage-only event is dropped so the client sees w
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 DONE = b"[DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -66,7 +67,7 @@ class Relay:
                 st.done = True
                 return False
             try:
-                obj = json.loads(payload)
+                obj = orjson.loads(payload)
             except ValueError:
                 return True
             if not isinstance(obj, dict):
@@ -114,4 +115,4 @@ def _next_boundary(buf: bytes, start: int) -> tuple[int, int]:
 def error_event(message: str, code: str, type_: str = "upstream_error") -> bytes:
     """The event that ends a stream that cannot be completed: the openai SDK raises it as APIError."""
     body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(body) + b"\n\n"
