@@ -27,11 +27,10 @@ from typing import Any
 
 from run_proxy import tierwise_policy
 
-from tierwise_sidecar.account import Outcome, segment
+from tierwise_sidecar.account import segment
 from tierwise_sidecar.app import Gateway
 from tierwise_sidecar.config import GatewayConfig
 from tierwise_sidecar.exchange import BufferSink, Exchange, Reply
-from tierwise_sidecar.identify import Identity, Priority
 from tierwise_sidecar.pipeline import Chain
 from tierwise_sidecar.policy_source import CrFolder
 from tierwise_sidecar.secrets import SecretSource
@@ -110,11 +109,10 @@ async def measure(store: str | None, requests: int, warmup: int, tmp: Path) -> d
     chain = Chain([*timed, Answer()])
     runtime = pipeline.runtime
     raw = json.dumps(BODY).encode()
-    placeholder = Identity(runtime.namespace, None, runtime.access.default or "", Priority.NORMAL, None)
 
     async def one() -> None:
         sink = BufferSink()
-        x = Exchange("chat", raw, {}, runtime, sink, time.monotonic(), Outcome(), placeholder)
+        x = Exchange.arriving("chat", raw, {}, runtime, sink=sink, started=time.monotonic())
         await chain.run(x)
         assert sink.status == 200, sink.body[:300]
 

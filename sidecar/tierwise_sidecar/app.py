@@ -19,13 +19,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tierwise.policy import Policy
-from tierwise_sidecar.account import Outcome
 from tierwise_sidecar.config import GatewayConfig
 from tierwise_sidecar.endpoints import refresh_dns
 from tierwise_sidecar.errors import SERVER, ApiError
 from tierwise_sidecar.exchange import Exchange
 from tierwise_sidecar.httpsink import HttpSink, endpoint_of
-from tierwise_sidecar.identify import Identity, Priority
 from tierwise_sidecar.metrics import METRICS
 from tierwise_sidecar.pipeline import Pipeline
 from tierwise_sidecar.policy_source import Loaded, PolicyLoadError
@@ -215,8 +213,7 @@ class Gateway:
         runtime = pipeline.runtime
         raw = await self._read(request)
         sink = HttpSink(request)
-        identity = Identity(runtime.namespace, None, runtime.access.default or "", Priority.NORMAL, None)
-        x = Exchange(kind, raw, request.headers, runtime, sink, started, Outcome(), identity)
+        x = Exchange.arriving(kind, raw, request.headers, runtime, sink=sink, started=started)
         await pipeline.chain.run(x)
         if sink.response is None:
             raise RuntimeError("the pipeline ended without an answer")

@@ -17,13 +17,11 @@ import yaml
 
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
 from tierwise_sidecar import estimate, identify, route, validate
-from tierwise_sidecar.account import Outcome
 from tierwise_sidecar.app import Gateway, Source
 from tierwise_sidecar.config import ForwardConfig, GatewayConfig
 from tierwise_sidecar.difficulty import difficulty_of
 from tierwise_sidecar.estimate import estimate_on
 from tierwise_sidecar.exchange import BufferSink, Exchange
-from tierwise_sidecar.identify import Identity, Priority
 from tierwise_sidecar.ingress import Ingress, IngressSource, parse_target, parse_upstream
 from tierwise_sidecar.pipeline import Chain
 from tierwise_sidecar.policy_source import CrFolder, PolicyFile, PolicyLoadError
@@ -190,8 +188,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     kind: Kind = args.kind
     headers = {"x-tierwise-tier": args.tier} if args.tier else {}
     headers["x-tierwise-priority"] = args.priority
-    placeholder = Identity(runtime.namespace, None, runtime.access.default or "", Priority.NORMAL, None)
-    x = Exchange(kind, raw, headers, runtime, BufferSink(), time.monotonic(), Outcome(), placeholder)
+    x = Exchange.arriving(kind, raw, headers, runtime, sink=BufferSink(), started=time.monotonic())
     asyncio.run(_estimate_chain(runtime, state).run(x))
     if x.error is not None:
         print(f"error: {x.error.message}", file=sys.stderr)

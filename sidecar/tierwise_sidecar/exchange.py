@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tierwise_sidecar.account import Outcome, render_headers
 from tierwise_sidecar.errors import ApiError
 from tierwise_sidecar.estimate import Estimate
-from tierwise_sidecar.identify import Identity
+from tierwise_sidecar.identify import Identity, Priority
 from tierwise_sidecar.runtime import Runtime
 from tierwise_sidecar.validate import Kind
 
@@ -121,6 +121,15 @@ class Exchange:
     # Rendered bodies by (model, resume text): retries and same-model backends reuse them.
     payloads: dict[tuple[str, str], bytes] = field(default_factory=dict)
     prompt_counts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def arriving(
+        cls, kind: Kind, raw: bytes, headers: Mapping[str, str], runtime: Runtime, *, sink: Sink, started: float
+    ) -> Exchange:
+        """A request as it arrives: until the identify stage has run, it is the namespace's, on
+        its default tier, at normal priority (what an error before then is reported under)."""
+        who = Identity(runtime.namespace, None, runtime.access.default or "", Priority.NORMAL, None)
+        return cls(kind, raw, headers, runtime, sink, started, Outcome(), who)
 
     @property
     def resumable(self) -> bool:

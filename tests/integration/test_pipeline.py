@@ -14,11 +14,9 @@ import yaml
 
 from tests.conftest import Net
 from tests.servers import CHAT, backend, tier
-from tierwise_sidecar.account import Outcome
 from tierwise_sidecar.app import Gateway
 from tierwise_sidecar.config import GatewayConfig
 from tierwise_sidecar.exchange import BufferSink, Exchange, Reply
-from tierwise_sidecar.identify import Identity, Priority
 from tierwise_sidecar.pipeline import Chain
 from tierwise_sidecar.policy_source import CrFolder
 from tierwise_sidecar.secrets import SecretSource
@@ -37,8 +35,7 @@ def _gateway(folder: Path, *objects: dict[str, Any]) -> Gateway:
 def _exchange(gw: Gateway, body: dict[str, Any], sink: BufferSink) -> Exchange:
     runtime = gw.runtime
     assert runtime is not None
-    identity = Identity(runtime.namespace, None, runtime.access.default or "", Priority.NORMAL, None)
-    return Exchange("chat", json.dumps(body).encode(), {}, runtime, sink, time.monotonic(), Outcome(), identity)
+    return Exchange.arriving("chat", json.dumps(body).encode(), {}, runtime, sink, time.monotonic())
 
 
 def test_the_chain_serves_a_line_with_no_http_request_behind_it(net: Net, tmp_path: Path) -> None:
