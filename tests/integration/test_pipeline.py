@@ -35,7 +35,7 @@ def _gateway(folder: Path, *objects: dict[str, Any]) -> Gateway:
 def _exchange(gw: Gateway, body: dict[str, Any], sink: BufferSink) -> Exchange:
     runtime = gw.runtime
     assert runtime is not None
-    return Exchange.arriving("chat", json.dumps(body).encode(), {}, runtime, sink, time.monotonic())
+    return Exchange.arriving("chat", json.dumps(body).encode(), {}, runtime, sink=sink, started=time.monotonic())
 
 
 def test_the_chain_serves_a_line_with_no_http_request_behind_it(net: Net, tmp_path: Path) -> None:
