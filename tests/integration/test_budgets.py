@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 import openai
 import pytest
+import yaml
 
 from tests.conftest import Net
 from tests.servers import CHAT, backend, tier
@@ -272,3 +273,16 @@ def test_a_refusal_only_holds_are_in_the_way_of_says_retry_soon(net: Net) -> Non
     # Spent now, not held: this one waits for the month to end.
     status, h, body = gw.post("/v1/chat/completions", ASK)
     assert status == 429 and int(h["Retry-After"]) > 3600 and b"the period resets" in body
+
+
+def test_a_budget_removed_by_a_reload_is_no_longer_enforced_or_reported(net: Net) -> None:
+    objs, _, _ = tiers(net, completion_tokens=16)
+    gw = net.gateway(*objs, budget("gone", limit={"usd": 0.0001}), namespace="apps")
+    assert gw.post("/v1/chat/completions", ASK)[0] == 400  # more than the whole budget
+    assert "tierwise_budget_limit_usd{" in gw.get("/metrics")[1].decode()
+    folder = gw.gateway.source.path  # type: ignore[attr-defined]
+    (folder / "policy.yaml").write_text(yaml.safe_dump_all(objs))
+    assert gw.gateway.reload()
+    status, h, _ = gw.post("/v1/chat/completions", ASK)
+    assert status == 200 and "x-tierwise-budget-state" not in h
+    assert "tierwise_budget_limit_usd{" not in gw.get("/metrics")[1].decode()

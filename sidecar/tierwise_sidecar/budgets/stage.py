@@ -253,10 +253,32 @@ class BudgetStage:
             self.ledger.settle(extra, ZERO, now)
 
 
-def build(runtime: Runtime, state: SharedState) -> BudgetStage | None:
+class NoBudgets:
+    """A Policy without budgets after one with some: nothing to enforce, and the budgets that were
+    are no longer reported or kept current."""
+
+    name = "budget"
+
+    def __init__(self, metrics: BudgetMetrics, ledger: Ledger | None, clock: Callable[[], float]) -> None:
+        self.metrics, self.ledger, self.clock = metrics, ledger, clock
+
+    def activate(self) -> None:
+        if self.ledger is not None:
+            self.metrics.watch((), self.ledger, Windows(), self.clock)
+            self.ledger.track(())
+
+    async def enter(self, x: Exchange) -> Reply | None:
+        return None
+
+    async def leave(self, x: Exchange) -> None:
+        return None
+
+
+def build(runtime: Runtime, state: SharedState) -> BudgetStage | NoBudgets | None:
     rules = [rule_of(b) for b in runtime.policy.budgets]
     if not rules:
-        return None
+        metrics = state.peek(BUDGET_METRICS)
+        return NoBudgets(metrics, state.peek(LEDGER), state.config.clock) if metrics is not None else None
     cfg = state.config
     return BudgetStage(rules, state.get(LEDGER), state.get(TOKENS), state.get(BUDGET_METRICS), clock=cfg.clock,
                        lease_margin=cfg.lease_margin_seconds)  # fmt: skip
