@@ -8,10 +8,12 @@ time, so a user sees them all at once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from tierwise.api.common import NamespaceSelection
+from tierwise.api.common import ApiModel, NamespaceSelection
 from tierwise.api.resources import AnyResource, CachePolicy, CostBudget, InferenceTier, Namespace, Problem
 from tierwise.periods import zone
 from tierwise.policy import Policy, PolicyBudget, PolicyCache, PolicyTier, Source
@@ -165,7 +167,18 @@ def _check_tier(world: _World, t: InferenceTier) -> list[Problem]:
         problems.append(_unknown_tier(t, "spec.fallback.tier", t.spec.fallback.tier))
     if t.spec.promotion and t.spec.promotion.borrow_from not in visible:
         problems.append(_unknown_tier(t, "spec.promotion.borrowFrom", t.spec.promotion.borrow_from))
+    for i, s in enumerate(t.spec.autoscaling.schedules):
+        problems += _check_zone(t, f"spec.autoscaling.schedules[{i}].timeZone", s.time_zone)
     return problems
+
+
+def _check_zone(obj: AnyResource, field: str, name: str) -> list[Problem]:
+    # CEL cannot know the zone list; the compiler (tierwise compile, the webhook, the operator) can.
+    try:
+        zone(name)
+    except ValueError as e:
+        return [Problem(obj.ref, field, str(e), about="time zone")]
+    return []
 
 
 def _check_selector(world: _World, obj: CostBudget | CachePolicy) -> list[Problem]:
@@ -177,12 +190,7 @@ def _check_selector(world: _World, obj: CostBudget | CachePolicy) -> list[Proble
 
 
 def _check_budget(world: _World, b: CostBudget) -> list[Problem]:
-    problems = _check_selector(world, b)
-    try:
-        zone(b.spec.time_zone)
-    except ValueError as e:
-        # CEL cannot know the zone list; the compiler (tierwise compile, the webhook, the operator) can.
-        problems.append(Problem(b.ref, "spec.timeZone", str(e), about="time zone"))
+    problems = _check_selector(world, b) + _check_zone(b, "spec.timeZone", b.spec.time_zone)
     for i, th in enumerate(b.spec.thresholds):
         if th.downgrade_to is not None and not _tier_known(world, b, th.downgrade_to):
             problems.append(_unknown_tier(b, f"spec.thresholds[{i}].downgradeTo", th.downgrade_to))
@@ -320,6 +328,11 @@ def build_world(
     return world
 
 
+def _revision(spec: ApiModel) -> str:
+    canonical = json.dumps(spec.wire(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def compile_world(world: _World, namespace: str) -> Policy:
     """The Policy of one namespace of an already checked world."""
     tiers = world.visible_tiers(namespace)
@@ -342,11 +355,10 @@ def compile_world(world: _World, namespace: str) -> Policy:
         refuse_unknown_models=world.labels.get(namespace, {}).get(UNKNOWN_MODEL_LABEL) == "refuse" or None,
         budgets=[PolicyBudget(name=b.name, namespace=b.namespace, spec=b.spec) for b in budgets],
         cache_policies=[
-            PolicyCache(name=c.name, namespace=c.namespace, generation=c.metadata.generation or 0, spec=c.spec)
-            for c in caches
+            PolicyCache(name=c.name, namespace=c.namespace, revision=_revision(c.spec), spec=c.spec) for c in caches
         ],
         sources=[
-            Source(kind=r.kind_name, namespace=r.namespace, name=r.name, generation=r.metadata.generation) for r in used
+            Source(kind=r.kind_name, namespace=r.namespace, name=r.name) for r in used
         ],
     ).sealed()
 

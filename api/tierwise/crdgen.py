@@ -141,7 +141,9 @@ def crd_for(resource: type[Resource]) -> Schema:
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of the object."},
             "kind": {"type": "string", "description": "Kind of the object."},
-            "metadata": {"type": "object"},
+            # metadata.name is declared so that a rule on it can name it as its fieldPath (a CRD
+            # may describe nothing else of metadata).
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": spec,
             "status": status,
         },

@@ -24,7 +24,6 @@ class Source(_Frozen):
     kind: str
     namespace: str
     name: str
-    generation: int | None = None
 
 
 class PolicyTier(_Frozen):
@@ -51,7 +50,11 @@ class PolicyCache(_Frozen):
 
     name: str
     namespace: str
-    generation: int = Field(default=0, description="Part of the cache key when invalidation.onPolicyChange.")
+    revision: str = Field(
+        default="",
+        description="A digest of the spec: part of the cache key when invalidation.onPolicyChange. From the "
+        "content, not metadata.generation, so the same files compile to the same Policy in Git and in the cluster.",
+    )
     spec: CachePolicySpec
 
 

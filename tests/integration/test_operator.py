@@ -5,6 +5,8 @@ garbage-collected; an idle operator writes nothing; a killed operator converges 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +125,16 @@ def test_quickstart_becomes_running_deployments_services_and_a_policy(
     assert policy["namespace"] == namespace and sorted(policy["tiers"]) == ["bronze", "gold", "silver"]
     assert policy["defaultTier"] == "bronze"
     assert cm["metadata"]["annotations"]["tierwise.dev/policy-hash"] == policy["hash"]
+    # The same files compiled locally (a GitOps check) give the same Policy, byte for byte: what the
+    # cluster adds (generations, uids) is not part of it.
+    docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "quickstart" / "1-tiers.yaml").read_text()) if d]
+    for d in docs:
+        d["metadata"]["namespace"] = namespace
+    local = subprocess.run(
+        [sys.executable, "-m", "tierwise_cli", "compile", "-", "-n", namespace, "-o", "json"],
+        input=yaml.safe_dump_all(docs), capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert json.dumps(json.loads(local.stdout), sort_keys=True, separators=(",", ":")) == cm["data"]["policy.json"]
 
     header, *lines = c.kubectl("get", "inferencetiers", "-n", namespace).stdout.splitlines()
     col = header.index("READY")  # columns are aligned; an empty FALLBACK cell shifts split() fields

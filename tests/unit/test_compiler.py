@@ -194,3 +194,25 @@ def test_budgets_that_contradict_each_other_over_the_same_scope() -> None:
 )
 def test_budgets_that_do_not_contradict(second: dict[str, Any]) -> None:
     compile(objs(tier("gold"), budget("a"), second))
+
+
+def test_what_the_cluster_adds_does_not_change_the_policy() -> None:
+    """A GitOps diff of compiled Policies shows nothing when nothing changed: generations and uids
+    (set by the API server, absent from Git) are not part of the Policy or its hash."""
+    local = compile(objs(tier("gold"), budget(), cache()))
+    served = [tier("gold"), budget(), cache()]
+    for i, d in enumerate(served):
+        d["metadata"].update(generation=7 + i, uid=f"uid-{i}")
+    cluster = compile(objs(*served))
+    assert cluster.wire() == local.wire() and cluster.hash == local.hash
+    # A change of a cache policy's spec is seen (its revision is part of the cache key).
+    changed = compile(objs(tier("gold"), budget(), cache(ttlSeconds=60)))
+    assert changed.cache_policies[0].revision != local.cache_policies[0].revision
+
+
+@pytest.mark.parametrize("bad", ["Mars/Olympus_Mons", "UTC+25"])
+def test_time_zones_outside_the_iana_database_are_problems_wherever_they_appear(bad: str) -> None:
+    schedule = {"name": "office", "start": "08:00", "end": "18:00", "minReplicas": 1, "timeZone": bad}
+    found = problems(tier("gold", autoscaling={"schedules": [schedule]}), budget(timeZone=bad))
+    assert [p.split(": ")[1] for p in found] == ["spec.autoscaling.schedules[0].timeZone", "spec.timeZone"]
+    assert all("not an IANA time zone" in p for p in found)

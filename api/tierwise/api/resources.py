@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -118,9 +120,9 @@ class InferenceTier(Resource):
     root_invariants = (
         Invariant(
             rule=f"self.metadata.name.size() <= {NAME_MAX} && self.metadata.name.matches('{DNS_LABEL}')",
-            message=f"metadata.name must be a DNS label of at most {NAME_MAX} characters "
-            "(it names the tier's Services)",
+            message=f"must be a DNS label of at most {NAME_MAX} characters (it names the tier's Services)",
             holds=lambda s: len(s.metadata.name) <= NAME_MAX and _is_dns_label(s.metadata.name),
+            field=".metadata.name",
         ),
         Invariant(
             rule="!has(self.spec.fallback) || self.spec.fallback.tier != self.metadata.name",
@@ -247,7 +249,10 @@ def parse_object(doc: Mapping[str, Any], source: str = "") -> AnyResource | Prob
     if doc.get("apiVersion") != API_VERSION:
         return Problem(ref, "apiVersion", f"must be {API_VERSION}, not {doc.get('apiVersion')!r}", source)
     try:
-        obj = KINDS[kind].model_validate(doc)
+        # Strict, from JSON: what the API server refuses ("10" for an integer, "true" for a
+        # boolean) must be refused here too, or a GitOps check passes what `kubectl apply` then
+        # rejects. JSON is what kubectl sends; YAML's dates and the like become their text.
+        obj = KINDS[kind].model_validate_json(json.dumps(doc, default=str), strict=True)
         obj.check_root()
     except InvariantError as e:
         return Problem(ref, (e.field or "").lstrip("."), e.reason, source)

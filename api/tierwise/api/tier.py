@@ -164,6 +164,7 @@ class SLO(ApiModel):
         ordered("first_token_p95_milliseconds", "first_token_p99_milliseconds"),
         ordered("total_p95_milliseconds", "total_p99_milliseconds"),
         ordered("first_token_p99_milliseconds", "total_p99_milliseconds"),
+        ordered("first_token_p95_milliseconds", "total_p95_milliseconds"),
     )
 
 
@@ -463,6 +464,14 @@ class InferenceTierSpec(ApiModel):
             rule="self.backends.all(b, self.backends.exists_one(c, c.name == b.name))",
             message="duplicate backend name: backend names must be unique",
             holds=lambda s: len({b.name for b in s.backends}) == len(s.backends),
+            field=".backends",
+        ),
+        Invariant(
+            # The strategy defaults to Weighted, so an absent routing is Weighted too.
+            rule="(has(self.routing) && has(self.routing.strategy) && self.routing.strategy != 'Weighted')"
+            " || self.backends.exists(b, !has(b.weight) || b.weight > 0)",
+            message="under Weighted routing at least one backend needs a weight above 0",
+            holds=lambda s: s.routing.strategy is not RoutingStrategy.WEIGHTED or any(b.weight > 0 for b in s.backends),
             field=".backends",
         ),
     )
