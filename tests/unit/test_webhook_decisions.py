@@ -231,3 +231,8 @@ def test_a_damaged_block_or_a_duplicate_in_the_trusted_bundle_costs_no_other_ca(
     config = {"webhooks": [{"name": "a", "clientConfig": {"caBundle": base64.b64encode(trusted).decode()}}]}
     patched = jsonpatch.apply_patch(config, ca_bundle_ops(config, second.ca_pem, NOW))
     assert trusted_cas(patched) == [der(second.ca_pem), der(first.ca_pem)]
+
+
+def test_a_time_zone_outside_the_iana_database_is_refused_at_admission() -> None:
+    v = judge([], [], placed(budget("team", timeZone="Mars/Olympus_Mons")), PLATFORM)
+    assert not v.allowed and "spec.timeZone" in v.message and "IANA" in v.message
