@@ -1,5 +1,5 @@
-"""kopf's part: watch streams (with relisting, reconnection and backoff) feeding the controller's
-cache and work queue. Handlers are one line each; all decisions live in the controller.
+"""kopf's part: watch streams (with relisting, reconnection and backoff) feeding the manager's
+cache and work queue. Handlers are one line each; all decisions live in the controllers.
 
 Only `on.event` handlers are used: they need no finalizer and write no annotation or status of
 kopf's own, so watching costs the cluster nothing and an idle operator makes no writes.
@@ -14,7 +14,6 @@ import kopf
 from kopf._cogs.structs.references import Selector  # not re-exported; the documented key type of label_selectors
 
 from tierwise.naming import MANAGED_BY, MANAGED_BY_LABEL
-from tierwise_operator.controller import Controller
 from tierwise_operator.kube import (
     BUDGET,
     CACHE,
@@ -28,8 +27,9 @@ from tierwise_operator.kube import (
     TIER,
     Kind,
 )
+from tierwise_operator.manager import Manager
 
-# Every kind the controller caches, and whether only the operator's own objects are wanted.
+# Every kind the manager caches, and whether only the operator's own objects are wanted.
 WATCHED: tuple[tuple[Kind, bool], ...] = (
     (TIER, False),
     (BUDGET, False),
@@ -47,7 +47,7 @@ MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 
 def settings() -> kopf.OperatorSettings:
     s = kopf.OperatorSettings()
-    # Events are posted by the controller, on transitions only; kopf's own would add noise.
+    # Events are posted by the controllers, on transitions only; kopf's own would add noise.
     s.posting.enabled = False
     s.watching.server_timeout = 300
     s.watching.client_timeout = 330
@@ -58,12 +58,12 @@ def settings() -> kopf.OperatorSettings:
     return s
 
 
-def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
+def register(registry: kopf.OperatorRegistry, manager: Manager) -> None:
     def make(kind: str) -> Any:
         async def on_event(event: kopf.RawEvent, **_: Any) -> None:
             obj = dict(event["object"])
             obj.setdefault("kind", kind)
-            controller.observe(kind, obj, deleted=event.get("type") == "DELETED")
+            manager.observe(kind, obj, deleted=event.get("type") == "DELETED")
 
         return on_event
 

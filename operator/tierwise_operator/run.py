@@ -1,4 +1,4 @@
-"""`tierwise operator`: kopf's watches, the controller's workers, and a small HTTP server for
+"""`tierwise operator`: kopf's watches, the manager's controllers, and a small HTTP server for
 liveness (/healthz), readiness (/readyz: the cache is primed and kopf is watching) and /metrics.
 
 One active operator at a time: it is deployed as a single replica with the Recreate strategy
@@ -17,16 +17,17 @@ import threading
 import kopf
 
 from tierwise_operator import handlers
-from tierwise_operator.controller import Config, Controller
+from tierwise_operator.controllers.registry import register
 from tierwise_operator.health import serve_health
 from tierwise_operator.kube import SCALED_OBJECT, ApiError, Kube
+from tierwise_operator.manager import Config, Manager
 from tierwise_operator.metrics import OperatorMetrics
 from tierwise_operator.store import Store
 
 log = logging.getLogger("tierwise.operator")
 
 
-async def prime(kube: Kube, controller: Controller) -> None:
+async def prime(kube: Kube, manager: Manager) -> None:
     """List every watched kind once before the first reconcile, so no Policy is ever compiled from
     a half-filled cache (which would write a wrong Policy, then the right one)."""
     for kind, managed in handlers.WATCHED:
@@ -37,7 +38,7 @@ async def prime(kube: Kube, controller: Controller) -> None:
                 continue
             raise
         for obj in items:
-            controller.observe(kind.kind, obj, deleted=False)
+            manager.observe(kind.kind, obj, deleted=False)
 
 
 async def operate(args: argparse.Namespace) -> None:
@@ -52,7 +53,8 @@ async def operate(args: argparse.Namespace) -> None:
         autoscale_interval=args.autoscale_interval,
         slo_interval=args.slo_interval,
     )
-    controller = Controller(kube, Store(), config, metrics)
+    manager = Manager(kube, Store(), config, metrics)
+    register(manager)
     ready, alive, stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
     kopf_ready = threading.Event()
     loop = asyncio.get_running_loop()
@@ -65,9 +67,9 @@ async def operate(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stopping, sig)
     runner = await serve_health(args.health_port, ready, alive, metrics.registry)
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, controller)
-    controller.keda_installed = await kube.serves(SCALED_OBJECT)
-    await prime(kube, controller)
+    handlers.register(registry, manager)
+    manager.keda_installed = await kube.serves(SCALED_OBJECT)
+    await prime(kube, manager)
     alive.set()
     kopf_task = asyncio.create_task(
         kopf.operator(
@@ -79,18 +81,18 @@ async def operate(args: argparse.Namespace) -> None:
             stop_flag=stop,
         )
     )
-    controller.start()
-    controller.requeue_all()
+    manager.start()
+    manager.requeue_all()
     while not kopf_ready.is_set() and not kopf_task.done():
         await asyncio.sleep(0.1)
     ready.set()
-    log.info("operator ready: %d tiers cached", len(list(controller.store.all("InferenceTier"))))
+    log.info("operator ready: %d tiers cached", len(list(manager.store.all("InferenceTier"))))
     try:
         await kopf_task
         log.info("watches stopped; operator exiting")
     finally:
         ready.clear()
-        await controller.stop()
+        await manager.stop()
         await runner.cleanup()
         await kube.close()
 

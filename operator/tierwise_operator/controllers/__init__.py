@@ -1,0 +1,1 @@
+"""The operator's controllers, one module each, registered in `registry.py`."""

@@ -1,0 +1,108 @@
+"""The Policy ConfigMap of every namespace that needs one: labelled for injection, or running an
+ingress sidecar. Written only when it changes; a namespace keeps its last good Policy while an
+object it uses is invalid; deleted when the namespace no longer needs it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+from tierwise.api.resources import InferenceTier, object_ref
+from tierwise.compiler import compile_world
+from tierwise.naming import (
+    INJECTION_LABEL,
+    INJECTION_VALUES,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    POLICY_CONFIGMAP,
+    POLICY_HASH_ANNOTATION,
+    POLICY_KEY,
+)
+from tierwise_operator import children
+from tierwise_operator.controllers.base import Key, Obj, Queued
+from tierwise_operator.kube import CONFIGMAP, ApiError
+from tierwise_operator.manager import Derived, Manager
+
+log = logging.getLogger("tierwise.operator")
+NAME = "policies"
+KEY: Key = (NAME, "", "")
+SETTLE_SECONDS = 0.3
+INPUTS = frozenset({"InferenceTier", "CostBudget", "CachePolicy", "Namespace"})
+
+
+class PolicyController:
+    name = NAME
+
+    def __init__(self, m: Manager) -> None:
+        self.m = m
+
+    def keys_for(self, kind: str, obj: Obj, deleted: bool) -> Iterable[Queued]:
+        if kind in INPUTS:
+            return ((KEY, SETTLE_SECONDS),)
+        if kind == "ConfigMap":
+            return ((KEY, 0.0),)
+        return ()
+
+    def all_keys(self) -> Iterable[Key]:
+        return (KEY,)
+
+    def moved(self, before: Derived, after: Derived) -> Iterable[Key]:
+        return ()  # every input's event queues the key already
+
+    def targets(self) -> set[str]:
+        """Namespaces that get a Policy ConfigMap: labelled for injection, or an ingress sidecar runs there."""
+        store = self.m.store
+        out = {
+            str(o["metadata"]["name"])
+            for o in store.all("Namespace")
+            if (o["metadata"].get("labels") or {}).get(INJECTION_LABEL) in INJECTION_VALUES
+            and not o["metadata"].get("deletionTimestamp")
+        }
+        for obj in store.all("InferenceTier"):
+            t = store.parsed("InferenceTier", obj)
+            if isinstance(t, InferenceTier) and any(d.sidecar for _, d in children.self_hosted(t.spec)):
+                out.add(t.namespace)
+        return out
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        d = self.m.derived()
+        store, metrics = self.m.store, self.m.metrics
+        targets = self.targets()
+        for ns in sorted(targets):
+            policy = compile_world(d.world, ns)
+            if any(object_ref(s.kind, s.namespace, s.name) in d.problems for s in policy.sources):
+                # Last known good stays in force: a broken object never half-deploys.
+                metrics.policies_held.labels(ns).set(1)
+                continue
+            metrics.policies_held.labels(ns).set(0)
+            text = json.dumps(policy.wire(), sort_keys=True, separators=(",", ":"))
+            live = store.get("ConfigMap", ns, POLICY_CONFIGMAP)
+            if live is not None and (live.get("data") or {}).get(POLICY_KEY) == text:
+                ann = (live["metadata"].get("annotations") or {}).get(POLICY_HASH_ANNOTATION)
+                if ann == policy.hash:
+                    continue
+            cm = {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": POLICY_CONFIGMAP,
+                    "namespace": ns,
+                    "labels": {MANAGED_BY_LABEL: MANAGED_BY},
+                    "annotations": {POLICY_HASH_ANNOTATION: policy.hash},
+                },
+                "data": {POLICY_KEY: text},
+            }
+            try:
+                store.put("ConfigMap", await self.m.kube.apply(cm))
+            except ApiError as e:
+                if e.status == 404 or "being terminated" in e.message:
+                    continue  # the namespace is going away
+                raise
+            log.info("namespace %s: Policy %s written", ns, policy.hash[:19])
+        for live in store.all("ConfigMap"):
+            meta = live["metadata"]
+            ours = (meta.get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY
+            if meta["name"] == POLICY_CONFIGMAP and meta.get("namespace") not in targets and ours:
+                await self.m.kube.delete(CONFIGMAP, meta["namespace"], POLICY_CONFIGMAP)
+                store.remove("ConfigMap", live)

@@ -1,0 +1,22 @@
+"""The one list of controllers: adding one is its module and a line here."""
+
+from __future__ import annotations
+
+from tierwise_operator.controllers.autoscaler import Autoscaler
+from tierwise_operator.controllers.policies import PolicyController
+from tierwise_operator.controllers.rules import ValidityController
+from tierwise_operator.controllers.sla import SLAObserver
+from tierwise_operator.controllers.tiers import TierController
+from tierwise_operator.kube import BUDGET, CACHE
+from tierwise_operator.manager import Manager
+
+
+def register(m: Manager) -> None:
+    autoscaler = Autoscaler(m)
+    sla = SLAObserver(m)
+    m.register(TierController(m, autoscaler, sla))
+    m.register(autoscaler)
+    m.register(sla)
+    m.register(ValidityController(m, "budget", BUDGET))
+    m.register(ValidityController(m, "cache", CACHE))
+    m.register(PolicyController(m))
