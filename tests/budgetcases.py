@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from tierwise.api.budget import CostBudgetSpec
+from tierwise.budgetrules import OK, OVER_LIMIT, Amount, BudgetRule, rule_of
 from tierwise.policy import PolicyBudget
-from tierwise_sidecar.budgets.rules import OK, OVER_LIMIT, Amount, BudgetRule, rule_of
 
 
 def rule(name: str = "b", namespace: str = "apps", **spec: Any) -> BudgetRule:

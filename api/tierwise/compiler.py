@@ -357,9 +357,7 @@ def compile_world(world: _World, namespace: str) -> Policy:
         cache_policies=[
             PolicyCache(name=c.name, namespace=c.namespace, revision=_revision(c.spec), spec=c.spec) for c in caches
         ],
-        sources=[
-            Source(kind=r.kind_name, namespace=r.namespace, name=r.name) for r in used
-        ],
+        sources=[Source(kind=r.kind_name, namespace=r.namespace, name=r.name) for r in used],
     ).sealed()
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
+from tierwise.money import cost_micros, cost_usd, usd
 from tierwise_sidecar.estimate import Estimate
 from tierwise_sidecar.metrics import METRICS, Metrics
-from tierwise_sidecar.money import cost_micros, cost_usd, usd
 from tierwise_sidecar.runtime import BackendRoute
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tierwise.api.tier import Backend
+from tierwise.money import Rates, cost_micros, cost_usd
 from tierwise_sidecar.errors import ApiError
-from tierwise_sidecar.money import Rates, cost_micros, cost_usd
 from tierwise_sidecar.runtime import BackendRoute, TierRoute
 from tierwise_sidecar.tokens import TOKENS, TokenCounter
 

@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from tierwise.api.tier import SLO, Backend, FailureKind, InferenceTierSpec, Pricing, RoutingStrategy
+from tierwise.money import Rates
 from tierwise.naming import backend_key, serving_port
 from tierwise.policy import Policy
 from tierwise_sidecar.breaker import Breaker
 from tierwise_sidecar.endpoints import Endpoints
 from tierwise_sidecar.identify import TierAccess, model_routes
-from tierwise_sidecar.money import Rates
 from tierwise_sidecar.secrets import SecretSource
 from tierwise_sidecar.state import Key, SharedState
 from tierwise_sidecar.sticky import SessionPins

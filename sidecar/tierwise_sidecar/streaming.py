@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from tierwise.api.tier import FailureKind
+from tierwise.money import usd
 from tierwise_sidecar.exchange import ClientGoneError, Exchange, Sink
 from tierwise_sidecar.hotmetrics import FastHistogram
-from tierwise_sidecar.money import usd
 from tierwise_sidecar.sse import DONE_EVENT, Relay, StreamState, error_event
 from tierwise_sidecar.upstream import Started, UpstreamError
 

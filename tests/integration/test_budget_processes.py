@@ -31,8 +31,8 @@ from redisserver import Redis, start_redis
 from tests.budgetcases import rule
 from tests.conftest import Launch, Net, wait_for
 from tests.servers import Fake, backend, tier
+from tierwise.budgetkeys import hold_keys, spend_key
 from tierwise.periods import window
-from tierwise_sidecar.budgets.redis_store import PREFIX, spend_redis_key
 
 PRICE = (100.0, 400.0)  # per million tokens
 MAX_TOKENS = 16
@@ -141,12 +141,12 @@ def _metric(url: str, name: str) -> float:
 
 def _redis_spend(url: str) -> tuple[int, int]:
     r = rule("hard", limit={"usd": LIMIT})
-    fields = redis_sync.Redis.from_url(url).hgetall(spend_redis_key(r, window(r.period, r.time_zone, time.time())))
+    fields = redis_sync.Redis.from_url(url).hgetall(spend_key(r.key, window(r.period, r.time_zone, time.time())))
     return int(fields.get(b"u", 0)), int(fields.get(b"t", 0))
 
 
 def _redis_held(url: str) -> tuple[int, int]:
-    got = redis_sync.Redis.from_url(url).hmget(f"{PREFIX}held:apps/hard", "u", "t")
+    got = redis_sync.Redis.from_url(url).hmget(hold_keys("apps/hard")[0], "u", "t")
     return int(got[0] or 0), int(got[1] or 0)
 
 

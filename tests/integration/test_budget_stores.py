@@ -14,10 +14,10 @@ import redis
 
 from redisserver import Redis, start_redis
 from tests.budgetcases import CASES, Case, rule
+from tierwise.budgetrules import OK, OVER_LIMIT, THROTTLED, Amount, BudgetRule, judge
 from tierwise.periods import window
 from tierwise_sidecar.budgets.ledger import Line, MemoryLedger
 from tierwise_sidecar.budgets.redis_store import RedisLedgerClient, Settle, StoreUnavailableError
-from tierwise_sidecar.budgets.rules import OK, OVER_LIMIT, THROTTLED, Amount, BudgetRule, judge
 from tierwise_sidecar.budgets.sqlite import LedgerInUseError, SqliteJournal
 
 NOW = 1_800_000_000.0

@@ -9,10 +9,10 @@ import pytest
 
 from tests.budgetcases import CASES, Case, rule
 from tierwise.api.budget import BudgetState, Period
+from tierwise.budgetrules import OK, OVER_LIMIT, THROTTLED, ZERO, Amount, BudgetRule, judge, take
+from tierwise.money import Rates, cost_micros, micros_usd
 from tierwise.periods import window
 from tierwise_sidecar.budgets.ledger import Line, MemoryLedger
-from tierwise_sidecar.budgets.rules import OK, OVER_LIMIT, THROTTLED, ZERO, Amount, BudgetRule, judge, take
-from tierwise_sidecar.money import Rates, cost_micros, micros_usd
 
 NOW = 1_800_000_000.0
 STAGED = {

@@ -146,7 +146,9 @@ class Normalization(ApiModel):
 class Invalidation(ApiModel):
     """What else, besides the request content, is part of the key."""
 
-    on_policy_change: bool = Field(default=True, description="A change of this CachePolicy's spec starts a fresh cache.")
+    on_policy_change: bool = Field(
+        default=True, description="A change of this CachePolicy's spec starts a fresh cache."
+    )
     on_model_change: bool = Field(default=True, description="A different backend model starts a fresh cache.")
     epoch: int = Field(default=0, ge=0, description="Bump to drop every entry of this policy at once.")
 

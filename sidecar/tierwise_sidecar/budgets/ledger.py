@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from tierwise.budgetrules import OK, ZERO, Amount, Bucket, BudgetRule, Judgement, judge
 from tierwise.periods import Window
-from tierwise_sidecar.budgets.rules import OK, ZERO, Amount, Bucket, BudgetRule, Judgement, judge
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,10 +12,10 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tierwise.api.budget import BudgetState
+from tierwise.budgetrules import BudgetRule
+from tierwise.money import MICROS_PER_USD
 from tierwise.periods import Window
-from tierwise_sidecar.budgets.rules import BudgetRule
 from tierwise_sidecar.metrics import METRICS
-from tierwise_sidecar.money import MICROS_PER_USD
 from tierwise_sidecar.state import Key, SharedState
 
 if TYPE_CHECKING:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tierwise.budgetrules import Amount
+from tierwise.money import micros_usd
 from tierwise_sidecar.budgets.ledger import Reservation, Verdict
-from tierwise_sidecar.budgets.rules import Amount
-from tierwise_sidecar.money import micros_usd
 
 H_REMAINING_USD = "x-tierwise-budget-remaining-usd"
 H_REMAINING_TOKENS = "x-tierwise-budget-remaining-tokens"

@@ -29,15 +29,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from tierwise.budgetkeys import applied_key, held_of, hold_keys, spend_key, spend_of
+from tierwise.budgetrules import OK, OVER_LIMIT, THROTTLED, Amount, BudgetRule, Judgement
 from tierwise.periods import ROLLING_SECONDS, Window
 from tierwise_sidecar.budgets.ledger import Booking, Line, Reservation, Totals, Verdict, new_id
 from tierwise_sidecar.budgets.lua import BATCH
 from tierwise_sidecar.budgets.redis_conn import connection_class
-from tierwise_sidecar.budgets.rules import OK, OVER_LIMIT, THROTTLED, Amount, BudgetRule, Judgement
 
 log = logging.getLogger("tierwise.budgets")
 
-PREFIX = "tierwise:{budgets}:"
 # A settle waits at most this long for a reservation to share a round trip with. It only delays
 # when a hold is released and its spend lands (both in the safe direction for others' decisions);
 # a sidecar killed in that window leaves its lease to expire.
@@ -45,16 +45,6 @@ SETTLE_DELAY = 0.05
 # Keys of a finished calendar period are kept a while for whoever reports on them, then expire.
 KEEP_AFTER_PERIOD = 35 * 24 * 3600
 APPLIED_TTL = 7 * 24 * 3600
-
-
-def spend_redis_key(rule: BudgetRule, w: Window) -> str:
-    return f"{PREFIX}spend:{rule.key}@{w.id}"
-
-
-def _keys(rule: BudgetRule) -> tuple[str, str, str, str]:
-    """held (in-flight amounts), leases (id -> expiry), lease (id -> amounts), bucket (throttle)."""
-    k = rule.key
-    return f"{PREFIX}held:{k}", f"{PREFIX}leases:{k}", f"{PREFIX}lease:{k}", f"{PREFIX}bucket:{k}"
 
 
 def _ttl(w: Window) -> int:
@@ -269,7 +259,7 @@ class RedisLedgerClient:
         args: list[Any] = ["R", repr(now), new_id(), repr(now + lease_seconds), len(lines)]
         for line in lines:
             r, w = line.rule, line.window
-            keys += [spend_redis_key(r, w), *_keys(r)]
+            keys += [spend_key(r.key, w), *hold_keys(r.key)]
             args += [1 if w.rolling else 0, w.first_bucket, *_caps(r), str(line.ask.micros), str(line.ask.tokens),
                      "1" if r.dry_run else "0", _throttle_spec(r)]  # fmt: skip
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -297,13 +287,13 @@ class RedisLedgerClient:
         self._post(*self._settle_op(s), s)
 
     def _settle_op(self, s: Settle) -> tuple[list[Any], list[Any]]:
-        keys = [f"{PREFIX}applied:{self.instance}"]
+        keys = [applied_key(self.instance)]
         args: list[Any] = ["S", s.seq, APPLIED_TTL, s.reservation.id, len(s.reservation.lines), str(s.actual.micros),
                            str(s.actual.tokens)]  # fmt: skip
         for line in s.reservation.lines:
             r, w = line.rule, line.window
-            held, leases, lease, _ = _keys(r)
-            keys += [spend_redis_key(r, w), held, leases, lease]
+            held, leases, lease, _ = hold_keys(r.key)
+            keys += [spend_key(r.key, w), held, leases, lease]
             args += [f"{w.last_bucket}:" if w.rolling else "", _ttl(w)]
         return keys, args
 
@@ -324,15 +314,15 @@ class RedisLedgerClient:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for r, w in rules:
-                    pipe.hgetall(spend_redis_key(r, w))
-                    pipe.hmget(_keys(r)[0], ["u", "t"])
+                    pipe.hgetall(spend_key(r.key, w))
+                    pipe.hmget(hold_keys(r.key)[0], ["u", "t"])
                 got = await pipe.execute()
         except (RedisError, OSError) as e:
             raise StoreUnavailableError(f"{type(e).__name__}: {e}") from None
         out = []
         for i, (_, w) in enumerate(rules):
             spend, held = got[2 * i], got[2 * i + 1]
-            out.append(Totals(_spend_of(spend, w), Amount(int(held[0] or 0), int(held[1] or 0))))
+            out.append(Totals(spend_of(spend, w), held_of(held)))
         return out
 
     @property
@@ -340,20 +330,3 @@ class RedisLedgerClient:
         """The store's address without credentials, for logs."""
         kw = self._client.connection_pool.connection_kwargs
         return f"{kw.get('host', '?')}:{kw.get('port', '?')}"
-
-
-def _spend_of(fields: dict[bytes, bytes], w: Window) -> Amount:
-    micros = tokens = 0
-    for f, v in fields.items():
-        name = f.decode()
-        if w.rolling:
-            bucket, _, unit = name.partition(":")
-            if int(bucket) < w.first_bucket:
-                continue
-        else:
-            unit = name
-        if unit == "u":
-            micros += int(v)
-        elif unit == "t":
-            tokens += int(v)
-    return Amount(micros, tokens)

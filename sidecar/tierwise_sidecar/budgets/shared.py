@@ -19,10 +19,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from tierwise.budgetrules import Amount, BudgetRule
 from tierwise.periods import Window, window
 from tierwise_sidecar.budgets.ledger import Booking, Line, MemoryLedger, Reservation, Totals
 from tierwise_sidecar.budgets.redis_store import RedisLedgerClient, Settle, StoreUnavailableError
-from tierwise_sidecar.budgets.rules import Amount, BudgetRule
 
 log = logging.getLogger("tierwise.budgets")
 

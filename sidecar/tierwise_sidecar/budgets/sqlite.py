@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
-from tierwise_sidecar.budgets.rules import Amount
+from tierwise.budgetrules import Amount
 from tierwise_sidecar.state import StartupError
 
 log = logging.getLogger("tierwise.budgets")

@@ -21,14 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tierwise.budgetrules import OVER_LIMIT, ZERO, Amount, BudgetRule, judge, rule_of
+from tierwise.money import micros_usd
 from tierwise.periods import Window, seconds_to_relief, window
 from tierwise_sidecar.budgets.ledger import Ledger, Line, MemoryLedger, Verdict
 from tierwise_sidecar.budgets.metrics import BUDGET_METRICS, BudgetMetrics
 from tierwise_sidecar.budgets.note import BudgetNote
-from tierwise_sidecar.budgets.rules import OVER_LIMIT, ZERO, Amount, BudgetRule, judge, rule_of
 from tierwise_sidecar.errors import INVALID_REQUEST, RATE_LIMIT, ApiError
 from tierwise_sidecar.estimate import enter_tier, reserve_amount
-from tierwise_sidecar.money import micros_usd
 from tierwise_sidecar.state import Key, SharedState
 from tierwise_sidecar.tokens import TOKENS, TokenCounter
 

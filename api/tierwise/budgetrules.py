@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tierwise.api.budget import BudgetState, Period, ThresholdAction
+from tierwise.money import micros_usd, usd_micros
 from tierwise.policy import PolicyBudget
-from tierwise_sidecar.money import micros_usd, usd_micros
 
 OK, OVER_LIMIT, THROTTLED = "ok", "over_limit", "throttled"
 
