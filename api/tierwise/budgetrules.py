@@ -110,6 +110,14 @@ class BudgetRule:
             return BudgetState.WARNING
         return BudgetState.OK
 
+    def crossed(self, committed: Amount) -> int | None:
+        """The highest threshold percent reached, whatever its action."""
+        steps = [*self.notices, *(s for s, _ in self.downgrades), *(s for s, _ in self.throttles)]
+        if self.cap is not None:
+            steps.append(self.cap)
+        hit = [s.percent for s in steps if s.reached(committed)]
+        return max(hit) if hit else None
+
     def remaining(self, committed: Amount) -> Amount:
         return Amount(max(self.limit.micros - committed.micros, 0), max(self.limit.tokens - committed.tokens, 0))
 

@@ -31,6 +31,13 @@ def operator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--health-port", type=int, default=8081, help="port of /healthz, /readyz and /metrics")
     p.add_argument("--autoscale-interval", type=float, default=15.0, help="seconds between autoscaler passes")
     p.add_argument("--slo-interval", type=float, default=30.0, help="seconds between SLO observations")
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("TIERWISE_REDIS_URL"),
+        help="the Redis the sidecars count budgets in: budget spend is read there (else from Prometheus). "
+        "Pass a URL with a password through the environment, not the command line",
+    )
+    p.add_argument("--spend-interval", type=float, default=30.0, help="seconds between reads of budget spend")
 
 
 def webhook_arguments(p: argparse.ArgumentParser) -> None:

@@ -52,6 +52,8 @@ async def operate(args: argparse.Namespace) -> None:
         sidecar_image=args.sidecar_image,
         autoscale_interval=args.autoscale_interval,
         slo_interval=args.slo_interval,
+        redis_url=args.redis_url,
+        spend_interval=args.spend_interval,
     )
     manager = Manager(kube, Store(), config, metrics)
     register(manager)

@@ -73,6 +73,14 @@ def _budget_store_arg(p: argparse.ArgumentParser, default: str, where: str) -> N
     )
 
 
+def _published_budgets(args: argparse.Namespace) -> Path | None:
+    """`tierwise sidecar` reads what the operator publishes beside the Policy it mounts."""
+    if getattr(args, "policy_file", None) is None:
+        return None
+    explicit: Path | None = args.budget_state_file
+    return explicit if explicit is not None else args.policy_file.parent / "budgets.json"
+
+
 def _state_home() -> Path:
     return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "tierwise"
 
@@ -100,6 +108,7 @@ def _serve(
         pin_tier=ingress,
         budget_store=args.budget_store,
         lease_margin_seconds=args.budget_lease_margin,
+        published_budgets=_published_budgets(args),
     )
     # The app's own sidecar is for the pod alone; an ingress is reached by Services on the pod IP,
     # so it listens on every interface ("": IPv4 and IPv6).
@@ -255,6 +264,12 @@ def add_commands(sub: Any) -> None:
     )
     _serve_args(s, "127.0.0.1; with --ingress every interface")
     _budget_store_arg(s, "memory", "memory")
+    s.add_argument(
+        "--budget-state-file",
+        type=Path,
+        help="the budgets' spend across every sidecar, as the operator publishes it (default: budgets.json beside "
+        "--policy-file); counted when budgets are not in Redis",
+    )
     s.set_defaults(func=_cmd_sidecar)
 
     e = sub.add_parser("estimate", help="print the token and cost estimate of a request under a Policy")

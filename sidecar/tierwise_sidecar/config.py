@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tierwise_sidecar.validate import Limits
 
@@ -35,5 +36,8 @@ class GatewayConfig:
     # A reservation's lease outlives its request's own deadline (the tier's total timeout) by this
     # much: the longest a dead sidecar's holds keep budget from others.
     lease_margin_seconds: float = 30.0
+    # The spend of every sidecar as the operator publishes it (budgets.json beside the Policy):
+    # counted by a sidecar that keeps its own ledger. None: it counts alone.
+    published_budgets: Path | None = None
     # Wall-clock time, in seconds since the epoch: budget periods and leases. Tests move it.
     clock: Callable[[], float] = time.time

@@ -180,3 +180,7 @@ class CostBudgetStatus(ObjectStatus):
     state: BudgetState | None = Field(default=None, description="Ok, Warning, Downgraded, Throttled, Exceeded.")
     period_start: str | None = Field(default=None, description="Start of the current period (RFC 3339).")
     last_reset: str | None = Field(default=None, description="When spend was last reset (RFC 3339).")
+    reserved_tokens: int | None = Field(default=None, description="Tokens reserved by requests in flight.")
+    crossed_percent: int | None = Field(
+        default=None, description="The highest threshold reached this period (percent of the limit)."
+    )

@@ -154,6 +154,7 @@ class CostBudget(Resource):
         PrinterColumn("Period", ".spec.period", description="Budget period."),
         PrinterColumn("Limit USD", ".spec.limit.usd", type="number", description="Spend limit."),
         PrinterColumn("Spent USD", ".status.spentUsd", type="number", description="Spent this period."),
+        PrinterColumn("Remaining USD", ".status.remainingUsd", type="number", description="Left this period."),
         PrinterColumn("State", ".status.state", description="Ok, Warning, Downgraded, Throttled, Exceeded."),
         _ready_column(),
         _AGE,

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from typing import Protocol
 
 from tierwise.api.resources import InferenceTier, object_ref
+from tierwise.budgetrules import rule_of
 from tierwise.compiler import compile_world
 from tierwise.naming import (
     INJECTION_LABEL,
@@ -19,7 +21,9 @@ from tierwise.naming import (
     POLICY_HASH_ANNOTATION,
     POLICY_KEY,
 )
+from tierwise.policy import PolicyBudget
 from tierwise_operator import children
+from tierwise_operator.budgetstatus import Reading
 from tierwise_operator.controllers.base import Key, Obj, Queued
 from tierwise_operator.kube import CONFIGMAP, ApiError
 from tierwise_operator.manager import Derived, Manager
@@ -28,14 +32,21 @@ log = logging.getLogger("tierwise.operator")
 NAME = "policies"
 KEY: Key = (NAME, "", "")
 SETTLE_SECONDS = 0.3
+# Beside the Policy in the same ConfigMap: each budget's spend across the sidecars.
+BUDGETS_KEY = "budgets.json"
 INPUTS = frozenset({"InferenceTier", "CostBudget", "CachePolicy", "Namespace"})
+
+
+class SpendReadings(Protocol):
+    def reading(self, key: str) -> Reading: ...
 
 
 class PolicyController:
     name = NAME
 
-    def __init__(self, m: Manager) -> None:
+    def __init__(self, m: Manager, spend: SpendReadings) -> None:
         self.m = m
+        self.spend = spend
 
     def keys_for(self, kind: str, obj: Obj, deleted: bool) -> Iterable[Queued]:
         if kind in INPUTS:
@@ -49,6 +60,28 @@ class PolicyController:
 
     def moved(self, before: Derived, after: Derived) -> Iterable[Key]:
         return ()  # every input's event queues the key already
+
+    def published(self, budgets: Iterable[PolicyBudget]) -> dict[str, Obj]:
+        """What the sidecars are sent of each budget: its spend across every sidecar in the period
+        last read, and the state and remaining amount that implies. Not in the Policy nor its hash:
+        a spend change rebuilds nothing in a sidecar, and `tierwise compile` still matches."""
+        out: dict[str, Obj] = {}
+        for b in budgets:
+            rule = rule_of(b)
+            last = self.spend.reading(rule.key).last
+            if last is None:
+                continue
+            committed = last.spent + last.held
+            left = rule.remaining(committed)
+            out[rule.key] = {
+                "window": last.window_id,
+                "spentMicros": last.spent.micros,
+                "spentTokens": last.spent.tokens,
+                "state": rule.state(committed).value,
+                "remainingMicros": left.micros if rule.has_usd else None,
+                "remainingTokens": left.tokens if rule.has_tokens else None,
+            }
+        return out
 
     def targets(self) -> set[str]:
         """Namespaces that get a Policy ConfigMap: labelled for injection, or an ingress sidecar runs there."""
@@ -76,9 +109,12 @@ class PolicyController:
                 metrics.policies_held.labels(ns).set(1)
                 continue
             metrics.policies_held.labels(ns).set(0)
-            text = json.dumps(policy.wire(), sort_keys=True, separators=(",", ":"))
+            data = {POLICY_KEY: json.dumps(policy.wire(), sort_keys=True, separators=(",", ":"))}
+            spend = self.published(policy.budgets)
+            if spend:
+                data[BUDGETS_KEY] = json.dumps({"budgets": spend}, sort_keys=True, separators=(",", ":"))
             live = store.get("ConfigMap", ns, POLICY_CONFIGMAP)
-            if live is not None and (live.get("data") or {}).get(POLICY_KEY) == text:
+            if live is not None and (live.get("data") or {}) == data:
                 ann = (live["metadata"].get("annotations") or {}).get(POLICY_HASH_ANNOTATION)
                 if ann == policy.hash:
                     continue
@@ -91,7 +127,7 @@ class PolicyController:
                     "labels": {MANAGED_BY_LABEL: MANAGED_BY},
                     "annotations": {POLICY_HASH_ANNOTATION: policy.hash},
                 },
-                "data": {POLICY_KEY: text},
+                "data": data,
             }
             try:
                 store.put("ConfigMap", await self.m.kube.apply(cm))
@@ -99,7 +135,8 @@ class PolicyController:
                 if e.status == 404 or "being terminated" in e.message:
                     continue  # the namespace is going away
                 raise
-            log.info("namespace %s: Policy %s written", ns, policy.hash[:19])
+            if live is None or (live.get("data") or {}).get(POLICY_KEY) != data[POLICY_KEY]:
+                log.info("namespace %s: Policy %s written", ns, policy.hash[:19])
         for live in store.all("ConfigMap"):
             meta = live["metadata"]
             ours = (meta.get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from tierwise_operator.controllers.autoscaler import Autoscaler
+from tierwise_operator.controllers.budgets import BudgetController, SpendObserver
 from tierwise_operator.controllers.policies import PolicyController
 from tierwise_operator.controllers.rules import ValidityController
 from tierwise_operator.controllers.sla import SLAObserver
 from tierwise_operator.controllers.tiers import TierController
-from tierwise_operator.kube import BUDGET, CACHE
+from tierwise_operator.kube import CACHE
 from tierwise_operator.manager import Manager
 
 
@@ -17,6 +18,8 @@ def register(m: Manager) -> None:
     m.register(TierController(m, autoscaler, sla))
     m.register(autoscaler)
     m.register(sla)
-    m.register(ValidityController(m, "budget", BUDGET))
+    spend = SpendObserver(m)
+    m.register(spend)
+    m.register(BudgetController(m, spend))
     m.register(ValidityController(m, "cache", CACHE))
-    m.register(PolicyController(m))
+    m.register(PolicyController(m, spend))

@@ -86,6 +86,10 @@ class Ledger(Protocol):
     def totals(self, rule: BudgetRule, window: Window) -> Totals:
         """The last known spend of a budget, settled and in flight (for thresholds and metrics)."""
 
+    def own(self, rule: BudgetRule, window: Window) -> Totals | None:
+        """What this process alone counted, without what it counts for others (the operator adds
+        these up across sidecars); None when the store is shared and counts every sidecar's."""
+
     @property
     def degraded(self) -> bool: ...
 
@@ -193,6 +197,9 @@ class MemoryLedger:
             return Totals(spent, held)
         other = self.base(rule, window)
         return Totals(spent + other.spent, held + other.held)
+
+    def own(self, rule: BudgetRule, window: Window) -> Totals | None:
+        return Totals(self.spent(rule, window), self.reserved(rule))
 
     def leases(self) -> int:
         return len(self._leases)

@@ -77,13 +77,30 @@ class BudgetMetrics(Collector):
             )
             for name in ("limit", "spent", "reserved", "remaining")
         }
+        # This sidecar's own part, where it keeps its own ledger (no shared store): the operator
+        # sums max_over_time of these across sidecars, the ones gone included, for the period.
+        own = {
+            (name, unit): GaugeMetricFamily(
+                f"tierwise_budget_own_{name}_{unit}",
+                f"Budget {name} in {'USD' if unit == 'usd' else unit} this period by this sidecar alone.",
+                labels=LABELS,
+            )
+            for name in ("spent", "reserved")
+            for unit in ("usd", "tokens")
+        }
         state = GaugeMetricFamily(
             "tierwise_budget_state", "The budget's state (1 for the current one).", labels=[*LABELS, "state"]
         )
         now = clock()
         for rule in self._rules:
             labels = list(_labels(rule))
-            t = ledger.totals(rule, windows(rule, now))
+            w = windows(rule, now)
+            t = ledger.totals(rule, w)
+            mine = ledger.own(rule, w)
+            if mine is not None:
+                for name, amount in (("spent", mine.spent), ("reserved", mine.held)):
+                    own[(name, "usd")].add_metric(labels, amount.micros / MICROS_PER_USD)
+                    own[(name, "tokens")].add_metric(labels, amount.tokens)
             left = rule.remaining(t.committed)
             if rule.has_usd:
                 for name, micros in (("limit", rule.limit.micros), ("spent", t.spent.micros),
@@ -98,6 +115,7 @@ class BudgetMetrics(Collector):
                 state.add_metric([*labels, s.value], 1 if s is current else 0)
         yield from usd.values()
         yield from tokens.values()
+        yield from own.values()
         yield state
         yield GaugeMetricFamily(
             "tierwise_budget_store_degraded",

@@ -85,6 +85,9 @@ class SharedLedger:
     def _last_known(self, rule: BudgetRule, w: Window) -> Totals:
         return self._snapshot.get((rule.key, w.id)) or Totals()
 
+    def own(self, rule: BudgetRule, w: Window) -> Totals | None:
+        return None  # the store counts every sidecar's spend; the operator reads it there
+
     def totals(self, rule: BudgetRule, w: Window) -> Totals:
         if self._degraded:
             return self.local.totals(rule, w)

@@ -53,10 +53,17 @@ def make_ledger(state: SharedState) -> Ledger:
     if store.startswith("sqlite:"):
         from tierwise_sidecar.budgets.sqlite import SqliteJournal
 
-        return MemoryLedger(SqliteJournal(Path(store.removeprefix("sqlite:")).expanduser()))
-    if store != "memory":
+        ledger = MemoryLedger(SqliteJournal(Path(store.removeprefix("sqlite:")).expanduser()))
+    elif store == "memory":
+        ledger = MemoryLedger()
+    else:
         raise ValueError(f"budget store {store!r}: expected memory, sqlite:PATH or a redis:// URL")
-    return MemoryLedger()
+    if state.config.published_budgets is not None:
+        # No shared store: the others' spend comes from what the operator publishes.
+        from tierwise_sidecar.budgets.published import with_published
+
+        return with_published(state, ledger)
+    return ledger
 
 
 LEDGER: Key[Ledger] = Key("budget-ledger", make_ledger)
