@@ -273,8 +273,8 @@ class Kube:
         """Merge-patch the status subresource (status is the operator's alone; spec is never touched)."""
         self._on_write("status", kind)
         return await self._call(
-            "PATCH", kind.path(namespace, name, "status"), body={"status": status},
-            content_type="application/merge-patch+json",
+            "PATCH", kind.path(namespace, name, "status"), [("fieldManager", FIELD_MANAGER)], {"status": status},
+            "application/merge-patch+json",
         )  # fmt: skip
 
     async def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
