@@ -1,0 +1,96 @@
+"""The budget controller reading spend where the sidecars count it when budgets are in Redis: the
+status is exact (settled and held, from the same keys the sidecars' scripts write), and Redis
+gone keeps the last status with a condition saying it is stale."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from localcluster import Cluster, free_port, stop_process
+from redisserver import Redis, start_redis
+from tests.conftest import TIERWISE, Net, wait_for
+from tests.integration.test_budget_controller import (
+    Kubelet,
+    _condition,
+    _post,
+    _ready,
+    _spent,
+    objects,
+)
+from tests.integration.test_operator import apply, get
+from tests.operatorproc import OperatorProcess
+from tests.servers import Fake
+
+pytestmark = pytest.mark.cluster
+
+
+@dataclass
+class World:
+    cluster: Cluster
+    ns: str
+    fake: Fake
+    redis: Redis
+    sidecar: str
+
+
+@pytest.fixture(scope="module")
+def world(crds: Cluster, tmp_path_factory: pytest.TempPathFactory, aio: Any) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("budgetredis")
+    net = Net(aio, tmp)
+    ns = f"budr{int(time.time()) % 100000}"
+    crds.kubectl("create", "namespace", ns)
+    crds.kubectl("label", "namespace", ns, "tierwise.dev/injection=enabled")
+    fake = net.fake("gold", completion_tokens=16)
+    redis = start_redis(tmp / "redis")
+    op = OperatorProcess(crds, tmp / "op", "--redis-url", redis.url, "--spend-interval", "1").start()
+    kubelet = Kubelet(crds, ns, tmp / "mount")
+    kubelet.folder.mkdir()
+    proc = None
+    try:
+        apply(crds, ns, *objects(ns, fake))
+        wait_for("the Policy ConfigMap", lambda: kubelet.sync() or (kubelet.folder / "policy.json").exists(), 60)
+        port = free_port()
+        with (tmp / "sidecar.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [*TIERWISE, "sidecar", "--policy-file", str(kubelet.folder / "policy.json"), "-n", ns,
+                 "--budget-store", redis.url, "--no-discover-endpoints", "--port", str(port)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        wait_for("the sidecar ready", lambda: _ready(url), 30)
+        yield World(crds, ns, fake, redis, url)
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        op.stop()
+        redis.stop()
+        net.close()
+        crds.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def _status(w: World) -> dict[str, Any]:
+    return dict((get(w.cluster, "costbudget", "team", "-n", w.ns) or {}).get("status") or {})
+
+
+def test_status_is_read_from_the_sidecars_redis_exactly_and_kept_while_redis_is_away(world: World) -> None:
+    w = world
+    for _ in range(12):
+        assert _post(w.sidecar)[0] == 200
+    total = _spent(w.fake)
+    wait_for("status spent equals the backends' usage", lambda: _status(w).get("spentUsd") == round(total, 6), 30)
+    s = _status(w)
+    assert s["reservedUsd"] == 0 and s["state"] == "Ok" and s["remainingUsd"] == round(1.0 - total, 6)
+    assert _condition(s, "SpendObserved")["reason"] == "Redis"
+
+    w.redis.kill()
+    wait_for("stale", lambda: _condition(_status(w), "SpendObserved").get("reason") == "RedisUnavailable", 30)
+    assert _status(w)["spentUsd"] == s["spentUsd"]
+    w.redis.start()
+    wait_for("fresh again", lambda: _condition(_status(w), "SpendObserved").get("status") == "True", 60)
+    assert _status(w)["spentUsd"] == s["spentUsd"]
