@@ -98,6 +98,9 @@ class Outcome:
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     # Why a request that reached a backend ended without a whole answer (a stream cut, say).
     problem: str | None = None
+    # When the try that answered started (monotonic): the serving backend's own latency is
+    # measured from there, not from the request's start (a failover before it is not its time).
+    served_since: float = 0.0
 
     @property
     def usd(self) -> float:
@@ -148,6 +151,8 @@ def record(metrics: Metrics, namespace: str, x: Exchange, duration: float) -> No
     backend = o.backend.name if o.backend is not None else "none"
     metrics.requests.inc((namespace, tenant, tier, backend, str(o.status)))
     metrics.duration.observe((namespace, tier), duration)
+    if o.backend is not None and o.served_since and o.status < 500:
+        metrics.backend_duration.observe((namespace, tier, backend), time.monotonic() - o.served_since)
     if o.route is not None and o.backend is not None:
         metrics.route.inc((tier, o.route, backend))
     if o.estimate is not None:

@@ -204,6 +204,7 @@ class ForwardStage:
         in_flight = self.health.in_flight
         key = cand.backend.key
         in_flight[key] = in_flight.get(key, 0) + 1
+        t0 = self.now()
         try:
             payload = render(x, cand.backend, self.counter)
             started = await attempt(self.session(), cand, x, payload, x.deadline - self.now())
@@ -232,6 +233,9 @@ class ForwardStage:
         if was is not State.CLOSED:
             self.gauge_circuits(cand.backend)
         self.note_attempt(x, cand, "ok")
+        labels = (x.identity.namespace, cand.tier.name, cand.backend.name)
+        self.metrics.backend_first_byte.observe(labels, self.now() - t0)
+        x.outcome.served_since = t0
         self._served_by(cand, x, state)
         return started
 

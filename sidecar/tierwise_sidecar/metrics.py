@@ -89,6 +89,16 @@ class Metrics:
             "tierwise_time_to_first_byte_seconds", "Time to the first streamed byte sent to the caller.",
             ["namespace", "tier"], LATENCY_BUCKETS, r,
         )  # fmt: skip
+        # Each backend's own latency, from the start of the try that answered (failovers before it
+        # excluded): what the operator's SLA controller judges a backend on.
+        self.backend_first_byte = FastHistogram(
+            "tierwise_backend_first_byte_seconds", "Time from a successful try's start to the backend's first byte.",
+            ["namespace", "tier", "backend"], LATENCY_BUCKETS, r,
+        )  # fmt: skip
+        self.backend_duration = FastHistogram(
+            "tierwise_backend_duration_seconds", "Time from the answering try's start to the end of the response.",
+            ["namespace", "tier", "backend"], LATENCY_BUCKETS, r,
+        )  # fmt: skip
         self.tokens = FastCounter(
             "tierwise_tokens", "Tokens used, as reported by the provider (or counted when it does not say).",
             [*who, "backend", "kind"], r,
