@@ -103,7 +103,7 @@ def test_quantiles_from_summed_buckets_as_prometheus_computes_them() -> None:
         "requests": [
             ({"namespace": "apps", "tier": "gold", "code": "200"}, 19.0),
             ({"namespace": "apps", "tier": "gold", "code": "502"}, 1.0),
-        ],  # fmt: skip
+        ],
     }
     g = Grouped(rows)
     b = backend_values(g, frozenset({"apps"}), "gold", "a")
