@@ -32,6 +32,12 @@ def operator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoscale-interval", type=float, default=15.0, help="seconds between autoscaler passes")
     p.add_argument("--slo-interval", type=float, default=30.0, help="seconds between SLO observations")
     p.add_argument(
+        "--steering-hold",
+        type=float,
+        default=300.0,
+        help="seconds SLO steering stays in force while Prometheus cannot be read, before the declared weights return",
+    )
+    p.add_argument(
         "--redis-url",
         default=os.environ.get("TIERWISE_REDIS_URL"),
         help="the Redis the sidecars count budgets in: budget spend is read there (else from Prometheus). "

@@ -38,6 +38,7 @@ class Config:
     sidecar_image: str = DEFAULT_SIDECAR_IMAGE
     autoscale_interval: float = 15.0
     slo_interval: float = 30.0
+    steering_hold: float = 300.0
     redis_url: str | None = None
     spend_interval: float = 30.0
     workers: int = 4

@@ -55,10 +55,6 @@ def quantile(q: float, metric: str, scope: Scope, window: int) -> str:
     )
 
 
-def first_token_p95(scope: Scope, window: int) -> str:
-    return quantile(0.95, "tierwise_time_to_first_byte_seconds", scope, window)
-
-
 def slo_ratio(scope: Scope, slo: SLO) -> str | None:
     """Observed p95 over its target, for the tightest declared latency objective (1.0 = at the SLO)."""
     if slo.first_token_p95_milliseconds is not None:
@@ -87,15 +83,3 @@ def load_query(signal: ScalingSignal, scope: Scope, slo: SLO) -> str:
         case ScalingSignal.SLO_HEADROOM:
             ratio = slo_ratio(scope, slo)
             return ratio if ratio is not None else "vector(0)"
-
-
-def error_rate(scope: Scope, window: int) -> str:
-    m = scope.matchers(with_backend=False)
-    failed = f'sum(rate(tierwise_upstream_attempts_total{{{m},result!~"ok|client_error"}}[{window}s]))'
-    return f"100 * {failed} / sum(rate(tierwise_upstream_attempts_total{{{m}}}[{window}s]))"
-
-
-def availability(scope: Scope, window: int) -> str:
-    m = scope.matchers(with_backend=False)
-    failed = f'sum(rate(tierwise_requests_total{{{m},code=~"5.."}}[{window}s]))'
-    return f"100 * (1 - ({failed} or vector(0)) / sum(rate(tierwise_requests_total{{{m}}}[{window}s])))"

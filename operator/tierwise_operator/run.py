@@ -52,6 +52,7 @@ async def operate(args: argparse.Namespace) -> None:
         sidecar_image=args.sidecar_image,
         autoscale_interval=args.autoscale_interval,
         slo_interval=args.slo_interval,
+        steering_hold=args.steering_hold,
         redis_url=args.redis_url,
         spend_interval=args.spend_interval,
     )

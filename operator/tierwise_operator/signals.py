@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_api_client import PrometheusConnect
@@ -20,7 +19,6 @@ from tierwise.api.tier import SLO, Autoscaling, ScalingSignal
 from tierwise_operator import promql
 from tierwise_operator.promql import Scope
 from tierwise_operator.scaling import Observation
-from tierwise_operator.status import SLOObservation
 
 NO_PROMETHEUS = "no Prometheus configured (--prometheus-url): autoscaling holds replicas and the SLO is not judged"
 
@@ -69,33 +67,3 @@ async def observe_load(prom: Prometheus | None, a: Autoscaling, slo: SLO, scope:
     if load is None and requests is not None and requests <= 0 and a.signal is not ScalingSignal.SLO_HEADROOM:
         load = 0.0  # the series is gone because nothing is happening
     return Observation(load, 0.0 if requests is None else requests, None if load is not None else "no data yet")
-
-
-_SLO_QUERIES: Mapping[str, tuple[float, str]] = {
-    "firstTokenP95Milliseconds": (0.95, "tierwise_time_to_first_byte_seconds"),
-    "firstTokenP99Milliseconds": (0.99, "tierwise_time_to_first_byte_seconds"),
-    "totalP95Milliseconds": (0.95, "tierwise_request_duration_seconds"),
-    "totalP99Milliseconds": (0.99, "tierwise_request_duration_seconds"),
-}
-
-
-async def active_tiers(prom: Prometheus, window: int) -> set[tuple[str, str]]:
-    """(caller namespace, tier) pairs with requests in the window; one query for all tiers."""
-    found = await prom.query(f"sum by (namespace, tier) (increase(tierwise_requests_total[{window}s])) > 0")
-    return {(m.get("namespace", ""), m.get("tier", "")) for m, _ in found}
-
-
-async def observe_slo(prom: Prometheus, slo: SLO, scope: Scope) -> SLOObservation:
-    w = slo.window_seconds
-    values: dict[str, float | None] = {}
-    try:
-        for key, (q, metric) in _SLO_QUERIES.items():
-            v = await prom.scalar(promql.quantile(q, metric, scope, w))
-            values[key] = None if v is None or math.isinf(v) else round(v * 1000)
-        err = await prom.scalar(promql.error_rate(scope, w))
-        values["errorRatePercent"] = None if err is None else round(err, 2)
-        avail = await prom.scalar(promql.availability(scope, w))
-        values["availabilityPercent"] = None if avail is None else round(avail, 3)
-    except PrometheusUnavailableError as e:
-        return SLOObservation(error=str(e))
-    return SLOObservation(values=values)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierwise.api.tier import SLO, InferenceTierSpec
+from tierwise_operator.steering import DECLARED, TierSteer
 
 Obj = dict[str, Any]
 
@@ -32,6 +33,7 @@ class SLOObservation:
 
     values: Mapping[str, float | None] = field(default_factory=dict)
     error: str | None = None  # Prometheus unreachable or not configured
+    backends: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)  # each backend's own
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Observed:
     slo: SLOObservation = SLOObservation(error="no Prometheus configured (--prometheus-url)")
     scaling: Mapping[str, str] = field(default_factory=dict)  # backend -> why it has its replicas
     scaling_blind: bool = False  # the autoscaler is holding for want of metrics
+    steer: TierSteer = DECLARED  # SLO steering in force
 
 
 def condition(type_: str, ok: bool | None, reason: str, message: str, generation: int) -> Obj:
@@ -123,10 +126,26 @@ def slo_verdict(slo: SLO, seen: Mapping[str, float | None]) -> tuple[str, list[s
     return ("Met", []) if judged else ("Unknown", [])
 
 
-def routing_weights(spec: InferenceTierSpec, backends: Sequence[BackendState]) -> dict[str, int]:
-    """Weights in force: declared weights, zero for a backend that cannot serve right now."""
+def routing_weights(
+    spec: InferenceTierSpec, backends: Sequence[BackendState], steer: TierSteer = DECLARED
+) -> dict[str, int]:
+    """Weights in force: the steered ones (declared, or lowered while a backend misses the SLO),
+    zero for a backend that cannot serve right now."""
     serving = {b.name for b in backends if b.serving}
-    return {b.name: (b.weight if b.name in serving else 0) for b in spec.backends}
+    steered = steer.weights(spec)
+    return {b.name: (steered[b.name] if b.name in serving else 0) for b in spec.backends}
+
+
+def steering_notes(spec: InferenceTierSpec, steer: TierSteer) -> list[str]:
+    notes = []
+    for b in spec.backends:
+        s = steer.backends.get(b.name)
+        if s is not None and s.why and steer.weights(spec)[b.name] < b.weight:
+            notes.append(f"backend {b.name} at weight {steer.weights(spec)[b.name]} of {b.weight}: {s.why}")
+    if steer.divert is not None:
+        d = steer.divert
+        notes.append(f"{d.percent}% of requests sent to {d.to} ({d.reason}): {steer.why}")
+    return notes
 
 
 def tier_status(spec: InferenceTierSpec, seen: Observed, old: Obj, now: str) -> Obj:
@@ -162,7 +181,9 @@ def tier_status(spec: InferenceTierSpec, seen: Observed, old: Obj, now: str) -> 
         detail = ", ".join(f"{b.name} {b.ready}/{b.desired} ready" for b in lagging)
         deg_c = condition("Degraded", True, "ReplicasNotReady", detail, g)
     elif state == "Missed":
-        deg_c = condition("Degraded", True, "SLOMissed", "; ".join(notes), g)
+        deg_c = condition("Degraded", True, "SLOMissed", "; ".join([*notes, *steering_notes(spec, seen.steer)]), g)
+    elif steering_notes(spec, seen.steer):
+        deg_c = condition("Degraded", True, "Steered", "; ".join(steering_notes(spec, seen.steer)), g)
     elif seen.scaling_blind:
         deg_c = condition("Degraded", True, "MetricsUnavailable", "autoscaler holding replicas: " + "; ".join(
             f"{k}: {v}" for k, v in sorted(seen.scaling.items())), g)  # fmt: skip
@@ -176,11 +197,18 @@ def tier_status(spec: InferenceTierSpec, seen: Observed, old: Obj, now: str) -> 
         "replicas": sum(b.replicas for b in hosted),
         "readyReplicas": sum(b.ready for b in hosted),
         "sloState": state,
-        "routingWeights": routing_weights(spec, backends),
+        "routingWeights": routing_weights(spec, backends, seen.steer),
         "conditions": merge_conditions(old.get("conditions", []), [ready_c, slo_c, deg_c], now),
     }
     if observed:
         status["observed"] = observed
+    per_backend = {b: {k: v for k, v in vals.items() if v is not None} for b, vals in seen.slo.backends.items()}
+    per_backend = {b: vals for b, vals in per_backend.items() if vals}
+    if per_backend:
+        status["observedBackends"] = per_backend
+    d = seen.steer.divert
+    if d is not None:
+        status["diversion"] = {"to": d.to, "reason": d.reason.capitalize(), "percent": d.percent, "why": seen.steer.why}
     return status
 
 

@@ -104,6 +104,9 @@ class TierSteer:
         return self.divert is not None or self.weights(spec) != {b.name: b.weight for b in spec.backends}
 
 
+DECLARED = TierSteer()  # nothing steered: the declared weights, no diversion
+
+
 def divert_target(spec: InferenceTierSpec) -> tuple[str, str, int] | None:
     """Where a missing tier's traffic may go: (tier, reason, most percent)."""
     if spec.promotion is not None:
@@ -173,17 +176,17 @@ def step(
     return replace(result, divert=divert, bad=bad, good=good, why=why)
 
 
-def describe(spec: InferenceTierSpec, before: TierSteer, after: TierSteer) -> list[str]:
-    """What changed, in words, for an Event each."""
+def describe(spec: InferenceTierSpec, before: TierSteer, after: TierSteer) -> list[tuple[str, str]]:
+    """What changed, for an Event each: (Warning when steering away, Normal when coming back, message)."""
     out = []
     w0, w1 = before.weights(spec), after.weights(spec)
     for b in spec.backends:
         if w0[b.name] != w1[b.name]:
             s = after.backends.get(b.name, BackendSteer())
             if w1[b.name] < w0[b.name]:
-                out.append(f"backend {b.name} drained: weight {w0[b.name]} -> {w1[b.name]} ({s.why})")
+                out.append(("Warning", f"backend {b.name} drained: weight {w0[b.name]} -> {w1[b.name]} ({s.why})"))
             else:
-                out.append(f"backend {b.name} restored: weight {w0[b.name]} -> {w1[b.name]}")
+                out.append(("Normal", f"backend {b.name} restored: weight {w0[b.name]} -> {w1[b.name]}"))
     d0, d1 = before.divert, after.divert
     p0, p1 = (d0.percent if d0 else 0), (d1.percent if d1 else 0)
     if p0 != p1:
@@ -191,7 +194,7 @@ def describe(spec: InferenceTierSpec, before: TierSteer, after: TierSteer) -> li
         assert d is not None
         verb = "promoting" if d.reason == PROMOTED else "sending down the fallback chain"
         if p1 > p0:
-            out.append(f"{verb} {p1}% of the tier's traffic to {d.to} ({after.why})")
+            out.append(("Warning", f"{verb} {p1}% of the tier's traffic to {d.to} ({after.why})"))
         else:
-            out.append(f"{verb} {p1}% of the tier's traffic to {d.to} (was {p0}%): the tier is within its SLO")
+            out.append(("Normal", f"{verb} {p1}% of the tier's traffic to {d.to} (was {p0}%): within its SLO again"))
     return out

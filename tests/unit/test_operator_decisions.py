@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tierwise.api.tier import Autoscaling, InferenceTierSpec, ReplicaRange
+from tierwise.api.tier import SLO, Autoscaling, InferenceTierSpec, ReplicaRange
 from tierwise_operator import children, promql, scaling
 from tierwise_operator.drift import covers, quantity
 from tierwise_operator.status import (
@@ -240,7 +240,7 @@ def test_promql_selects_exactly_the_callers_of_a_tier() -> None:
         'sum(tierwise_backend_in_flight_requests{namespace=~"team-a|team-b",tier="gold",backend="llama"})'
     )
     assert 'namespace=~"-"' in promql.in_flight(promql.Scope("gold", "llama", ()))
-    assert "[300s]" in promql.first_token_p95(scope, 300)
+    assert "[60s]" in (promql.slo_ratio(scope, SLO(firstTokenP95Milliseconds=500)) or "")
 
 
 def test_a_budgets_ready_condition_says_whether_it_compiles_and_keeps_the_rest_of_its_status() -> None:

@@ -59,7 +59,7 @@ def test_a_slow_backend_is_drained_in_steps_and_restored_without_flapping() -> N
     back = run(s, [(FINE, {"a": FINE, "b": FINE})] * 3, held[-1])
     assert back[-1].backends["a"].level == 2 and not back[-1].steered(s)
     changes = describe(s, steps[2], steps[3])
-    assert changes == ["backend a drained: weight 1 -> 0 (totalP95Milliseconds 3000 > 1000)"]
+    assert changes == [("Warning", "backend a drained: weight 1 -> 0 (totalP95Milliseconds 3000 > 1000)")]
 
 
 def test_a_lone_miss_drains_nothing_and_every_backend_slow_drains_none() -> None:
@@ -76,7 +76,7 @@ def test_a_whole_tier_missing_is_promoted_up_to_its_share_and_back() -> None:
     up = run(s, [slow] * 4)
     assert [x.divert.percent if x.divert else 0 for x in up] == [0, 15, 15, 30]
     assert up[-1].divert is not None and (up[-1].divert.to, up[-1].divert.reason) == ("platinum", PROMOTED)
-    assert "promoting 15% of the tier's traffic to platinum" in describe(s, up[0], up[1])[0]
+    assert "promoting 15% of the tier's traffic to platinum" in describe(s, up[0], up[1])[0][1]
     down = run(s, [(FINE, {"a": FINE, "b": FINE})] * 6, up[-1])
     assert [x.divert.percent if x.divert else 0 for x in down] == [30, 30, 15, 15, 15, 0]
     # Without a promotion, down the fallback chain.

@@ -495,6 +495,15 @@ class ObservedLatency(StatusModel):
     availability_percent: float | None = Field(default=None, description="Observed caller-visible success.")
 
 
+class Diversion(StatusModel):
+    """Traffic the operator steers away from a tier that misses its SLO."""
+
+    to: str = Field(description="The tier it goes to.")
+    reason: str = Field(description="Promoted (promotion.borrowFrom) or Fallback (fallback.tier).")
+    percent: int = Field(description="Share of the tier's requests sent there.")
+    why: str = Field(default="", description="What missed, with the numbers.")
+
+
 class InferenceTierStatus(ObjectStatus):
     """Observed state of an InferenceTier, written by the operator. Conditions: Ready, SLOMet, Degraded."""
 
@@ -504,4 +513,12 @@ class InferenceTierStatus(ObjectStatus):
     ready_replicas: int | None = Field(default=None, description="Ready replicas of self-hosted backends.")
     slo_state: SLOState | None = Field(default=None, description="Met, AtRisk, Missed or Unknown.")
     observed: ObservedLatency | None = Field(default=None, description="Service level seen in Prometheus.")
-    routing_weights: dict[str, int] = Field(default_factory=dict, description="Current weight per backend.")
+    routing_weights: dict[str, int] = Field(
+        default_factory=dict, description="Current weight per backend: declared, or lowered while it misses the SLO."
+    )
+    observed_backends: dict[str, ObservedLatency] = Field(
+        default_factory=dict, description="Service level of each backend seen in Prometheus (its own tries)."
+    )
+    diversion: Diversion | None = Field(
+        default=None, description="Share of the tier's traffic sent to another tier while it misses its SLO."
+    )

@@ -21,12 +21,13 @@ from tierwise.naming import (
     POLICY_HASH_ANNOTATION,
     POLICY_KEY,
 )
-from tierwise.policy import PolicyBudget
+from tierwise.policy import PolicyBudget, PolicyTier
 from tierwise_operator import children
 from tierwise_operator.budgetstatus import Reading
 from tierwise_operator.controllers.base import Key, Obj, Queued
 from tierwise_operator.kube import CONFIGMAP, ApiError
 from tierwise_operator.manager import Derived, Manager
+from tierwise_operator.steering import TierSteer
 
 log = logging.getLogger("tierwise.operator")
 NAME = "policies"
@@ -34,6 +35,8 @@ KEY: Key = (NAME, "", "")
 SETTLE_SECONDS = 0.3
 # Beside the Policy in the same ConfigMap: each budget's spend across the sidecars.
 BUDGETS_KEY = "budgets.json"
+# And the SLO steering of its tiers: lowered weights, traffic promoted or sent down the chain.
+STEERING_KEY = "steering.json"
 INPUTS = frozenset({"InferenceTier", "CostBudget", "CachePolicy", "Namespace"})
 
 
@@ -41,12 +44,17 @@ class SpendReadings(Protocol):
     def reading(self, key: str) -> Reading: ...
 
 
+class Steering(Protocol):
+    def steering(self, namespace: str, tier: str) -> TierSteer: ...
+
+
 class PolicyController:
     name = NAME
 
-    def __init__(self, m: Manager, spend: SpendReadings) -> None:
+    def __init__(self, m: Manager, spend: SpendReadings, sla: Steering) -> None:
         self.m = m
         self.spend = spend
+        self.sla = sla
 
     def keys_for(self, kind: str, obj: Obj, deleted: bool) -> Iterable[Queued]:
         if kind in INPUTS:
@@ -83,6 +91,21 @@ class PolicyController:
             }
         return out
 
+    def steered(self, tiers: Iterable[PolicyTier]) -> dict[str, Obj]:
+        """The SLO steering of the namespace's tiers that are steered now, by the name the
+        namespace knows them by: weights in force, and the share sent to another tier."""
+        out: dict[str, Obj] = {}
+        for t in tiers:
+            steer = self.sla.steering(t.namespace, t.name)
+            if not steer.steered(t.spec):
+                continue
+            d = steer.divert
+            out[t.name] = {
+                "weights": steer.weights(t.spec),
+                "divert": None if d is None else {"to": d.to, "reason": d.reason, "percent": d.percent},
+            }
+        return out
+
     def targets(self) -> set[str]:
         """Namespaces that get a Policy ConfigMap: labelled for injection, or an ingress sidecar runs there."""
         store = self.m.store
@@ -113,6 +136,9 @@ class PolicyController:
             spend = self.published(policy.budgets)
             if spend:
                 data[BUDGETS_KEY] = json.dumps({"budgets": spend}, sort_keys=True, separators=(",", ":"))
+            steering = self.steered(policy.tiers.values())
+            if steering:
+                data[STEERING_KEY] = json.dumps({"tiers": steering}, sort_keys=True, separators=(",", ":"))
             live = store.get("ConfigMap", ns, POLICY_CONFIGMAP)
             if live is not None and (live.get("data") or {}) == data:
                 ann = (live["metadata"].get("annotations") or {}).get(POLICY_HASH_ANNOTATION)

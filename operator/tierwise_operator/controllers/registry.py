@@ -22,4 +22,4 @@ def register(m: Manager) -> None:
     m.register(spend)
     m.register(BudgetController(m, spend))
     m.register(ValidityController(m, "cache", CACHE))
-    m.register(PolicyController(m, spend))
+    m.register(PolicyController(m, spend, sla))

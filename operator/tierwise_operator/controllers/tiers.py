@@ -17,6 +17,7 @@ from tierwise_operator.drift import covers
 from tierwise_operator.kube import KINDS, SCALED_OBJECT, TIER, ApiError
 from tierwise_operator.manager import Derived, Manager, now_iso
 from tierwise_operator.status import BackendState, Observed, condition, merge_conditions, tier_status
+from tierwise_operator.steering import DECLARED, TierSteer, describe
 
 NAME = "tier"
 OWNED = tuple(k.kind for k in children.OWNED_KINDS)
@@ -32,6 +33,8 @@ class TierController:
         self.m = m
         self.autoscaler = autoscaler
         self.sla = sla
+        # The steering last written into each tier's status: a change posts an Event.
+        self.reported: dict[tuple[str, str], TierSteer] = {}
 
     def keys_for(self, kind: str, obj: Obj, deleted: bool) -> Iterable[Queued]:
         meta = obj.get("metadata") or {}
@@ -40,6 +43,7 @@ class TierController:
             if deleted:
                 self.autoscaler.forget(ns, name)
                 self.sla.forget(ns, name)
+                self.reported.pop((ns, name), None)
             return (((NAME, ns, name), SETTLE_SECONDS),)
         if kind in OWNED and (tier := (meta.get("labels") or {}).get(TIER_LABEL)):
             return (((NAME, ns, tier), 0.0),)
@@ -85,7 +89,12 @@ class TierController:
                 self.autoscaler.judged(namespace, name, b) for b in scopes
             ):
                 self.autoscaler.wake.set()
-        await self._write_status(obj, tier, self._observed(tier, generation, problems, replicas))
+        seen = self._observed(tier, generation, problems, replicas)
+        await self._write_status(obj, tier, seen)
+        before = self.reported.get((namespace, name), DECLARED)
+        for type_, change in describe(tier.spec, before, seen.steer):
+            await m.event(obj, type_, "Steered", change)
+        self.reported[(namespace, name)] = seen.steer
 
     async def _converge(self, tier: InferenceTier, owner: Obj, wanted: list[Obj]) -> None:
         m = self.m
@@ -151,6 +160,7 @@ class TierController:
             backends=backends,
             problems=problems,
             slo=self.sla.observation(tier.namespace, tier.name),
+            steer=self.sla.steering(tier.namespace, tier.name),
             scaling={b: dec.reason for b, dec in decisions.items()},
             # Without a Prometheus configured, holding replicas is the setup, not a degradation.
             scaling_blind=self.autoscaler.prom is not None
