@@ -39,6 +39,8 @@ H_TOKENS = "x-tierwise-tokens"
 H_ATTEMPTS = "x-tierwise-attempts"
 H_FALLBACK = "x-tierwise-fallback-from"
 H_SUBSTITUTED = "x-tierwise-model-substituted"
+H_PROMOTED = "x-tierwise-promoted-from"
+H_STEERED = "x-tierwise-steered-from"
 # A header value carries printable ASCII; anything else in a model name is percent-encoded.
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 H_BUDGET_REMAINING_USD = "x-tierwise-budget-remaining-usd"
@@ -133,6 +135,8 @@ def render_headers(x: Exchange, final: bool) -> dict[str, str]:
         h[H_SCORE] = f"{o.score:.3f}"
     if o.estimate is not None:
         h[H_ESTIMATE] = usd(o.estimate.usd)
+    if x.steered is not None:
+        h[H_PROMOTED if x.steered[1] == "promoted" else H_STEERED] = x.steered[0]
     if x.identity.substituted is not None:
         h[H_SUBSTITUTED] = quote(x.identity.substituted, safe=_HEADER_SAFE)
     note = x.budget

@@ -73,12 +73,12 @@ def _budget_store_arg(p: argparse.ArgumentParser, default: str, where: str) -> N
     )
 
 
-def _published_budgets(args: argparse.Namespace) -> Path | None:
+def _beside_policy(args: argparse.Namespace, option: str, name: str) -> Path | None:
     """`tierwise sidecar` reads what the operator publishes beside the Policy it mounts."""
     if getattr(args, "policy_file", None) is None:
         return None
-    explicit: Path | None = args.budget_state_file
-    return explicit if explicit is not None else args.policy_file.parent / "budgets.json"
+    explicit: Path | None = getattr(args, option)
+    return explicit if explicit is not None else args.policy_file.parent / name
 
 
 def _state_home() -> Path:
@@ -108,7 +108,8 @@ def _serve(
         pin_tier=ingress,
         budget_store=args.budget_store,
         lease_margin_seconds=args.budget_lease_margin,
-        published_budgets=_published_budgets(args),
+        published_budgets=_beside_policy(args, "budget_state_file", "budgets.json"),
+        steering_file=_beside_policy(args, "steering_file", "steering.json"),
     )
     # The app's own sidecar is for the pod alone; an ingress is reached by Services on the pod IP,
     # so it listens on every interface ("": IPv4 and IPv6).

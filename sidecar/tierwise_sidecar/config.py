@@ -39,5 +39,7 @@ class GatewayConfig:
     # The spend of every sidecar as the operator publishes it (budgets.json beside the Policy):
     # counted by a sidecar that keeps its own ledger. None: it counts alone.
     published_budgets: Path | None = None
+    # The operator's SLO steering of the namespace's tiers (steering.json beside the Policy).
+    steering_file: Path | None = None
     # Wall-clock time, in seconds since the epoch: budget periods and leases. Tests move it.
     clock: Callable[[], float] = time.time

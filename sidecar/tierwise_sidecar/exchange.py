@@ -111,6 +111,8 @@ class Exchange:
     estimates: dict[str, Estimate] = field(default_factory=dict)
     score: float | None = None
     decision: Decision | None = None
+    # Sent to another tier by the operator's SLO steering: (the tier asked for, promoted | fallback).
+    steered: tuple[str, str] | None = None
     budget: BudgetNote | None = None
     # Before serving from a backend costlier than what was reserved (a fallback tier, a resumed
     # stream), the forward stage asks for more; None: nothing to ask (no budget counts it).

@@ -125,6 +125,10 @@ class Metrics:
             "tierwise_http_responses", "Every HTTP response of the gateway, by endpoint and status, whatever answered.",
             ["endpoint", "code"], r,
         )  # fmt: skip
+        self.steered = FastCounter(
+            "tierwise_steered_requests", "Requests the operator's SLO steering sent to another tier, by reason "
+            "(promoted, fallback).", ["namespace", "tier", "to", "reason"], r,
+        )  # fmt: skip
         self.substituted = FastCounter(
             "tierwise_model_substitutions", "Requests naming a model the namespace does not serve, served by the "
             "default tier instead.", ["namespace", "tier"], r,

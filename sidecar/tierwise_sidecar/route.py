@@ -104,14 +104,24 @@ def decide(
 class RouteStage:
     name = "route"
 
-    def __init__(self, health: Health, metrics: Metrics, rng: random.Random, now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        health: Health,
+        metrics: Metrics,
+        rng: random.Random,
+        now: Callable[[], float],
+        steered: Callable[[TierRoute], TierRoute] | None = None,
+    ) -> None:
         self.health = health
         self.metrics = metrics
         self.rng = rng
         self.now = now
+        self.steered = steered
 
     async def enter(self, x: Exchange) -> Reply | None:
         tier = x.runtime.tiers[x.identity.tier]
+        if self.steered is not None:
+            tier = self.steered(tier)
         if tier.needs_score:
             x.score = difficulty_of(x.kind, x.body, x.input_tokens, x.identity.priority)
         x.decision = decide(tier, x.input_tokens, x.score, self.health, rng=self.rng, now=self.now())
@@ -128,4 +138,9 @@ RNG = Key("rng", lambda state: random.Random())
 
 
 def build(runtime: Runtime, state: SharedState) -> RouteStage:
-    return RouteStage(state.get(HEALTH), state.get(METRICS), state.get(RNG), time.monotonic)
+    steered = None
+    if state.config.steering_file is not None:
+        from tierwise_sidecar.steer import STEERING  # the steer module builds on this one
+
+        steered = state.get(STEERING).route
+    return RouteStage(state.get(HEALTH), state.get(METRICS), state.get(RNG), time.monotonic, steered)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tierwise_sidecar import account, estimate, forward, identify, route, validate
+from tierwise_sidecar import account, estimate, forward, identify, route, steer, validate
 from tierwise_sidecar.budgets import stage as budget
 from tierwise_sidecar.pipeline import Chain, Stage
 from tierwise_sidecar.runtime import Runtime
@@ -21,6 +21,7 @@ BUILDERS: tuple[Callable[[Runtime, SharedState], Stage | None], ...] = (
     identify.build,
     estimate.build,
     budget.build,
+    steer.build,
     route.build,
     forward.build,
 )
