@@ -3,8 +3,9 @@
 A backend that misses its tier's SLO (its own latency, from the start of the try that answered,
 or its error rate) while another backend of the tier does not is drained step by step: its
 routing weight halved, then 0. It comes back step by step once it is well inside the SLO (below
-80% of every target) for several cycles; a drained backend that has no traffic to judge is tried
-again at half weight after a few cycles, like a breaker's half-open state. The band between 80%
+80% of every target) for several cycles; a drained backend, which has no traffic to judge, is
+tried again at half weight once a whole SLO window has passed (its slow requests have left the
+window by then), like a breaker's half-open state. The band between 80%
 and 100% holds whatever was decided, and every step needs consecutive cycles: no flapping.
 
 When the whole tier misses as its callers see it, a share of its traffic goes to the tier its
@@ -24,7 +25,6 @@ from tierwise.api.tier import SLO, InferenceTierSpec
 LEVELS = 2  # full weight; 1: half; 0: drained
 MISS_CYCLES = 2
 GOOD_CYCLES = 3
-PROBE_CYCLES = 3
 RECOVER_MARGIN = 0.8
 MISS, GOOD, HOLD, NONE = "miss", "good", "hold", "none"
 PROMOTED, FALLBACK = "promoted", "fallback"
@@ -69,7 +69,7 @@ class BackendSteer:
     level: int = LEVELS
     bad: int = 0
     good: int = 0
-    idle: int = 0
+    since: float = 0.0  # when it was drained (monotonic seconds)
     why: str = ""  # why it is drained, while it is
 
 
@@ -116,23 +116,22 @@ def divert_target(spec: InferenceTierSpec) -> tuple[str, str, int] | None:
     return None
 
 
-def _backend(prev: BackendSteer, v: Verdict, may_drain: bool) -> BackendSteer:
+def _backend(prev: BackendSteer, v: Verdict, may_drain: bool, now: float, window: float) -> BackendSteer:
     if v.kind == MISS:
-        s = replace(prev, bad=prev.bad + 1, good=0, idle=0)
+        s = replace(prev, bad=prev.bad + 1, good=0)
         if s.bad >= MISS_CYCLES and s.level > 0 and may_drain:
-            return replace(s, level=s.level - 1, bad=0, why=v.why)
+            return replace(s, level=s.level - 1, bad=0, why=v.why, since=now)
         return s
     if v.kind == GOOD:
-        s = replace(prev, good=prev.good + 1, bad=0, idle=0)
+        s = replace(prev, good=prev.good + 1, bad=0)
         if s.good >= GOOD_CYCLES and s.level < LEVELS:
             level = s.level + 1
             return replace(s, level=level, good=0, why="" if level == LEVELS else s.why)
         return s
     if v.kind == HOLD:
-        return replace(prev, bad=0, good=0, idle=0)
-    if prev.level == 0:  # drained and so without traffic: try it again at half weight in a while
-        s = replace(prev, idle=prev.idle + 1)
-        return replace(s, level=1, idle=0) if s.idle >= PROBE_CYCLES else s
+        return replace(prev, bad=0, good=0)
+    if prev.level == 0 and now - prev.since >= window:
+        return replace(prev, level=1, bad=0, good=0)  # drained a whole window: try it at half weight
     return prev
 
 
@@ -141,15 +140,18 @@ def step(
     prev: TierSteer,
     tier: Mapping[str, float | None],
     backends: Mapping[str, Mapping[str, float | None]],
+    now: float,
 ) -> TierSteer:
-    """The steering after one more cycle's numbers (the tier's, and each backend's)."""
+    """The steering after one more cycle's numbers (the tier's, and each backend's), at `now`
+    (monotonic seconds)."""
     verdicts = {b.name: judge(spec.slo, backends.get(b.name, {})) for b in spec.backends}
     weighted = [b.name for b in spec.backends if b.weight > 0]
     new: dict[str, BackendSteer] = {}
     for b in spec.backends:
         # Draining moves the load to the others: only worth it while another one is doing well.
         healthy_other = any(verdicts[o].kind in (GOOD, HOLD) for o in weighted if o != b.name)
-        new[b.name] = _backend(prev.backends.get(b.name, BackendSteer()), verdicts[b.name], healthy_other)
+        prior = prev.backends.get(b.name, BackendSteer())
+        new[b.name] = _backend(prior, verdicts[b.name], healthy_other, now, spec.slo.window_seconds)
     if weighted and all(new[n].level == 0 for n in weighted):
         new = {n: (prev.backends.get(n, BackendSteer()) if s.level == 0 else s) for n, s in new.items()}
     result = replace(prev, backends=new)

@@ -271,6 +271,11 @@ def add_commands(sub: Any) -> None:
         help="the budgets' spend across every sidecar, as the operator publishes it (default: budgets.json beside "
         "--policy-file); counted when budgets are not in Redis",
     )
+    s.add_argument(
+        "--steering-file",
+        type=Path,
+        help="the operator's SLO steering of the tiers (default: steering.json beside --policy-file)",
+    )
     s.set_defaults(func=_cmd_sidecar)
 
     e = sub.add_parser("estimate", help="print the token and cost estimate of a request under a Policy")

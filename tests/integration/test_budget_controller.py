@@ -82,7 +82,7 @@ class Kubelet:
         if cm is None or cm["metadata"]["resourceVersion"] == self.version:
             return
         data = cm.get("data") or {}
-        for name in ("policy.json", "budgets.json"):
+        for name in ("policy.json", "budgets.json", "steering.json"):
             target = self.folder / name
             if name not in data:
                 target.unlink(missing_ok=True)

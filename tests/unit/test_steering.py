@@ -34,12 +34,14 @@ def spec(**kw: Any) -> Any:
     return t.spec
 
 
-def run(
-    s: Any, cycles: list[tuple[dict[str, Any], dict[str, dict[str, Any]]]], prev: TierSteer | None = None
-) -> list[TierSteer]:
+Cycle = tuple[dict[str, Any], dict[str, dict[str, Any]]]
+
+
+def run(s: Any, cycles: list[Cycle], prev: TierSteer | None = None, start: float = 0.0) -> list[TierSteer]:
+    """One cycle every 10 s from `start` (the SLO window is 300 s)."""
     out, cur = [], prev or TierSteer()
-    for t, b in cycles:
-        cur = step(s, cur, t, b)
+    for i, (t, b) in enumerate(cycles):
+        cur = step(s, cur, t, b, start + 10 * i)
         out.append(cur)
     return out
 
@@ -50,9 +52,9 @@ def test_a_slow_backend_is_drained_in_steps_and_restored_without_flapping() -> N
     steps = run(s, [slow_a] * 4)
     assert [x.weights(s)["a"] for x in steps] == [1, 1, 1, 0]  # two misses per step: 1 (half of 1), then 0
     assert steps[-1].weights(s)["b"] == 1 and "totalP95Milliseconds 3000 > 1000" in steps[-1].backends["a"].why
-    # Drained, it has no traffic: after a few cycles it is tried at half weight.
-    idle = run(s, [(FINE, {"b": FINE})] * 3, steps[-1])
-    assert [x.weights(s)["a"] for x in idle] == [0, 0, 1]
+    # Drained, it has no traffic: once a whole window has passed it is tried at half weight.
+    idle = run(s, [(FINE, {"b": FINE})] * 3, steps[-1], start=30 + 290)
+    assert [x.weights(s)["a"] for x in idle] == [0, 1, 1]
     # Close to the SLO holds; well inside it for three cycles restores a step.
     held = run(s, [(FINE, {"a": CLOSE, "b": FINE})] * 5, idle[-1])
     assert held[-1].backends["a"].level == 1

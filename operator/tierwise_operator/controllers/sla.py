@@ -84,7 +84,7 @@ class SLAObserver:
             else:
                 values, backends, obs = {}, {}, SLOObservation()
             before = self.steering(*key)
-            after = step(t.spec, before, values, backends)
+            after = step(t.spec, before, values, backends, now)
             self.steer[key] = after
             visible = (before.weights(t.spec), before.divert) != (after.weights(t.spec), after.divert)
             steering_moved = steering_moved or visible
