@@ -18,6 +18,7 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from tierwise.api.tier import SLO
 from tierwise.policy import Policy
 from tierwise_sidecar.config import GatewayConfig
 from tierwise_sidecar.endpoints import refresh_dns
@@ -75,6 +76,7 @@ class Gateway:
             # In the ingress role the callers' sidecars already count these attempts under the
             # same labels; exporting them twice would double the autoscaler's load signal.
             self.metrics.watch_backends(self._backend_load)
+            self.metrics.watch_objectives(self._objectives)
 
     @property
     def runtime(self) -> Runtime | None:
@@ -94,6 +96,12 @@ class Gateway:
             for t in runtime.tiers.values()
             for b in t.backends
         ]
+
+    def _objectives(self) -> list[tuple[str, str, SLO]]:
+        runtime = self.runtime
+        if runtime is None:
+            return []
+        return [(runtime.namespace, n, t.spec.slo) for n, t in runtime.policy.tiers.items()]
 
     # ------------------------------------------------------------ policy
 

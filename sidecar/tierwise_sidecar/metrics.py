@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tierwise.api.tier import SLO
 from tierwise_sidecar.hotmetrics import FastCounter, FastGauge, FastHistogram
 from tierwise_sidecar.state import Key, SharedState
 
@@ -64,6 +65,45 @@ class BackendInFlight(Collector):
         for namespace, tier, backend, n in self._load():
             g.add_metric([namespace, tier, backend], n)
         yield g
+
+
+# (namespace, tier, its SLO)
+Objectives = Callable[[], Iterable[tuple[str, str, SLO]]]
+_LATENCY_OBJECTIVES = (
+    ("first_byte", "0.95", "first_token_p95_milliseconds"),
+    ("first_byte", "0.99", "first_token_p99_milliseconds"),
+    ("total", "0.95", "total_p95_milliseconds"),
+    ("total", "0.99", "total_p99_milliseconds"),
+)
+
+
+class TierObjectives(Collector):
+    """Each tier's objectives from the Policy in force: the alert rules compare the error ratio with
+    the error budget the availability objective leaves (burn rates), and the dashboard draws
+    latency against its targets, whatever each tier declared."""
+
+    def __init__(self, objectives: Objectives) -> None:
+        self._objectives = objectives
+
+    def collect(self) -> Iterator[Metric]:
+        availability = GaugeMetricFamily(
+            "tierwise_tier_availability_objective_ratio",
+            "The tier's slo.availabilityPercent as a ratio (the Policy in force).",
+            labels=["namespace", "tier"],
+        )
+        latency = GaugeMetricFamily(
+            "tierwise_tier_latency_objective_seconds",
+            "The tier's declared latency targets (the Policy in force), by measure and quantile.",
+            labels=["namespace", "tier", "measure", "quantile"],
+        )
+        for namespace, tier, slo in self._objectives():
+            availability.add_metric([namespace, tier], slo.availability_percent / 100)
+            for measure, q, attr in _LATENCY_OBJECTIVES:
+                ms = getattr(slo, attr)
+                if ms is not None:
+                    latency.add_metric([namespace, tier, measure, q], ms / 1000)
+        yield availability
+        yield latency
 
 
 class Metrics:
@@ -161,6 +201,9 @@ class Metrics:
 
     def watch_backends(self, load: BackendLoad) -> None:
         self.registry.register(BackendInFlight(load))
+
+    def watch_objectives(self, objectives: Objectives) -> None:
+        self.registry.register(TierObjectives(objectives))
 
 
 def _metrics(state: SharedState) -> Metrics:

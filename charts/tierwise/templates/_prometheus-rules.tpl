@@ -1,8 +1,15 @@
 {{/* The PrometheusRule's groups, on metrics that exist: tierwise_operator/metrics.py,
 tierwise_operator/webhook.py (WebhookMetrics), tierwise_sidecar/metrics.py. The operator's and the
-webhook's jobs are their Services' names (the ServiceMonitor's default job label). No alert on
-SLOs or budgets yet: the SLO state is in the tiers' status, and no metric carries a budget's
-limit. */}}
+webhook's jobs are their Services' names (the ServiceMonitor's default job label). SLO burn rates
+compare each tier's error ratio with the error budget its own availability objective leaves
+(tierwise_tier_availability_objective_ratio, exported by the sidecars from the Policy). */}}
+{{- define "tierwise.errorRatio" -}}
+(sum by (namespace, tier) (rate(tierwise_requests_total{code=~"5.."}[{{ . }}])) / sum by (namespace, tier) (rate(tierwise_requests_total[{{ . }}])))
+{{- end -}}
+{{- define "tierwise.burn" -}}
+{{- /* The error ratio over two windows both above `factor` times the error budget. */ -}}
+({{ include "tierwise.errorRatio" .long }} > on (namespace, tier) group_left() ({{ .factor }} * (1 - max by (namespace, tier) (tierwise_tier_availability_objective_ratio))) and {{ include "tierwise.errorRatio" .short }} > on (namespace, tier) group_left() ({{ .factor }} * (1 - max by (namespace, tier) (tierwise_tier_availability_objective_ratio))))
+{{- end -}}
 {{- define "tierwise.prometheusRules" -}}
 {{- $rule := .Values.monitoring.prometheusRule -}}
 {{- $ns := .Release.Namespace -}}
@@ -135,4 +142,59 @@ groups:
           description: >-
             Sidecar {{`{{ $labels.pod }}`}} in {{`{{ $labels.namespace }}`}} could not load the
             Policy ConfigMap and keeps its previous one (its log says why).
+  # Multi-window, multi-burn-rate alerts on each tier's availability objective (the SRE workbook's
+  # four pairs): a fast burn pages (2% of a 30-day budget in an hour, 5% in six), a slow one
+  # opens a ticket (10% in three days).
+  - name: tierwise-slo
+    rules:
+      - alert: TierwiseSLOBurnFast
+        expr: >-
+          {{ include "tierwise.burn" (dict "long" "1h" "short" "5m" "factor" 14.4) }}
+          or {{ include "tierwise.burn" (dict "long" "6h" "short" "30m" "factor" 6) }}
+        for: 2m
+        labels:
+          {{- toYaml (merge (dict "severity" "critical") $extra) | nindent 10 }}
+        annotations:
+          summary: A tier burns its error budget fast.
+          description: >-
+            Tier {{`{{ $labels.tier }}`}} in {{`{{ $labels.namespace }}`}} answers
+            {{`{{ $value | humanizePercentage }}`}} of its requests with a server error: at this rate its
+            availability objective's 30-day error budget is gone in days. `kubectl get inferencetier
+            {{`{{ $labels.tier }}`}} -o yaml` shows its backends' numbers and the operator's steering.
+      - alert: TierwiseSLOBurnSlow
+        expr: >-
+          {{ include "tierwise.burn" (dict "long" "1d" "short" "2h" "factor" 3) }}
+          or {{ include "tierwise.burn" (dict "long" "3d" "short" "6h" "factor" 1) }}
+        for: 15m
+        labels:
+          {{- toYaml (merge (dict "severity" "warning") $extra) | nindent 10 }}
+        annotations:
+          summary: A tier burns its error budget faster than it lasts.
+          description: >-
+            Tier {{`{{ $labels.tier }}`}} in {{`{{ $labels.namespace }}`}} has answered
+            {{`{{ $value | humanizePercentage }}`}} of its requests with a server error over the last
+            day or days: more than its availability objective allows over 30 days.
+  - name: tierwise-budgets
+    rules:
+      - alert: TierwiseBudgetExceeded
+        expr: max by (budget_namespace, budget) (tierwise_budget_state{state="Exceeded"}) == 1
+        for: 1m
+        labels:
+          {{- toYaml (merge (dict "severity" "warning") $extra) | nindent 10 }}
+        annotations:
+          summary: A CostBudget is exhausted and refuses requests.
+          description: >-
+            Budget {{`{{ $labels.budget }}`}} in {{`{{ $labels.budget_namespace }}`}} has reached its
+            Reject threshold: the requests it counts get 429 budget_exceeded until its period resets
+            (`kubectl get costbudget -n {{`{{ $labels.budget_namespace }}`}}` shows when).
+      - alert: TierwiseBudgetThreshold
+        expr: max by (budget_namespace, budget, state) (tierwise_budget_state{state=~"Warning|Downgraded|Throttled"}) == 1
+        for: 5m
+        labels:
+          {{- toYaml (merge (dict "severity" "info") $extra) | nindent 10 }}
+        annotations:
+          summary: A CostBudget passed a threshold.
+          description: >-
+            Budget {{`{{ $labels.budget }}`}} in {{`{{ $labels.budget_namespace }}`}} is
+            {{`{{ $labels.state }}`}}: its spend passed a Notify, Downgrade or Throttle threshold.
 {{- end -}}
