@@ -24,6 +24,7 @@ from tierwise_operator.controllers.base import Key, Observer, Reconciler
 from tierwise_operator.kube import ApiError, Kind, Kube, Obj
 from tierwise_operator.metrics import OperatorMetrics
 from tierwise_operator.promql import Scope
+from tierwise_operator.signals import Prometheus
 from tierwise_operator.status import merge_patch, status_changed, transitions
 from tierwise_operator.store import Store
 from tierwise_operator.workqueue import RetryLaterError, WorkQueue
@@ -119,7 +120,9 @@ class Manager:
                 await asyncio.wait_for(observer.wake.wait(), observer.interval)
             observer.wake.clear()
             try:
-                self.enqueue(await observer.observe())
+                with self.metrics.observe_seconds.labels(observer.name).time():
+                    keys = await observer.observe()
+                self.enqueue(keys)
             except Exception:
                 log.exception("%s pass failed; trying again in %.0fs", observer.name, observer.interval)
 
@@ -163,6 +166,14 @@ class Manager:
             for r in self.reconcilers.values():
                 self.enqueue(r.moved(before, d))
         return d
+
+    def prometheus(self, observer: str) -> Prometheus | None:
+        """A Prometheus client for an observer, its queries counted under its name."""
+        url = self.config.prometheus_url
+        if not url:
+            return None
+        counter = self.metrics.prometheus_queries.labels(observer)
+        return Prometheus(url, on_query=counter.inc)
 
     def scope(self, tier: InferenceTier, backend: str | None) -> Scope:
         """Where a tier's (or one backend's) traffic shows in Prometheus: the namespaces calling it."""

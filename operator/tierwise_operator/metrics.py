@@ -30,6 +30,14 @@ class OperatorMetrics:
             ["namespace"], registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge("tierwise_operator_queue_depth", "Keys queued or being reconciled.", registry=r)
+        self.observe_seconds = Histogram(
+            "tierwise_operator_observe_duration_seconds", "Time of one observer pass (autoscaler, slo, spend).",
+            ["observer"], registry=r,
+        )  # fmt: skip
+        self.prometheus_queries = Counter(
+            "tierwise_operator_prometheus_queries", "Queries sent to Prometheus, by observer.", ["observer"],
+            registry=r,
+        )  # fmt: skip
 
     def count_write(self, verb: str, kind: str) -> None:
         self.writes.labels(verb, kind).inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_api_client import PrometheusConnect
@@ -31,6 +32,7 @@ class PrometheusUnavailableError(Exception):
 class Prometheus:
     url: str
     timeout: float = 5.0
+    on_query: Callable[[], None] | None = None  # counts the queries sent
 
     def __post_init__(self) -> None:
         self._client = PrometheusConnect(url=self.url, disable_ssl=True, timeout=self.timeout)
@@ -48,6 +50,8 @@ class Prometheus:
         return out
 
     async def query(self, q: str) -> list[tuple[dict[str, str], float]]:
+        if self.on_query is not None:
+            self.on_query()
         return await asyncio.to_thread(self._query, q)
 
     async def scalar(self, q: str) -> float | None:

@@ -36,7 +36,7 @@ class Autoscaler:
         # Set when a backend appears that has not been judged yet: its first decision (and the
         # status it implies) should not wait for the next tick.
         self.wake = asyncio.Event()
-        self.prom = signals.Prometheus(m.config.prometheus_url) if m.config.prometheus_url else None
+        self.prom = m.prometheus(self.name)
         self.backends: dict[BackendKey, BackendScaling] = {}
 
     def forget(self, namespace: str, tier: str) -> None:

@@ -20,7 +20,6 @@ from tierwise.api.resources import CostBudget, Problem
 from tierwise.budgetrules import ZERO, BudgetRule, rule_of
 from tierwise.periods import Window, window
 from tierwise.policy import PolicyBudget
-from tierwise_operator import signals
 from tierwise_operator.budgetstatus import Reading, Spend, budget_status
 from tierwise_operator.controllers.base import Key, Obj, Queued
 from tierwise_operator.controllers.policies import KEY as POLICIES
@@ -52,8 +51,8 @@ class SpendObserver:
         self.source: SpendSource | None = None
         if m.config.redis_url:
             self.source = RedisSpend(m.config.redis_url)
-        elif m.config.prometheus_url:
-            self.source = PrometheusSpend(signals.Prometheus(m.config.prometheus_url))
+        elif (prom := m.prometheus(self.name)) is not None:
+            self.source = PrometheusSpend(prom)
         self.readings: dict[str, Reading] = {}
 
     def reading(self, key: str) -> Reading:

@@ -37,11 +37,10 @@ class SLAObserver:
         self.interval = m.config.slo_interval
         self.hold = m.config.steering_hold
         self.wake = asyncio.Event()
-        self.prom = signals.Prometheus(m.config.prometheus_url) if m.config.prometheus_url else None
+        self.prom = m.prometheus(self.name)
         self.seen: dict[TierKey, SLOObservation] = {}
         self.steer: dict[TierKey, TierSteer] = {}
         self.last_read: float | None = None  # monotonic time of the last cycle Prometheus answered
-        self.queries = 0  # sent, for the benchmark
 
     def forget(self, namespace: str, tier: str) -> None:
         self.seen.pop((namespace, tier), None)
@@ -99,7 +98,6 @@ class SLAObserver:
         assert self.prom is not None
         answers = {}
         for name, q in queries(window).items():
-            self.queries += 1
             answers[name] = await self.prom.query(q)
         return Grouped(answers)
 
