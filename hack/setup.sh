@@ -26,6 +26,8 @@ command -v prometheus >/dev/null || need_pkgs+=(prometheus)
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 if ! command -v pg_ctl >/dev/null && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then need_pkgs+=(postgresql); fi
 command -v git >/dev/null || need_pkgs+=(git)
+# libfaketime: a test runs the operator across a budget period's end without waiting for it.
+command -v faketime >/dev/null || need_pkgs+=(faketime)
 if ! command -v go >/dev/null; then need_pkgs+=(golang-go); fi
 [ ${#need_pkgs[@]} -eq 0 ] || apt_install "${need_pkgs[@]}"
 

@@ -17,10 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class OperatorProcess:
-    def __init__(self, cluster: Cluster, workdir: Path, *args: str) -> None:
+    def __init__(self, cluster: Cluster, workdir: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
         self.cluster = cluster
         self.workdir = workdir
         self.args = args
+        self.prefix = prefix  # a command to run it under (faketime)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "operator.log"
@@ -28,7 +29,7 @@ class OperatorProcess:
 
     def start(self, wait: bool = True) -> OperatorProcess:
         cmd = [
-            sys.executable, "-m", "tierwise_cli", "operator",
+            *self.prefix, sys.executable, "-m", "tierwise_cli", "operator",
             "--kubeconfig", str(self.cluster.kubeconfig),
             "--health-port", str(self.port),
             *self.args,

@@ -8,6 +8,8 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +39,8 @@ class World:
     fake: Fake
     redis: Redis
     sidecar: str
+    op: OperatorProcess
+    workdir: Path
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,7 @@ def world(crds: Cluster, tmp_path_factory: pytest.TempPathFactory, aio: Any) -> 
     kubelet = Kubelet(crds, ns, tmp / "mount")
     kubelet.folder.mkdir()
     proc = None
+    world: World | None = None
     try:
         apply(crds, ns, *objects(ns, fake))
         wait_for("the Policy ConfigMap", lambda: kubelet.sync() or (kubelet.folder / "policy.json").exists(), 60)
@@ -64,11 +69,14 @@ def world(crds: Cluster, tmp_path_factory: pytest.TempPathFactory, aio: Any) -> 
             )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         wait_for("the sidecar ready", lambda: _ready(url), 30)
-        yield World(crds, ns, fake, redis, url)
+        world = World(crds, ns, fake, redis, url, op, tmp)
+        yield world
     finally:
         if proc is not None:
             stop_process(proc)
         op.stop()
+        if world is not None:
+            world.op.stop()  # a test may have replaced it
         redis.stop()
         net.close()
         crds.kubectl("delete", "namespace", ns, "--wait=false", check=False)
@@ -94,3 +102,24 @@ def test_status_is_read_from_the_sidecars_redis_exactly_and_kept_while_redis_is_
     w.redis.start()
     wait_for("fresh again", lambda: _condition(_status(w), "SpendObserved").get("status") == "True", 60)
     assert _status(w)["spentUsd"] == s["spentUsd"]
+
+
+def test_a_new_period_resets_the_status(world: World) -> None:
+    """The operator run (under libfaketime) from 20 s before the end of the month: the status shows
+    this month's spend, then the new month's, which starts from nothing."""
+    w = world
+    assert _status(w)["spentUsd"] > 0
+    now = datetime.now(UTC)
+    first_next = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
+    start = datetime.fromtimestamp(first_next.timestamp() - 20, UTC)
+    w.op.stop()
+    w.op = OperatorProcess(
+        w.cluster, w.workdir / "op-faked", "--redis-url", w.redis.url, "--spend-interval", "1",
+        prefix=("faketime", "-f", start.strftime("@%Y-%m-%d %H:%M:%S")),
+    ).start()  # fmt: skip
+    before = _status(w)
+    assert before["periodStart"] == f"{now:%Y-%m}-01T00:00:00Z"
+    wait_for("the new period", lambda: _status(w).get("periodStart") == f"{first_next:%Y-%m}-01T00:00:00Z", 60)
+    s = _status(w)
+    assert s["spentUsd"] == 0 and s["state"] == "Ok" and s["lastReset"] == s["periodStart"]
+    assert "crossedPercent" not in s and s["remainingUsd"] == 1.0
