@@ -116,11 +116,14 @@ class Exporter:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 body = exporter.render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except BrokenPipeError:
+                    return  # Prometheus gave up on this scrape (it is stopping)
 
             def log_message(self, *_: Any) -> None:
                 return None
@@ -276,7 +279,7 @@ def main() -> int:
     exporter = Exporter(namespaces)
     server, exporter_port = exporter.serve()
     cluster = localcluster.start(tmp / "cluster")
-    prom = start_prometheus(tmp / "prom", [f"127.0.0.1:{exporter_port}"], interval="5s")
+    prom = start_prometheus(tmp / "prom", [f"127.0.0.1:{exporter_port}"], interval="10s")
     op = None
     try:
         cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
@@ -288,7 +291,7 @@ def main() -> int:
             [str(ROOT / ".venv" / "bin" / "tierwise"), "operator", "--kubeconfig", str(cluster.kubeconfig),
              "--health-port", str(health), "--prometheus-url", prom.url, "--slo-interval", str(args.interval),
              "--spend-interval", str(args.interval)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
         result = measure(
             cluster, exporter, op, health, namespaces=namespaces, interval=args.interval, idle_seconds=idle_seconds

@@ -10,7 +10,7 @@ as Prometheus's histogram_quantile does.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 Labels = Mapping[str, str]
@@ -70,22 +70,23 @@ def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None
 
 @dataclass
 class Grouped:
-    """One cycle's answers for one window, by query name."""
+    """One cycle's answers for one window, by query name, indexed by tier name once: a tier's sums
+    read its own rows, not every tier's (hundreds of tiers make thousands of rows)."""
 
     answers: Mapping[str, Iterable[Sample]]
-    _index: dict[str, list[Sample]] = field(default_factory=dict)
+    _index: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
 
-    def _rows(self, name: str) -> list[Sample]:
-        got = self._index.get(name)
-        if got is None:
-            got = self._index[name] = list(self.answers.get(name, ()))
-        return got
+    def _rows(self, name: str, tier: str, callers: frozenset[str]) -> Iterator[Sample]:
+        by_tier = self._index.get(name)
+        if by_tier is None:
+            by_tier = self._index[name] = {}
+            for row in self.answers.get(name, ()):
+                by_tier.setdefault(row[0].get("tier", ""), []).append(row)
+        return (r for r in by_tier.get(tier, ()) if r[0].get("namespace") in callers)
 
     def _buckets(self, metric: str, callers: frozenset[str], tier: str, backend: str | None) -> dict[float, float]:
         out: dict[float, float] = {}
-        for labels, value in self._rows(metric):
-            if labels.get("namespace") not in callers or labels.get("tier") != tier:
-                continue
+        for labels, value in self._rows(metric, tier, callers):
             if backend is not None and labels.get("backend") != backend:
                 continue
             le = float(labels.get("le", "nan"))
@@ -104,9 +105,7 @@ class Grouped:
     def attempts(self, callers: frozenset[str], tier: str) -> dict[str, tuple[float, float]]:
         """Per backend: (failed, all) attempts in the window; client errors are not failures."""
         out: dict[str, list[float]] = {}
-        for labels, value in self._rows("attempts"):
-            if labels.get("namespace") not in callers or labels.get("tier") != tier:
-                continue
+        for labels, value in self._rows("attempts", tier, callers):
             got = out.setdefault(labels.get("backend", ""), [0.0, 0.0])
             got[1] += value
             if labels.get("result") not in ("ok", "client_error"):
@@ -116,11 +115,10 @@ class Grouped:
     def requests(self, callers: frozenset[str], tier: str) -> tuple[float, float]:
         """(answered with a 5xx, all) requests the tier served in the window."""
         failed = total = 0.0
-        for labels, value in self._rows("requests"):
-            if labels.get("namespace") in callers and labels.get("tier") == tier:
-                total += value
-                if labels.get("code", "").startswith("5"):
-                    failed += value
+        for labels, value in self._rows("requests", tier, callers):
+            total += value
+            if labels.get("code", "").startswith("5"):
+                failed += value
         return failed, total
 
 
