@@ -70,19 +70,21 @@ def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None
 
 @dataclass
 class Grouped:
-    """One cycle's answers for one window, by query name, indexed by tier name once: a tier's sums
-    read its own rows, not every tier's (hundreds of tiers make thousands of rows)."""
+    """One cycle's answers for one window, by query name, indexed once by (tier name, caller
+    namespace): a tier's sums read the rows of its own callers, not every tier's (hundreds of tiers
+    in dozens of namespaces make tens of thousands of rows, and a tier name recurs in each)."""
 
     answers: Mapping[str, Iterable[Sample]]
-    _index: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
+    _index: dict[str, dict[tuple[str, str], list[Sample]]] = field(default_factory=dict)
 
     def _rows(self, name: str, tier: str, callers: frozenset[str]) -> Iterator[Sample]:
-        by_tier = self._index.get(name)
-        if by_tier is None:
-            by_tier = self._index[name] = {}
+        index = self._index.get(name)
+        if index is None:
+            index = self._index[name] = {}
             for row in self.answers.get(name, ()):
-                by_tier.setdefault(row[0].get("tier", ""), []).append(row)
-        return (r for r in by_tier.get(tier, ()) if r[0].get("namespace") in callers)
+                index.setdefault((row[0].get("tier", ""), row[0].get("namespace", "")), []).append(row)
+        for ns in callers:
+            yield from index.get((tier, ns), ())
 
     def _buckets(self, metric: str, callers: frozenset[str], tier: str, backend: str | None) -> dict[float, float]:
         out: dict[float, float] = {}
