@@ -95,11 +95,21 @@ class Timed:
             self.leave_s += time.thread_time() - t
 
 
-async def measure(store: str | None, requests: int, warmup: int, tmp: Path) -> dict[str, Any]:
+# SLO steering as the operator publishes it: the tier's weights lowered for one backend, and half
+# of its traffic sent to a tier (itself here: the bench has one) by the steer stage's draw.
+STEERING = {"tiers": {"standard": {"weights": {"cheap": 1, "strong": 2},
+                                   "divert": {"to": "standard", "reason": "promoted", "percent": 50}}}}  # fmt: skip
+
+
+async def measure(store: str | None, requests: int, warmup: int, tmp: Path, steered: bool = False) -> dict[str, Any]:
     policy = tmp / f"policy-{store or 'none'}".replace(":", "_").replace("/", "_")
     policy.mkdir()
     (policy / "tiers.yaml").write_text(tierwise_policy("http://127.0.0.1:9/v1", budget=store is not None))
-    config = GatewayConfig(budget_store=store or "memory")
+    steering = None
+    if steered:
+        steering = tmp / "steering.json"
+        steering.write_text(json.dumps(STEERING))
+    config = GatewayConfig(budget_store=store or "memory", steering_file=steering)
     gw = Gateway(CrFolder(policy, "bench"), config, SecretSource(Path("/nonexistent"), {}))
     assert gw.reload(), "the benchmark's Policy did not load"
     await gw.state.start()
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        configs: dict[str, str | None] = {"no budget": None, "budget, memory": "memory"}
+        configs: dict[str, str | None] = {"no budget": None, "no budget, steered": None, "budget, memory": "memory"}
         configs["budget, SQLite"] = f"sqlite:{tmp / 'ledger.sqlite'}"
         if args.redis:
             configs["budget, Redis"] = args.redis
@@ -163,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 store = configured
                 if store and store.startswith("sqlite:"):
                     store = f"sqlite:{run_dir / 'ledger.sqlite'}"  # a fresh ledger per run
-                results[name].append(run_loop(measure(store, args.requests, args.warmup, run_dir)))
+                steered = name.endswith("steered")
+                results[name].append(run_loop(measure(store, args.requests, args.warmup, run_dir, steered)))
     names = list(configs)
     stages = list(results[names[0]][0]["stages"])
     for n in names:
