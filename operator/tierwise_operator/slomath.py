@@ -16,6 +16,13 @@ from dataclasses import dataclass, field
 Labels = Mapping[str, str]
 Sample = tuple[Labels, float]
 
+# (status key, SLO field) of the latency objectives, each compared lower-is-better in milliseconds.
+LATENCY_TARGETS = (
+    ("firstTokenP95Milliseconds", "first_token_p95_milliseconds"),
+    ("firstTokenP99Milliseconds", "first_token_p99_milliseconds"),
+    ("totalP95Milliseconds", "total_p95_milliseconds"),
+    ("totalP99Milliseconds", "total_p99_milliseconds"),
+)
 # (status key, quantile, histogram) for a tier as its callers see it, and for one backend.
 TIER_LATENCY = (
     ("firstTokenP95Milliseconds", 0.95, "tierwise_time_to_first_byte_seconds"),

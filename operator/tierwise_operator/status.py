@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierwise.api.tier import SLO, InferenceTierSpec
+from tierwise_operator.slomath import LATENCY_TARGETS
 from tierwise_operator.steering import DECLARED, TierSteer
 
 Obj = dict[str, Any]
@@ -85,13 +86,6 @@ def validity_status(old: Obj, problems: Sequence[str], generation: int, now: str
     }
 
 
-# (status field, SLO field) pairs compared lower-is-better, in milliseconds.
-_LATENCY = (
-    ("firstTokenP95Milliseconds", "first_token_p95_milliseconds"),
-    ("firstTokenP99Milliseconds", "first_token_p99_milliseconds"),
-    ("totalP95Milliseconds", "total_p95_milliseconds"),
-    ("totalP99Milliseconds", "total_p99_milliseconds"),
-)
 AT_RISK = 0.9
 
 
@@ -100,7 +94,7 @@ def slo_verdict(slo: SLO, seen: Mapping[str, float | None]) -> tuple[str, list[s
     missed: list[str] = []
     close: list[str] = []
     judged = False
-    for key, attr in _LATENCY:
+    for key, attr in LATENCY_TARGETS:
         target, value = getattr(slo, attr), seen.get(key)
         if target is None or value is None:
             continue

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from tierwise.api.tier import SLO, InferenceTierSpec
+from tierwise_operator.slomath import LATENCY_TARGETS
 
 LEVELS = 2  # full weight; 1: half; 0: drained
 MISS_CYCLES = 2
@@ -28,13 +29,6 @@ GOOD_CYCLES = 3
 RECOVER_MARGIN = 0.8
 MISS, GOOD, HOLD, NONE = "miss", "good", "hold", "none"
 PROMOTED, FALLBACK = "promoted", "fallback"
-
-_TARGETS = (
-    ("firstTokenP95Milliseconds", "first_token_p95_milliseconds"),
-    ("firstTokenP99Milliseconds", "first_token_p99_milliseconds"),
-    ("totalP95Milliseconds", "total_p95_milliseconds"),
-    ("totalP99Milliseconds", "total_p99_milliseconds"),
-)
 
 
 @dataclass(frozen=True)
@@ -46,7 +40,7 @@ class Verdict:
 def judge(slo: SLO, values: Mapping[str, float | None]) -> Verdict:
     missed: list[str] = []
     judged = close = False
-    checks = [(key, getattr(slo, attr)) for key, attr in _TARGETS]
+    checks = [(key, getattr(slo, attr)) for key, attr in LATENCY_TARGETS]
     checks.append(("errorRatePercent", slo.max_error_rate_percent))
     for key, target in checks:
         value = values.get(key)

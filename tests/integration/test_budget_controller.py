@@ -24,7 +24,8 @@ import pytest
 
 from localcluster import Cluster, free_port, stop_process
 from promserver import Prometheus, start_prometheus
-from tests.conftest import TIERWISE, Net, wait_for
+from tests.conftest import TIERWISE, Net, _ready, wait_for
+from tests.integration.test_budget_processes import _metric
 from tests.integration.test_operator import apply, get
 from tests.operatorproc import OperatorProcess
 from tests.servers import Fake
@@ -172,14 +173,6 @@ def world(crds: Cluster, tmp_path_factory: pytest.TempPathFactory, aio: Any) -> 
         crds.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
 def _post(url: str) -> tuple[int, str]:
     body = json.dumps({"model": "gold", "messages": [{"role": "user", "content": "Say hello."}],
                        "max_tokens": MAX_TOKENS}).encode()  # fmt: skip
@@ -190,14 +183,6 @@ def _post(url: str) -> tuple[int, str]:
             return int(r.status), ""
     except urllib.error.HTTPError as e:
         return e.code, str(json.loads(e.read()).get("error", {}).get("code"))
-
-
-def _metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in {url}/metrics")
 
 
 def _num(x: float) -> str:

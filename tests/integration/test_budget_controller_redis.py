@@ -16,12 +16,11 @@ import pytest
 
 from localcluster import Cluster, free_port, stop_process
 from redisserver import Redis, start_redis
-from tests.conftest import TIERWISE, Net, wait_for
+from tests.conftest import TIERWISE, Net, _ready, wait_for
 from tests.integration.test_budget_controller import (
     Kubelet,
     _condition,
     _post,
-    _ready,
     _spent,
     objects,
 )

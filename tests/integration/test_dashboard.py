@@ -15,8 +15,7 @@ from typing import Any
 
 from localcluster import free_port, stop_process
 from promserver import start_prometheus
-from tests.conftest import TIERWISE, Net, wait_for
-from tests.integration.test_budget_controller import _ready
+from tests.conftest import TIERWISE, Net, _ready, wait_for
 from tests.integration.test_chart import docs_of, one, template
 from tierwise.api import parse_object
 from tierwise.compiler import compile

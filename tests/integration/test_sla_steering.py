@@ -20,8 +20,8 @@ import pytest
 
 from localcluster import Cluster, free_port, stop_process
 from promserver import Prometheus, start_prometheus
-from tests.conftest import TIERWISE, Net, wait_for
-from tests.integration.test_budget_controller import Kubelet, _ready
+from tests.conftest import TIERWISE, Net, _ready, wait_for
+from tests.integration.test_budget_controller import Kubelet
 from tests.integration.test_operator import apply, get
 from tests.operatorproc import OperatorProcess
 from tests.servers import Fake
