@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class OperatorProcess:
-    def __init__(self, cluster: Cluster, workdir: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(self, cluster: Cluster, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.cluster = cluster
         self.workdir = workdir
         self.args = args
-        self.prefix = prefix  # a command to run it under (faketime)
+        self.env = env or {}  # more environment (libfaketime's, say)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "operator.log"
@@ -29,12 +29,12 @@ class OperatorProcess:
 
     def start(self, wait: bool = True) -> OperatorProcess:
         cmd = [
-            *self.prefix, sys.executable, "-m", "tierwise_cli", "operator",
+            sys.executable, "-m", "tierwise_cli", "operator",
             "--kubeconfig", str(self.cluster.kubeconfig),
             "--health-port", str(self.port),
             *self.args,
         ]  # fmt: skip
-        env = {**os.environ, "TIERWISE_HEALTH_HOST": "127.0.0.1"}
+        env = {**os.environ, "TIERWISE_HEALTH_HOST": "127.0.0.1", **self.env}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         if wait:
