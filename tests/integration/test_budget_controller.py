@@ -131,6 +131,7 @@ def world(crds: Cluster, tmp_path_factory: pytest.TempPathFactory, aio: Any) -> 
         crds, tmp / "op", "--prometheus-url", prom.url, "--spend-interval", "1", "--slo-interval", "1"
     ).start()
     procs: list[subprocess.Popen[bytes]] = []
+    world: World | None = None
     kubelet = Kubelet(crds, ns, tmp / "mount")
     kubelet.folder.mkdir()
     try:
@@ -162,13 +163,16 @@ def world(crds: Cluster, tmp_path_factory: pytest.TempPathFactory, aio: Any) -> 
             urls.append(f"http://127.0.0.1:{port}")
         for u in urls:
             wait_for(f"sidecar {u} ready", lambda u=u: _ready(u), 30)
-        yield World(crds, ns, fake, prom, prom_port, op, urls, kubelet, tmp)
+        world = World(crds, ns, fake, prom, prom_port, op, urls, kubelet, tmp)
+        yield world
     finally:
         kubelet.stop.set()
         for p in procs:
             stop_process(p)
         op.stop()
         prom.stop()
+        if world is not None:
+            world.prom.stop()  # a test starts it again
         net.close()
         crds.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
