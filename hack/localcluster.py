@@ -16,10 +16,7 @@ With $TIERWISE_KUBECONFIG set nothing is started: that existing cluster (e.g. ki
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import datetime
-import ipaddress
 import json
 import os
 import shutil
@@ -36,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clustercerts import SERVICE_CIDR, kubeconfig_for, write_certs
+
 ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = Path(os.environ.get("TIERWISE_CLUSTER_STATE", ROOT / ".tierwise" / "cluster"))
-SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"
 KWOK_NODE = "kwok-node-0"
 
@@ -70,114 +68,6 @@ def tool(name: str) -> str:
     if not found:
         raise ClusterError(f"{name} not found in {binaries()} nor on PATH")
     return found
-
-
-# ---------------------------------------------------------------- certificates
-
-
-def _write_certs(d: Path) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    d.mkdir(parents=True, exist_ok=True)
-
-    def pem_key(key: Any) -> bytes:
-        return bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-
-    def name(cn: str, org: str | None = None) -> x509.Name:
-        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-        if org:
-            attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-        return x509.Name(attrs)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("tierwise-local-ca"))
-        .issuer_name(name("tierwise-local-ca"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(subject: x509.Name, server: bool) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=365))
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if server else x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-        )
-        if server:
-            dns = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"]
-            dns.append("kubernetes.default.svc.cluster.local")
-            ips = [ipaddress.ip_address("127.0.0.1"), next(ipaddress.ip_network(SERVICE_CIDR).hosts())]
-            b = b.add_extension(
-                x509.SubjectAlternativeName([*map(x509.DNSName, dns), *map(x509.IPAddress, ips)]), critical=False
-            )
-        cert = b.sign(ca_key, hashes.SHA256())
-        return cert.public_bytes(serialization.Encoding.PEM), pem_key(key)
-
-    (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (d / "ca.key").write_bytes(pem_key(ca_key))
-    for stem, subject, server in (
-        ("apiserver", name("kube-apiserver"), True),
-        ("admin", name("tierwise-admin", "system:masters"), False),
-    ):
-        crt, key = leaf(subject, server)
-        (d / f"{stem}.crt").write_bytes(crt)
-        (d / f"{stem}.key").write_bytes(key)
-    sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    (d / "sa.key").write_bytes(pem_key(sa))
-    (d / "sa.pub").write_bytes(
-        sa.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    for p in d.iterdir():
-        p.chmod(0o600)
-
-
-def _kubeconfig(server: str, certs: Path) -> str:
-    def b64(p: str) -> str:
-        return base64.b64encode((certs / p).read_bytes()).decode()
-
-    return json.dumps(
-        {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {"name": "tierwise-local", "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")}}
-            ],
-            "users": [
-                {
-                    "name": "admin",
-                    "user": {"client-certificate-data": b64("admin.crt"), "client-key-data": b64("admin.key")},
-                }
-            ],
-            "contexts": [{"name": "tierwise-local", "context": {"cluster": "tierwise-local", "user": "admin"}}],
-            "current-context": "tierwise-local",
-        },
-        indent=2,
-    )
 
 
 # ---------------------------------------------------------------- processes
@@ -322,11 +212,11 @@ def start(workdir: Path | None = None, nodes: bool = False, audit: bool = False,
     wd = workdir or Path(tempfile.mkdtemp(prefix="tierwise-cluster-"))
     wd.mkdir(parents=True, exist_ok=True)
     certs = wd / "certs"
-    _write_certs(certs)
+    write_certs(certs)
     etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port()
     server = f"https://127.0.0.1:{api_port}"
     kubeconfig = wd / "kubeconfig"
-    kubeconfig.write_text(_kubeconfig(server, certs))
+    kubeconfig.write_text(kubeconfig_for(server, certs))
     kubeconfig.chmod(0o600)
     cluster = Cluster(kubeconfig=kubeconfig, workdir=wd, nodes=nodes)
     try:

@@ -6,18 +6,37 @@ from enum import StrEnum
 
 from pydantic import Field
 
+from tierwise.api.autoscaling import (
+    Autoscaling,
+    AutoscalingMode,
+    ScalingSchedule,
+    ScalingSignal,
+    Weekday,
+)
 from tierwise.api.common import (
     DNS_LABEL,
     NAME_MAX,
     ApiModel,
     Invariant,
     NamespaceSelection,
-    ObjectStatus,
     SecretKeyRef,
-    StatusModel,
     ordered,
     strictly_ascending,
 )
+from tierwise.api.tierstatus import Diversion, InferenceTierStatus, ObservedLatency, SLOState
+
+# Re-exported: the tier's spec and status are used from here by the compiler, operator and sidecar.
+__all__ = [
+    "Autoscaling",
+    "AutoscalingMode",
+    "Diversion",
+    "InferenceTierStatus",
+    "ObservedLatency",
+    "SLOState",
+    "ScalingSchedule",
+    "ScalingSignal",
+    "Weekday",
+]
 
 
 class Pricing(ApiModel):
@@ -313,75 +332,6 @@ class Degradation(ApiModel):
     invariants = (strictly_ascending("steps", "at_load_percent"),)
 
 
-class AutoscalingMode(StrEnum):
-    BUILTIN = "Builtin"
-    HPA = "HPA"
-    KEDA = "KEDA"
-    NONE = "None"
-
-
-class ScalingSignal(StrEnum):
-    IN_FLIGHT_PER_REPLICA = "InFlightPerReplica"
-    QUEUE_DEPTH = "QueueDepth"
-    TOKENS_PER_SECOND = "TokensPerSecond"
-    SLO_HEADROOM = "SLOHeadroom"
-
-
-class Weekday(StrEnum):
-    MON = "Mon"
-    TUE = "Tue"
-    WED = "Wed"
-    THU = "Thu"
-    FRI = "Fri"
-    SAT = "Sat"
-    SUN = "Sun"
-
-
-_CLOCK = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
-
-
-class ScalingSchedule(ApiModel):
-    """A time window with its own replica floor (e.g. a night-time minimum, zero for batch tiers)."""
-
-    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL, description="Name of the window.")
-    start: str = Field(pattern=_CLOCK, description="Start time, HH:MM in timeZone.")
-    end: str = Field(pattern=_CLOCK, description="End time, HH:MM in timeZone; before start means overnight.")
-    days: list[Weekday] = Field(default_factory=list, max_length=7, description="Days it applies; empty is every day.")
-    time_zone: str = Field(default="UTC", min_length=1, max_length=64, description="IANA time zone.")
-    min_replicas: int = Field(ge=0, le=1000, description="Replica floor inside the window.")
-
-    invariants = (
-        Invariant(
-            rule="self.start != self.end",
-            message="start and end must differ",
-            holds=lambda s: s.start != s.end,
-            field=".end",
-        ),
-    )
-
-
-class Autoscaling(ApiModel):
-    """How the replicas of the tier's self-hosted backends follow load. One owner of spec.replicas."""
-
-    mode: AutoscalingMode = Field(
-        default=AutoscalingMode.BUILTIN,
-        description="Builtin (the operator's SLO-aware autoscaler), HPA or KEDA (rendered objects own "
-        "replicas), or None (replicas stay at the backend minimum).",
-    )
-    signal: ScalingSignal = Field(
-        default=ScalingSignal.IN_FLIGHT_PER_REPLICA, description="Load signal read from Prometheus."
-    )
-    target: float = Field(default=8, gt=0, description="Target value of the signal per replica.")
-    scale_down_stabilization_seconds: int = Field(
-        default=300, ge=0, le=86400, description="Highest recommendation over this window wins a scale-down."
-    )
-    scale_up_stabilization_seconds: int = Field(default=0, ge=0, le=3600, description="Delay before scaling up.")
-    schedules: list[ScalingSchedule] = Field(default_factory=list, max_length=16, description="Time windows.")
-    scale_to_zero_after_idle_seconds: int | None = Field(
-        default=None, ge=60, description="Scale to zero after this long with no traffic (batch tiers)."
-    )
-
-
 class Batch(ApiModel):
     """Asynchronous OpenAI-Batch-style jobs on this tier, processed at low priority."""
 
@@ -474,51 +424,4 @@ class InferenceTierSpec(ApiModel):
             holds=lambda s: s.routing.strategy is not RoutingStrategy.WEIGHTED or any(b.weight > 0 for b in s.backends),
             field=".backends",
         ),
-    )
-
-
-class SLOState(StrEnum):
-    MET = "Met"
-    AT_RISK = "AtRisk"
-    MISSED = "Missed"
-    UNKNOWN = "Unknown"
-
-
-class ObservedLatency(StatusModel):
-    """Service level observed in Prometheus over the SLO window."""
-
-    first_token_p95_milliseconds: float | None = Field(default=None, description="Observed p95 time to first byte.")
-    first_token_p99_milliseconds: float | None = Field(default=None, description="Observed p99 time to first byte.")
-    total_p95_milliseconds: float | None = Field(default=None, description="Observed p95 total time.")
-    total_p99_milliseconds: float | None = Field(default=None, description="Observed p99 total time.")
-    error_rate_percent: float | None = Field(default=None, description="Observed backend error rate.")
-    availability_percent: float | None = Field(default=None, description="Observed caller-visible success.")
-
-
-class Diversion(StatusModel):
-    """Traffic the operator steers away from a tier that misses its SLO."""
-
-    to: str = Field(description="The tier it goes to.")
-    reason: str = Field(description="Promoted (promotion.borrowFrom) or Fallback (fallback.tier).")
-    percent: int = Field(description="Share of the tier's requests sent there.")
-    why: str = Field(default="", description="What missed, with the numbers.")
-
-
-class InferenceTierStatus(ObjectStatus):
-    """Observed state of an InferenceTier, written by the operator. Conditions: Ready, SLOMet, Degraded."""
-
-    ready_backends: int | None = Field(default=None, description="Backends able to serve.")
-    total_backends: int | None = Field(default=None, description="Backends declared.")
-    replicas: int | None = Field(default=None, description="Replicas of self-hosted backends.")
-    ready_replicas: int | None = Field(default=None, description="Ready replicas of self-hosted backends.")
-    slo_state: SLOState | None = Field(default=None, description="Met, AtRisk, Missed or Unknown.")
-    observed: ObservedLatency | None = Field(default=None, description="Service level seen in Prometheus.")
-    routing_weights: dict[str, int] = Field(
-        default_factory=dict, description="Current weight per backend: declared, or lowered while it misses the SLO."
-    )
-    observed_backends: dict[str, ObservedLatency] = Field(
-        default_factory=dict, description="Service level of each backend seen in Prometheus (its own tries)."
-    )
-    diversion: Diversion | None = Field(
-        default=None, description="Share of the tier's traffic sent to another tier while it misses its SLO."
     )
