@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierwise.api.resources import AnyResource, InferenceTier, Namespace, Problem, parse_object
+from tierwise.api.resources import AnyResource, CostBudget, InferenceTier, Namespace, Problem, parse_object
 from tierwise.naming import TIER_LABEL
 
 Obj = dict[str, Any]
@@ -93,6 +93,14 @@ class Store:
                 r = self.parsed(kind, obj)
                 (problems if isinstance(r, Problem) else out).append(r)  # type: ignore[arg-type]
         return out, problems
+
+    def tiers(self) -> list[InferenceTier]:
+        """Every InferenceTier that parses."""
+        return [t for o in self.all("InferenceTier") if isinstance(t := self.parsed("InferenceTier", o), InferenceTier)]
+
+    def budgets(self) -> list[CostBudget]:
+        """Every CostBudget that parses."""
+        return [b for o in self.all("CostBudget") if isinstance(b := self.parsed("CostBudget", o), CostBudget)]
 
     def namespaces(self) -> list[Namespace]:
         return [namespace_of(o) for o in self.all("Namespace")]

@@ -71,9 +71,8 @@ class Autoscaler:
         """One pass over every Builtin tier's self-hosted backends."""
         now, clock = self.m.clock(), asyncio.get_running_loop().time()
         changed: list[Key] = []
-        for obj in self.m.store.all("InferenceTier"):
-            tier = self.m.store.parsed("InferenceTier", obj)
-            if not isinstance(tier, InferenceTier) or tier.spec.autoscaling.mode is not AutoscalingMode.BUILTIN:
+        for tier in self.m.store.tiers():
+            if tier.spec.autoscaling.mode is not AutoscalingMode.BUILTIN:
                 continue
             for b, d in children.self_hosted(tier.spec):
                 live = self.m.store.get("Deployment", tier.namespace, backend_service(tier.name, b.name))

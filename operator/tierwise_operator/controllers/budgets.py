@@ -60,17 +60,12 @@ class SpendObserver:
             return Reading(unconfigured=True)
         return self.readings.get(key, Reading())
 
-    def budgets(self) -> list[CostBudget]:
-        store = self.m.store
-        parsed = (store.parsed("CostBudget", o) for o in store.all("CostBudget"))
-        return [b for b in parsed if isinstance(b, CostBudget)]
-
     async def observe(self) -> Iterable[Key]:
         if self.source is None:
             return ()
         now = self.m.clock()
         items: list[tuple[CostBudget, Window]] = []
-        for b in self.budgets():
+        for b in self.m.store.budgets():
             rw = rule_and_window(b, now)
             if rw is not None:
                 items.append((b, rw[1]))

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Iterable
 from typing import Protocol
 
-from tierwise.api.resources import InferenceTier, object_ref
+from tierwise.api.resources import object_ref
 from tierwise.budgetrules import rule_of
 from tierwise.compiler import compile_world
 from tierwise.naming import (
@@ -115,9 +115,8 @@ class PolicyController:
             if (o["metadata"].get("labels") or {}).get(INJECTION_LABEL) in INJECTION_VALUES
             and not o["metadata"].get("deletionTimestamp")
         }
-        for obj in store.all("InferenceTier"):
-            t = store.parsed("InferenceTier", obj)
-            if isinstance(t, InferenceTier) and any(d.sidecar for _, d in children.self_hosted(t.spec)):
+        for t in store.tiers():
+            if any(d.sidecar for _, d in children.self_hosted(t.spec)):
                 out.add(t.namespace)
         return out
 

@@ -55,15 +55,10 @@ class SLAObserver:
     def steering(self, namespace: str, tier: str) -> TierSteer:
         return self.steer.get((namespace, tier), DECLARED)
 
-    def tiers(self) -> list[InferenceTier]:
-        store = self.m.store
-        parsed = (store.parsed("InferenceTier", o) for o in store.all("InferenceTier"))
-        return [t for t in parsed if isinstance(t, InferenceTier)]
-
     async def observe(self) -> Iterable[Key]:
         if self.prom is None:
             return ()
-        tiers = self.tiers()
+        tiers = self.m.store.tiers()
         now = time.monotonic()
         try:
             grouped = {w: await self._read(w) for w in {t.spec.slo.window_seconds for t in tiers}}
