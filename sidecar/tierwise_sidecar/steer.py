@@ -43,11 +43,12 @@ def parse(data: Any) -> dict[str, TierSteering]:
     out: dict[str, TierSteering] = {}
     for name, t in (data.get("tiers") or {}).items():
         d = t.get("divert") or {}
+        # Bounded whatever the file says: a negative weight would make routing's draw raise.
         out[str(name)] = TierSteering(
-            {str(k): int(v) for k, v in (t.get("weights") or {}).items()},
+            {str(k): max(0, int(v)) for k, v in (t.get("weights") or {}).items()},
             str(d["to"]) if d else None,
             str(d.get("reason", "")) if d else "",
-            int(d.get("percent", 0)) if d else 0,
+            min(100, max(0, int(d.get("percent", 0)))) if d else 0,
         )
     return out
 

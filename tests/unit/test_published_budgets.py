@@ -69,3 +69,18 @@ def test_another_period_a_missing_or_broken_file_counts_nothing(tmp_path: Path) 
     path.unlink()
     published.refresh()  # gone: nothing published
     assert ledger.totals(r, w).spent == Amount(0)
+
+
+def test_published_steering_is_bounded_and_a_broken_file_keeps_the_last(tmp_path: Path) -> None:
+    from tierwise_sidecar.steer import Steering
+
+    path = tmp_path / "steering.json"
+    path.write_text(json.dumps({"tiers": {"gold": {"weights": {"a": -5, "b": 3},
+                                                   "divert": {"to": "platinum", "percent": 400}}}}))  # fmt: skip
+    s = Steering(path, interval=1)
+    s.refresh()
+    gold = s.value["gold"]
+    assert dict(gold.weights) == {"a": 0, "b": 3} and gold.percent == 100 and gold.to == "platinum"
+    path.write_text('{"tiers": {"gold": {"weights": {"a": "x"}}}}')
+    s.refresh()
+    assert s.value["gold"] is gold  # kept, with a warning
