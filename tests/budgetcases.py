@@ -7,12 +7,21 @@ from typing import Any
 
 from tierwise.api.budget import CostBudgetSpec
 from tierwise.budgetrules import OK, OVER_LIMIT, Amount, BudgetRule, rule_of
+from tierwise.periods import window
 from tierwise.policy import PolicyBudget
+from tierwise_sidecar.budgets.ledger import Line
+
+NOW = 1_800_000_000.0
 
 
 def rule(name: str = "b", namespace: str = "apps", **spec: Any) -> BudgetRule:
     spec.setdefault("limit", {"usd": 1.0})
     return rule_of(PolicyBudget(name=name, namespace=namespace, spec=CostBudgetSpec.model_validate(spec)))
+
+
+def line(r: BudgetRule, ask: Amount, now: float = NOW) -> Line:
+    """One budget's part of a reservation at `now`."""
+    return Line(r, window(r.period, r.time_zone, now), ask)
 
 
 USD = Amount

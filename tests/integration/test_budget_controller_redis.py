@@ -92,6 +92,8 @@ def test_status_is_read_from_the_sidecars_redis_exactly_and_kept_while_redis_is_
         assert _post(w.sidecar)[0] == 200
     total = _spent(w.fake)
     wait_for("status spent equals the backends' usage", lambda: _status(w).get("spentUsd") == round(total, 6), 30)
+    # The sidecar's allowance slice is held (reserved) until it has been idle for a moment.
+    wait_for("the idle slice given back", lambda: _status(w).get("reservedUsd") == 0, 30)
     s = _status(w)
     assert s["reservedUsd"] == 0 and s["state"] == "Ok" and s["remainingUsd"] == round(1.0 - total, 6)
     assert _condition(s, "SpendObserved")["reason"] == "Redis"

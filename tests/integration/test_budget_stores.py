@@ -6,38 +6,21 @@ hold a ledger file."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from redisserver import Redis, start_redis
+from redisserver import Redis
 from tests.budgetcases import CASES, Case, rule
+from tests.budgetcases import line as _line
 from tierwise.budgetrules import OK, OVER_LIMIT, THROTTLED, Amount, BudgetRule, judge
 from tierwise.periods import window
-from tierwise_sidecar.budgets.ledger import Line, MemoryLedger
+from tierwise_sidecar.budgets.ledger import MemoryLedger
 from tierwise_sidecar.budgets.redis_store import RedisLedgerClient, Settle, StoreUnavailableError
 from tierwise_sidecar.budgets.sqlite import LedgerInUseError, SqliteJournal
 
 NOW = 1_800_000_000.0
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
-    r = start_redis(tmp_path_factory.mktemp("redis"))
-    yield r
-    r.stop()
-
-
-@pytest.fixture
-def store(server: Redis) -> Iterator[Redis]:
-    redis.Redis.from_url(server.url).flushall()
-    yield server
-
-
-def _line(r: BudgetRule, ask: Amount, now: float = NOW) -> Line:
-    return Line(r, window(r.period, r.time_zone, now), ask)
 
 
 async def _client(url: str, failed: list[Settle] | None = None) -> RedisLedgerClient:

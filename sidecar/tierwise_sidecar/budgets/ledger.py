@@ -39,6 +39,9 @@ class Reservation:
     expires: float
     # Held in the shared store (Redis), as opposed to this process's own ledger.
     remote: bool = False
+    # In the shared store: per line, the lease its amount is held under (the request's own, or
+    # the sidecar's allowance slice of that budget).
+    leases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,8 @@ class Booking:
     verdicts: tuple[Verdict, ...]
     # Judged on this process's own view because the shared store was unreachable.
     degraded: bool = False
+    # Per line, what the shared store granted beyond the ask for the sidecar's slice.
+    extras: tuple[Amount, ...] = ()
 
 
 class Ledger(Protocol):

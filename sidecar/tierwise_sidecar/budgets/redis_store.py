@@ -3,10 +3,12 @@
 A reservation is run by a server-side script (lua.py) over every budget that counts the request:
 it frees expired leases, reads each budget's settled spend (a calendar period's hash, or the
 buckets of a rolling window) and what requests in flight hold, judges each as `rules.judge` does,
-and only when no enforcing budget refuses, holds the amount under a lease. Settling releases the
-lease (if it has not expired) and adds the actual cost; it carries this sidecar's instance id and
-a sequence number, recorded in a bitmap, so a settle that is sent again (its reply was lost, or it
-was owed while Redis was away) counts once. Both go through one outbox, one script call a flush.
+and only when no enforcing budget refuses, holds the amount under a lease: the request's own, or
+a sidecar's allowance slice to which the script adds what it can spare for later requests
+(slices.py). Settling takes what the request held out of its lease and adds the actual cost; it
+carries this sidecar's instance id and a sequence number, recorded in a bitmap, so a settle that
+is sent again (its reply was lost, or it was owed while Redis was away) counts once. All of them,
+with slices given back and renewed, go through one outbox, one script call a flush.
 
 All keys share one hash tag, so the scripts also run on Redis Cluster, where every key of one
 script must live in one slot. Amounts are integers (micro-dollars, tokens) passed as decimal
@@ -30,7 +32,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from tierwise.budgetkeys import applied_key, held_of, hold_keys, spend_key, spend_of
-from tierwise.budgetrules import OK, OVER_LIMIT, THROTTLED, Amount, BudgetRule, Judgement
+from tierwise.budgetrules import OK, OVER_LIMIT, THROTTLED, ZERO, Amount, BudgetRule, Judgement
 from tierwise.periods import ROLLING_SECONDS, Window
 from tierwise_sidecar.budgets.ledger import Booking, Line, Reservation, Totals, Verdict, new_id
 from tierwise_sidecar.budgets.lua import BATCH
@@ -79,6 +81,12 @@ class StoreUnavailableError(Exception):
     pass
 
 
+# What an op's result goes to: a reservation's or renewal's future, a settle (counted, and handed
+# back if it could not be sent), or nothing (a give-back, sent when convenient).
+Waiter = asyncio.Future[Any] | Settle | None
+Op = tuple[list[Any], list[Any], Waiter]
+
+
 class RedisLedgerClient:
     """The script and one outbox for it; no local view (the shared ledger adds that).
 
@@ -115,24 +123,27 @@ class RedisLedgerClient:
         self._lock = asyncio.Lock()
         self.timeout = timeout
         # Each op: its keys, its args (its kind first), and what waits for its result.
-        self._outbox: list[tuple[list[Any], list[Any], asyncio.Future[Any] | Settle]] = []
+        self._outbox: list[Op] = []
         self._flushing: set[asyncio.Task[None]] = set()
         self._scheduled = False
         self._in_flight = False
         self._timer: asyncio.TimerHandle | None = None
         self._settles_pending = 0
         self.sent = 0
+        self.round_trips = 0
 
     async def start(self) -> None:
         return None
 
     async def drain(self, seconds: float = 5.0) -> None:
-        """Wait (bounded) until every settle issued was sent or handed back as failed."""
+        """Wait (bounded) until everything issued was sent, a settle that failed handed back."""
         if self._outbox and not self._scheduled:
             self._flush()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                while self._settles_pending:
+                while self._settles_pending or self._outbox or self._in_flight:
+                    if self._outbox and not self._scheduled and not self._in_flight:
+                        self._flush()
                     await asyncio.sleep(0.005)
 
     async def close(self) -> None:
@@ -158,12 +169,12 @@ class RedisLedgerClient:
 
     # ------------------------------------------------------------ the outbox
 
-    def _post(self, keys: list[Any], args: list[Any], item: asyncio.Future[Any] | Settle) -> None:
+    def _post(self, keys: list[Any], args: list[Any], item: Waiter) -> None:
         self._outbox.append((keys, args, item))
         if self._scheduled or self._in_flight:
             return
         loop = asyncio.get_running_loop()
-        if isinstance(item, Settle):
+        if not isinstance(item, asyncio.Future):
             if self._timer is None:
                 self._timer = loop.call_later(SETTLE_DELAY, self._flush)
             return
@@ -187,12 +198,12 @@ class RedisLedgerClient:
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._flushing.discard(task)
         self._in_flight = False
-        if any(not isinstance(item, Settle) for _, _, item in self._outbox):
+        if any(isinstance(item, asyncio.Future) for _, _, item in self._outbox):
             self._flush()  # reservations waited for this round trip
         elif self._outbox and self._timer is None and not task.cancelled():
             self._timer = asyncio.get_running_loop().call_later(SETTLE_DELAY, self._flush)
 
-    async def _send(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any] | Settle]]) -> None:
+    async def _send(self, batch: list[Op]) -> None:
         try:
             results = await self._call(batch)
         except asyncio.CancelledError:
@@ -205,13 +216,13 @@ class RedisLedgerClient:
             if isinstance(item, Settle):
                 self._settles_pending -= 1
                 self.sent += 1
-            elif not item.done():
+            elif item is not None and not item.done():
                 item.set_result(result)
 
-    def _fail(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any] | Settle]], error: Exception) -> None:
+    def _fail(self, batch: list[Op], error: Exception) -> None:
         settles = [item for _, _, item in batch if isinstance(item, Settle)]
         for _, _, item in batch:
-            if not isinstance(item, Settle) and not item.done():
+            if isinstance(item, asyncio.Future) and not item.done():
                 item.set_exception(error)
         if settles:
             self._settles_pending -= len(settles)
@@ -219,12 +230,13 @@ class RedisLedgerClient:
                         self.redacted, len(settles), error)  # fmt: skip
             self._on_failed(settles)
 
-    async def _call(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any] | Settle]]) -> list[Any]:
+    async def _call(self, batch: list[Op]) -> list[Any]:
         """Every op of the batch in one script call. NOSCRIPT (Redis restarted and lost its script
         cache) means nothing ran: the script is loaded and the call sent once more."""
         keys = [k for op_keys, _, _ in batch for k in op_keys]
         args = [len(batch), *(a for _, op_args, _ in batch for a in op_args)]
         async with self._lock:  # one command at a time on the connection: replies come in order
+            self.round_trips += 1
             for attempt in range(2):
                 try:
                     return list(await self._round_trip("EVALSHA", self._batch.sha, len(keys), *keys, *args))
@@ -254,28 +266,41 @@ class RedisLedgerClient:
 
     # ------------------------------------------------------------ the contract
 
-    async def reserve(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking:
+    async def reserve(
+        self, lines: Sequence[Line], now: float, lease_seconds: float, slices: Sequence[tuple[str, Amount]] = ()
+    ) -> Booking:
+        """Hold each line's ask, all or nothing. With `slices` (per line: a lease id and how much
+        more to hold under it for later requests) the ask goes under that lease and the store adds
+        what it can spare of the rest (Booking.extras); without, under a lease of the request's own."""
+        expires = now + lease_seconds
+        own = new_id()
+        ids = [lease for lease, _ in slices] if slices else [own] * len(lines)
+        wants = [want for _, want in slices] if slices else [ZERO] * len(lines)
         keys: list[str] = []
-        args: list[Any] = ["R", repr(now), new_id(), repr(now + lease_seconds), len(lines)]
-        for line in lines:
+        args: list[Any] = ["R", repr(now), repr(expires), len(lines)]
+        for line, lease, want in zip(lines, ids, wants, strict=True):
             r, w = line.rule, line.window
             keys += [spend_key(r.key, w), *hold_keys(r.key)]
             args += [1 if w.rolling else 0, w.first_bucket, *_caps(r), str(line.ask.micros), str(line.ask.tokens),
-                     "1" if r.dry_run else "0", _throttle_spec(r)]  # fmt: skip
+                     str(want.micros), str(want.tokens), "1" if r.dry_run else "0", _throttle_spec(r),
+                     lease]  # fmt: skip
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._post(keys, args, fut)
         out = await fut
         granted = int(out[0]) == 1
-        verdicts = []
+        verdicts, extras = [], []
         for i, line in enumerate(lines):
-            code, su, st, hu, ht, wait = out[1 + 6 * i : 7 + 6 * i]
+            code, su, st, hu, ht, wait, xu, xt = out[1 + 8 * i : 9 + 8 * i]
             outcome = OK if int(code) == 0 else OVER_LIMIT if int(code) == 1 else THROTTLED
-            held = Amount(int(hu), int(ht)) + (line.ask if granted else Amount())
+            extra = Amount(int(xu), int(xt))
+            held = Amount(int(hu), int(ht)) + (line.ask + extra if granted else ZERO)
             totals = Totals(Amount(int(su), int(st)), held)
             verdicts.append(Verdict(line, Judgement(outcome, None, float(wait)), totals))
+            extras.append(extra)
         if not granted:
             return Booking(None, tuple(verdicts))
-        return Booking(Reservation(str(args[2]), tuple(lines), now + lease_seconds, remote=True), tuple(verdicts))
+        reservation = Reservation(own, tuple(lines), expires, remote=True, leases=tuple(ids))
+        return Booking(reservation, tuple(verdicts), extras=tuple(extras))
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -288,14 +313,31 @@ class RedisLedgerClient:
 
     def _settle_op(self, s: Settle) -> tuple[list[Any], list[Any]]:
         keys = [applied_key(self.instance)]
-        args: list[Any] = ["S", s.seq, APPLIED_TTL, s.reservation.id, len(s.reservation.lines), str(s.actual.micros),
-                           str(s.actual.tokens)]  # fmt: skip
-        for line in s.reservation.lines:
-            r, w = line.rule, line.window
-            held, leases, lease, _ = hold_keys(r.key)
-            keys += [spend_key(r.key, w), held, leases, lease]
-            args += [f"{w.last_bucket}:" if w.rolling else "", _ttl(w)]
+        r = s.reservation
+        args: list[Any] = ["S", s.seq, APPLIED_TTL, len(r.lines), str(s.actual.micros), str(s.actual.tokens)]
+        for i, line in enumerate(r.lines):
+            rule, w = line.rule, line.window
+            held, leases, lease, _ = hold_keys(rule.key)
+            keys += [spend_key(rule.key, w), held, leases, lease]
+            args += [f"{w.last_bucket}:" if w.rolling else "", _ttl(w), r.leases[i] if r.leases else "",
+                     str(line.ask.micros), str(line.ask.tokens)]  # fmt: skip
         return keys, args
+
+    def give_back(self, rule: BudgetRule, lease: str, amount: Amount) -> None:
+        """Release part of a slice, sent with the next flush; lost if that flush fails (the
+        slice's lease then frees it when it expires)."""
+        self._post(list(hold_keys(rule.key)[:3]), ["F", lease, str(amount.micros), str(amount.tokens)], None)
+
+    async def renew(self, leases: Sequence[tuple[BudgetRule, str, float]]) -> None:
+        """Lengthen the leases of slices still in use (each to its new expiry)."""
+        if not leases:
+            return
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        args: list[Any] = ["E", len(leases)]
+        for _, lease, expires in leases:
+            args += [lease, repr(expires)]
+        self._post([hold_keys(rule.key)[1] for rule, _, _ in leases], args, fut)
+        await fut
 
     async def send(self, batch: Sequence[Settle]) -> None:
         """Send settles now, in one script call (replaying what was owed); raises

@@ -1,14 +1,16 @@
 """Budgets in Redis, kept when Redis is away.
 
-Normally every reservation is judged in Redis (all sidecars see one ledger) and the replies keep a
-snapshot of each budget's committed spend; a refresher keeps it current for every budget of the
-Policy. When Redis cannot be reached, no request gets a 5xx: the sidecar judges on its own ledger,
-counting the last known committed spend of each budget plus what it has spent and holds since,
-says so (a log line, `tierwise_budget_store_degraded`, a response header), and keeps every settle
-it owes Redis. It probes Redis every second; when Redis answers, the owed settles are sent (once
-each: they are idempotent) before it is trusted again. While degraded, N sidecars can together
-overshoot a budget by up to N times the remaining amount each last saw; with Redis up, by at most
-the difference between a request's estimate and its actual cost.
+Normally every reservation is held in Redis (all sidecars see one ledger): judged there, or taken
+from this sidecar's allowance slice, which is held there (slices.py; this ledger tops slices up,
+renews their leases and gives them back). The replies keep a snapshot of each budget's committed
+spend; a refresher keeps it current for every budget of the Policy. When Redis cannot be reached,
+no request gets a 5xx: the sidecar judges on its own ledger, counting the last known committed
+spend of each budget plus what it has spent and holds since, says so (a log line,
+`tierwise_budget_store_degraded`, a response header), and keeps every settle it owes Redis. It
+probes Redis every second; when Redis answers, the owed settles are sent (once each: they are
+idempotent) before it is trusted again. While degraded, N sidecars can together overshoot a budget
+by up to N times the remaining amount each last saw; with Redis up, by at most the difference
+between a request's estimate and its actual cost.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from tierwise.budgetrules import Amount, BudgetRule
+from tierwise.budgetrules import OK, ZERO, Amount, BudgetRule, Judgement
 from tierwise.periods import Window, window
-from tierwise_sidecar.budgets.ledger import Booking, Line, MemoryLedger, Reservation, Totals
+from tierwise_sidecar.budgets.ledger import Booking, Line, MemoryLedger, Reservation, Totals, Verdict
 from tierwise_sidecar.budgets.redis_store import RedisLedgerClient, Settle, StoreUnavailableError
+from tierwise_sidecar.budgets.slices import Slice, Slices
 
 log = logging.getLogger("tierwise.budgets")
 
 PROBE_SECONDS = 1.0
 REFRESH_SECONDS = 5.0
+_GRANTED = Judgement(OK)
 
 
 class SharedLedger:
@@ -35,6 +39,8 @@ class SharedLedger:
         self.client = RedisLedgerClient(url, self._owe, timeout)
         self.clock = clock
         self.local = MemoryLedger(base=self._last_known)
+        self.slices = Slices()
+        self._growing: set[asyncio.Task[None]] = set()
         self._snapshot: dict[tuple[str, str], Totals] = {}
         self._owed: list[Settle] = []
         self._tracked: tuple[BudgetRule, ...] = ()
@@ -66,6 +72,11 @@ class SharedLedger:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in list(self._growing):
+            task.cancel()
+        await asyncio.gather(*self._growing, return_exceptions=True)
+        if not self._degraded:
+            self._give_back(self.slices.clear())
         await self.client.drain()
         if self._owed:
             try:
@@ -95,16 +106,29 @@ class SharedLedger:
 
     async def reserve(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking:
         if not self._degraded:
+            taken = self.slices.take(lines, now, lease_seconds)
+            if taken is not None:
+                self._grow(taken, now, lease_seconds)
+                verdicts = tuple(Verdict(ln, _GRANTED, self._last_known(ln.rule, ln.window)) for ln in lines)
+                return Booking(taken, verdicts)
+            asks = self.slices.asks(lines, now, lease_seconds)
             try:
-                booking = await self.client.reserve(lines, now, lease_seconds)
+                booking = await self.client.reserve(lines, now, lease_seconds, asks)
             except StoreUnavailableError as e:
                 self._degrade(str(e))
             else:
-                for v in booking.verdicts:
-                    self._snapshot[(v.line.rule.key, v.line.window.id)] = v.totals
+                self._remember(booking)
+                if booking.reservation is None:
+                    self._give_back(self.slices.refused(asks))
+                else:
+                    self.slices.granted(booking.reservation, asks, booking.extras, now, lease_seconds)
                 return booking
         booking = self.local.reserve_now(lines, now, lease_seconds)
         return Booking(booking.reservation, booking.verdicts, degraded=True)
+
+    def _remember(self, booking: Booking) -> None:
+        for v in booking.verdicts:
+            self._snapshot[(v.line.rule.key, v.line.window.id)] = v.totals
 
     def settle(self, reservation: Reservation, actual: Amount, now: float) -> None:
         if not reservation.remote:
@@ -115,7 +139,43 @@ class SharedLedger:
                 return
             # Held here while Redis was away, settled once it is back: the spend goes to Redis.
             self.local.release(reservation)
+        else:
+            self.slices.settled(reservation)
         self.client.settle(reservation, actual)
+
+    # ------------------------------------------------------------ slices
+
+    def _grow(self, taken: Reservation, now: float, lease_seconds: float) -> None:
+        """Top up, in the background, the slices this reservation left below half their target."""
+        for s, line in self.slices.low(taken):
+            task = asyncio.create_task(self._top_up(s, line, now, lease_seconds))
+            self._growing.add(task)
+            task.add_done_callback(self._growing.discard)
+
+    async def _top_up(self, s: Slice, line: Line, now: float, lease_seconds: float) -> None:
+        try:
+            booking = await self.client.reserve([Line(line.rule, line.window, ZERO)], now, lease_seconds,
+                                                [(s.lease, self.slices.want(s))])  # fmt: skip
+        except StoreUnavailableError as e:
+            self.slices.topped(s, ZERO, now, lease_seconds)
+            self._degrade(str(e))
+            return
+        self._remember(booking)
+        self.slices.topped(s, booking.extras[0] if booking.reservation is not None else ZERO, now, lease_seconds)
+
+    def _give_back(self, freed: Sequence[tuple[Slice, Amount]]) -> None:
+        for s, amount in freed:
+            self.client.give_back(s.rule, s.lease, amount)
+
+    async def _tend_slices(self) -> None:
+        """Idle slices go back; slices in use have their leases lengthened."""
+        now = self.clock()
+        self._give_back(self.slices.idle(now))
+        due = self.slices.to_renew(now)
+        if due:
+            await self.client.renew([(s.rule, s.lease, now + s.length) for s in due])
+            for s in due:
+                s.expires = max(s.expires, now + s.length)
 
     # ------------------------------------------------------------ degraded and back
 
@@ -139,6 +199,8 @@ class SharedLedger:
         await self._pay_back()
         # What was counted locally is in Redis now, and in the snapshot.
         self.local.forget_spent()
+        # Slices were not tended while Redis was away: what is left of them goes back.
+        self._give_back(self.slices.clear())
         self._degraded = False
         log.info("budget store %s is back: owed settles sent, enforcing on it again", self.client.redacted)
 
@@ -165,7 +227,9 @@ class SharedLedger:
             try:
                 if self._degraded:
                     await self._recover()
-                elif time.monotonic() - last_refresh >= REFRESH_SECONDS:
+                    continue
+                await self._tend_slices()
+                if time.monotonic() - last_refresh >= REFRESH_SECONDS:
                     await self._refresh()
                     last_refresh = time.monotonic()
             except StoreUnavailableError as e:

@@ -1,0 +1,211 @@
+"""A sidecar's allowance slices: budget it holds in Redis ahead of its own requests.
+
+A reservation in Redis is a round trip before the backend is called. To keep it off the hot path,
+when a request has to go to Redis it also asks for a slice: up to SLICE_REQUESTS times its own
+worst case more, held under one lease of this sidecar's per budget. Later requests whose every
+budget has enough left in its slice are reserved here, at once, and a slice running low is topped
+up in the background before it runs out. Everything a slice holds is held in Redis, so the limit
+is never loosened: the overshoot bound stays that of a reservation per request. Redis grants at
+most 1/8 of what a budget has left after the asking request (see lua.py), so near the limit
+slices shrink to nothing and every request is judged in Redis again; a budget past a Throttle
+threshold gets no slices (each request takes a token from the shared bucket).
+
+What a slice holds is not spent: it counts as held by requests in flight, for other sidecars'
+decisions (a request may be refused, Retry-After one second, while another sidecar holds an
+unused slice) and for thresholds (a threshold may be crossed up to a slice early). Slices go back
+to Redis as soon as a grant is refused, and after IDLE_SECONDS without use; a sidecar that dies
+leaves its slices to expire with their leases, as it would its requests' reservations.
+
+This module is the sidecar's book of its slices: pure bookkeeping, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from tierwise.budgetrules import ZERO, Amount, BudgetRule
+from tierwise_sidecar.budgets.ledger import Line, Reservation, new_id
+
+# A slice aims to cover this many more requests like the one that asked; topped up at half.
+SLICE_REQUESTS = 8
+IDLE_SECONDS = 2.0
+
+
+@dataclass(slots=True)
+class Slice:
+    lease: str
+    rule: BudgetRule
+    window: str
+    # The lease's length: that of the requests it serves.
+    length: float
+    # Granted and not yet taken by a request.
+    free: Amount
+    # Taken by requests that have not settled (still held under the lease in Redis).
+    holding: Amount
+    expires: float
+    used: float
+    # What it is topped up to: SLICE_REQUESTS times the last ask.
+    target: Amount
+    topping: bool = False
+
+
+def _covers(have: Amount, ask: Amount) -> bool:
+    return have.micros >= ask.micros and have.tokens >= ask.tokens
+
+
+def _minus(a: Amount, b: Amount) -> Amount:
+    return Amount(max(a.micros - b.micros, 0), max(a.tokens - b.tokens, 0))
+
+
+class Slices:
+    def __init__(self) -> None:
+        self._by_budget: dict[tuple[str, str], Slice] = {}
+        self._by_lease: dict[str, Slice] = {}
+
+    def __iter__(self) -> Iterator[Slice]:
+        return iter(list(self._by_budget.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_budget)
+
+    def _slice(self, line: Line, now: float) -> Slice | None:
+        s = self._by_budget.get((line.rule.key, line.window.id))
+        if s is not None and s.expires <= now:
+            # Its lease may be gone from Redis: a new lease id, so nothing lands on a freed one.
+            self._drop(s)
+            return None
+        return s
+
+    def _drop(self, s: Slice) -> None:
+        if self._by_budget.get((s.rule.key, s.window)) is s:
+            del self._by_budget[(s.rule.key, s.window)]
+        self._by_lease.pop(s.lease, None)
+
+    # ------------------------------------------------------------ on a request's way in
+
+    def take(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Reservation | None:
+        """A reservation from the slices alone, all lines or none: every budget's slice has the
+        ask free and a lease that outlives the request."""
+        slices = []
+        for line in lines:
+            s = self._slice(line, now)
+            if s is None or s.expires - now < lease_seconds / 2 or not _covers(s.free, line.ask):
+                return None
+            slices.append(s)
+        for s, line in zip(slices, lines, strict=True):
+            s.free = s.free - line.ask
+            s.holding = s.holding + line.ask
+            s.used = now
+        return Reservation(new_id(), tuple(lines), now + lease_seconds, remote=True,
+                           leases=tuple(s.lease for s in slices))  # fmt: skip
+
+    def asks(self, lines: Sequence[Line], now: float, lease_seconds: float) -> list[tuple[str, Amount]]:
+        """For a reservation that goes to Redis: per line, the lease to hold under and how much
+        more to ask for (what tops the slice up to SLICE_REQUESTS times this ask). One grant at a
+        time asks for more: requests that go to Redis together do not each take a slice."""
+        out = []
+        for line in lines:
+            s = self._slice(line, now)
+            if s is None:
+                lease = new_id()
+                # Expiring when its first grant's lease would (the grant may still be on its way).
+                s = Slice(lease, line.rule, line.window.id, lease_seconds, ZERO, ZERO, now + lease_seconds, now, ZERO)
+                self._by_budget[(line.rule.key, line.window.id)] = s
+                self._by_lease[lease] = s
+            s.target = Amount(line.ask.micros * SLICE_REQUESTS, line.ask.tokens * SLICE_REQUESTS)
+            want = ZERO if s.topping else _minus(s.target, s.free)
+            s.topping = s.topping or want != ZERO
+            out.append((s.lease, want))
+        return out
+
+    def granted(
+        self, r: Reservation, asks: Sequence[tuple[str, Amount]], extras: Sequence[Amount], now: float,
+        lease_seconds: float,
+    ) -> None:  # fmt: skip
+        """Redis held the request's ask and `extras` more under the slices' leases."""
+        for line, (lease, want), extra in zip(r.lines, asks, extras, strict=True):
+            s = self._by_lease.get(lease)
+            if s is None:
+                continue
+            if want != ZERO:
+                s.topping = False
+            s.free = s.free + extra
+            s.holding = s.holding + line.ask
+            s.expires = max(s.expires, now + lease_seconds)
+            s.length = lease_seconds
+            s.used = now
+
+    def low(self, r: Reservation) -> list[tuple[Slice, Line]]:
+        """The slices this reservation drew on that are below half their target and not already
+        being topped up (each is marked as being topped up), with the line that drew on it."""
+        out = []
+        for line, lease in zip(r.lines, r.leases, strict=True):
+            s = self._by_lease.get(lease)
+            if s is None or s.topping:
+                continue
+            half = Amount(s.target.micros // 2, s.target.tokens // 2)
+            if not _covers(s.free, half):
+                s.topping = True
+                out.append((s, line))
+        return out
+
+    def want(self, s: Slice) -> Amount:
+        return _minus(s.target, s.free)
+
+    def topped(self, s: Slice, extra: Amount, now: float, lease_seconds: float) -> None:
+        s.topping = False
+        s.free = s.free + extra
+        if extra != ZERO:
+            s.expires = max(s.expires, now + lease_seconds)
+
+    # ------------------------------------------------------------ on its way out, and over time
+
+    def settled(self, r: Reservation) -> None:
+        for line, lease in zip(r.lines, r.leases, strict=True):
+            s = self._by_lease.get(lease)
+            if s is not None:
+                s.holding = _minus(s.holding, line.ask)
+
+    def release(self, s: Slice) -> Amount:
+        """Empty a slice's free part (to be given back); what it gave up."""
+        free, s.free = s.free, ZERO
+        if s.holding == ZERO:
+            self._drop(s)
+        return free
+
+    def refused(self, asks: Sequence[tuple[str, Amount]]) -> list[tuple[Slice, Amount]]:
+        """A reservation was refused: the slices of its budgets give back what they have free."""
+        out = []
+        for lease, want in asks:
+            s = self._by_lease.get(lease)
+            if s is None:
+                continue
+            if want != ZERO:
+                s.topping = False
+            if s.free != ZERO:
+                out.append((s, self.release(s)))
+        return out
+
+    def idle(self, now: float) -> list[tuple[Slice, Amount]]:
+        """Slices unused for IDLE_SECONDS give back what they have free; empty ones are dropped."""
+        out = []
+        for s in self:
+            if now - s.used < IDLE_SECONDS:
+                continue
+            if s.free != ZERO:
+                out.append((s, self.release(s)))
+            elif s.holding == ZERO:
+                self._drop(s)
+        return out
+
+    def to_renew(self, now: float) -> list[Slice]:
+        """Slices in use whose lease has less than three quarters of its length left."""
+        return [s for s in self if (s.free != ZERO or s.holding != ZERO) and s.expires - now < 0.75 * s.length]
+
+    def clear(self) -> list[tuple[Slice, Amount]]:
+        """Every slice's free part, to give back (the book starts afresh)."""
+        out = [(s, s.free) for s in self if s.free != ZERO]
+        self._by_budget.clear()
+        self._by_lease.clear()
+        return out
