@@ -45,7 +45,7 @@ PYTHON = ROOT / ".venv" / "bin" / "python"
 TIERWISE = ROOT / ".venv" / "bin" / "tierwise"
 LITELLM_VENV = Path(os.environ.get("TIERWISE_LITELLM_VENV", Path.home() / ".cache/tierwise/bench-litellm-venv"))
 MODEL = "gpt-4o-mini"
-CONFIGS = ("direct", "minimal", "litellm", "tierwise", "tierwise-sqlite", "tierwise-redis", "before")
+CONFIGS = ("direct", "minimal", "litellm", "tierwise", "tierwise-sqlite", "tierwise-redis", "before", "before-redis")
 DEFAULT_CONFIGS = ("direct", "minimal", "litellm", "tierwise", "tierwise-sqlite", "tierwise-redis")
 HOST = "127.0.0.1"
 
@@ -403,15 +403,24 @@ def start_tierwise_redis(ctx: Context) -> Target:
     return _gateway(ctx, "tierwise-redis", ctx.redis_url, [str(TIERWISE)], base_env())
 
 
-def start_before(ctx: Context) -> Target:
+def _before_command(ctx: Context) -> tuple[list[str], dict[str, str]]:
     """The gateway of another revision (a git worktree), on this venv's dependencies."""
     tree = ctx.before
     if tree is None:
         raise BenchError("--before REF is needed for this configuration")
     roots = [str(tree / r) for r in ("cli", "api", "sidecar", "operator") if (tree / r).is_dir()]
     module = "tierwise_cli" if (tree / "cli" / "tierwise_cli").is_dir() else "tierwise.cli"
-    env = base_env(PYTHONPATH=os.pathsep.join(roots))
-    return _gateway(ctx, "before", None, [str(PYTHON), "-m", module], env)
+    return [str(PYTHON), "-m", module], base_env(PYTHONPATH=os.pathsep.join(roots))
+
+
+def start_before(ctx: Context) -> Target:
+    return _gateway(ctx, "before", None, *_before_command(ctx))
+
+
+def start_before_redis(ctx: Context) -> Target:
+    if ctx.redis_url is None:
+        raise BenchError("no Redis for this configuration")
+    return _gateway(ctx, "before-redis", ctx.redis_url, *_before_command(ctx))
 
 
 def redis_available() -> str | None:
@@ -450,6 +459,13 @@ CONFIG_DEFS = {
         60,
     ),
     "before": Config("before", "tierwise before", start_before, before_available, 60),
+    "before-redis": Config(
+        "before-redis",
+        "tierwise before + budget (Redis)",
+        start_before_redis,
+        lambda: before_available() or redis_available(),
+        60,
+    ),
 }
 
 
@@ -478,7 +494,8 @@ def run_phase(args: argparse.Namespace, ctx: Context, target: Target, phase: Pha
     ]
     if target.server is not None:
         argv += ["--cpu-pid", f"proxy={target.server.pid}"]
-    if ctx.redis_pid is not None and target.server is not None and target.server.name == "tierwise-redis":
+    counted = target.server is not None and target.server.name in ("tierwise-redis", "before-redis")
+    if ctx.redis_pid is not None and counted:
         argv += ["--cpu-pid", f"redis={ctx.redis_pid}"]
     if phase.stream:
         argv.append("--stream")
@@ -756,7 +773,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if args.before:
         BEFORE_REF.append(args.before)
-        if "before" not in args.configs:
+        if not {"before", "before-redis"} & set(args.configs):
             args.configs.append("before")
     unknown = set(args.configs) - set(CONFIGS)
     if unknown:
@@ -806,9 +823,9 @@ def run_rounds(args: argparse.Namespace, configs: list[str], tmp: Path) -> Outco
         backend.start()
         wait_ready(backend, port, 30)
         ctx = Context(f"http://{HOST}:{port}/v1", backend.pid, port, args.proxy_cpu, log_dir, tmp)
-        if "tierwise-redis" in configs:
+        if {"tierwise-redis", "before-redis"} & set(configs):
             ctx.redis_url, ctx.redis_pid = start_redis_server(args, tmp, log_dir)
-        if "before" in configs:
+        if {"before", "before-redis"} & set(configs):
             ctx.before = checkout(BEFORE_REF[0], tmp)
         for i in range(args.runs):
             results: dict[str, Any] = {}
