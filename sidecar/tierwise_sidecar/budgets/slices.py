@@ -2,7 +2,8 @@
 
 A reservation in Redis is a round trip before the backend is called. To keep it off the hot path,
 when a request has to go to Redis it also asks for a slice: up to SLICE_REQUESTS times its own
-worst case more, held under one lease of this sidecar's per budget. Later requests whose every
+worst case more (or twice as many as the sidecar has in flight on that budget, when that is
+more), held under one lease of this sidecar's per budget. Later requests whose every
 budget has enough left in its slice are reserved here, at once, and a slice running low is topped
 up in the background before it runs out. Everything a slice holds is held in Redis, so the limit
 is never loosened: the overshoot bound stays that of a reservation per request. Redis grants at
@@ -45,9 +46,11 @@ class Slice:
     holding: Amount
     expires: float
     used: float
-    # What it is topped up to: SLICE_REQUESTS times the last ask.
+    # What it is topped up to: SLICE_REQUESTS times the last ask, or twice what its requests in
+    # flight asked when more are (a busy sidecar would drain a small slice at once).
     target: Amount
     topping: bool = False
+    in_flight: int = 0
 
 
 def _covers(have: Amount, ask: Amount) -> bool:
@@ -96,6 +99,7 @@ class Slices:
         for s, line in zip(slices, lines, strict=True):
             s.free = s.free - line.ask
             s.holding = s.holding + line.ask
+            s.in_flight += 1
             s.used = now
         return Reservation(new_id(), tuple(lines), now + lease_seconds, remote=True,
                            leases=tuple(s.lease for s in slices))  # fmt: skip
@@ -113,7 +117,8 @@ class Slices:
                 s = Slice(lease, line.rule, line.window.id, lease_seconds, ZERO, ZERO, now + lease_seconds, now, ZERO)
                 self._by_budget[(line.rule.key, line.window.id)] = s
                 self._by_lease[lease] = s
-            s.target = Amount(line.ask.micros * SLICE_REQUESTS, line.ask.tokens * SLICE_REQUESTS)
+            n = max(SLICE_REQUESTS, 2 * (s.in_flight + 1))
+            s.target = Amount(line.ask.micros * n, line.ask.tokens * n)
             want = ZERO if s.topping else _minus(s.target, s.free)
             s.topping = s.topping or want != ZERO
             out.append((s.lease, want))
@@ -132,6 +137,7 @@ class Slices:
                 s.topping = False
             s.free = s.free + extra
             s.holding = s.holding + line.ask
+            s.in_flight += 1
             s.expires = max(s.expires, now + lease_seconds)
             s.length = lease_seconds
             s.used = now
@@ -166,6 +172,7 @@ class Slices:
             s = self._by_lease.get(lease)
             if s is not None:
                 s.holding = _minus(s.holding, line.ask)
+                s.in_flight = max(s.in_flight - 1, 0)
 
     def release(self, s: Slice) -> Amount:
         """Empty a slice's free part (to be given back); what it gave up."""
