@@ -48,6 +48,7 @@ H_BUDGET_REMAINING_TOKENS = "x-tierwise-budget-remaining-tokens"
 H_BUDGET_STATE = "x-tierwise-budget-state"
 H_BUDGET_NOTICE = "x-tierwise-budget-notice"
 H_DOWNGRADED = "x-tierwise-downgraded-from"
+H_CACHE = "x-tierwise-cache"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,8 @@ class Outcome:
     # When the try that answered started (monotonic): the serving backend's own latency is
     # measured from there, not from the request's start (a failover before it is not its time).
     served_since: float = 0.0
+    # Answered from the cache: no backend, nothing spent.
+    cached: bool = False
 
     @property
     def usd(self) -> float:
@@ -142,6 +145,10 @@ def render_headers(x: Exchange, final: bool) -> dict[str, str]:
     note = x.budget
     if note is not None:
         h.update(note.headers())
+    if x.cache is not None:
+        h[H_CACHE] = x.cache.outcome
+    if final and o.cached:
+        h[H_COST] = usd(0.0)
     if final and o.segments:
         h[H_COST] = usd(o.usd)
         h[H_TOKENS] = f"{sum(s.input_tokens for s in o.segments)}/{sum(s.output_tokens for s in o.segments)}"
@@ -152,7 +159,7 @@ def record(metrics: Metrics, namespace: str, x: Exchange, duration: float) -> No
     o = x.outcome
     tenant = metrics.tenant(x.identity.tenant)
     tier = o.tier or x.identity.tier
-    backend = o.backend.name if o.backend is not None else "none"
+    backend = o.backend.name if o.backend is not None else "cache" if o.cached else "none"
     metrics.requests.inc((namespace, tenant, tier, backend, str(o.status)))
     metrics.duration.observe((namespace, tier), duration)
     if o.backend is not None and o.served_since and o.status < 500:

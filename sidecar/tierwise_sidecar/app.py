@@ -64,7 +64,7 @@ class Gateway:
         self.source = source
         self.config = config or GatewayConfig()
         self.secrets = secrets or SecretSource()
-        self.state = SharedState(self.config)
+        self.state = SharedState(self.config, self.secrets)
         self.metrics = self.state.get(METRICS)
         self.pipeline: Pipeline | None = None
         self.draining = False

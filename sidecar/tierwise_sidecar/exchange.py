@@ -21,7 +21,9 @@ from tierwise_sidecar.validate import Kind
 
 if TYPE_CHECKING:
     from tierwise_sidecar.budgets.note import BudgetNote
+    from tierwise_sidecar.cache.stage import CacheNote
     from tierwise_sidecar.route import Decision
+    from tierwise_sidecar.sse import StreamState
 
 
 class ClientGoneError(Exception):
@@ -54,6 +56,10 @@ class Reply:
     @classmethod
     def of_error(cls, e: ApiError) -> Reply:
         return cls(e.status, e.body(), e.headers)
+
+
+# What a stage returns when it wrote its answer to the sink itself (a stream replayed from cache).
+ANSWERED = Reply(200, b"")
 
 
 @dataclass(slots=True)
@@ -114,6 +120,11 @@ class Exchange:
     # Sent to another tier by the operator's SLO steering: (the tier asked for, promoted | fallback).
     steered: tuple[str, str] | None = None
     budget: BudgetNote | None = None
+    cache: CacheNote | None = None
+    # What was served, for stages on the way out (the cache stores it): a whole answer's parsed
+    # body, or the state of a stream that ended properly on the backend it started on.
+    served: Mapping[str, Any] | None = None
+    streamed: StreamState | None = None
     # Before serving from a backend costlier than what was reserved (a fallback tier, a resumed
     # stream), the forward stage asks for more; None: nothing to ask (no budget counts it).
     extend: Callable[[Exchange, int, int], Awaitable[bool]] | None = None

@@ -295,6 +295,7 @@ class ForwardStage:
         usage = started.data.get("usage")
         text = "" if _has_usage(usage) or x.kind == "embeddings" else text_of(started.data)
         x.outcome.segments.append(self.measure(x, started.candidate.backend, usage, text))
+        x.served = started.data
         return Reply(200, started.body)
 
     def measure(self, x: Exchange, backend: BackendRoute, usage: object, text: str) -> Segment:

@@ -1,7 +1,7 @@
 """The sidecar's stages, in the order a request passes them: the one list a new stage joins.
 
-account (first in, last out: it sees every request) → validate → identify → estimate → budget →
-route → forward. Each entry builds its stage for a Policy from the shared state, or gives None
+account (first in, last out: it sees every request) → validate → identify → estimate → cache →
+budget → steer → route → forward. Each entry builds its stage for a Policy from the shared state, or gives None
 when the Policy leaves it nothing to do (no budget counts the namespace, say).
 """
 
@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from tierwise_sidecar import account, estimate, forward, identify, route, steer, validate
 from tierwise_sidecar.budgets import stage as budget
+from tierwise_sidecar.cache import stage as cache
 from tierwise_sidecar.pipeline import Chain, Stage
 from tierwise_sidecar.runtime import Runtime
 from tierwise_sidecar.state import SharedState
@@ -20,6 +21,7 @@ BUILDERS: tuple[Callable[[Runtime, SharedState], Stage | None], ...] = (
     validate.build,
     identify.build,
     estimate.build,
+    cache.build,
     budget.build,
     steer.build,
     route.build,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from tierwise_sidecar.config import GatewayConfig
+from tierwise_sidecar.secrets import SecretSource
 
 log = logging.getLogger("tierwise.sidecar")
 
@@ -41,8 +42,10 @@ class Key(Generic[T]):
 
 
 class SharedState:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, secrets: SecretSource | None = None) -> None:
         self.config = config
+        # Where store addresses (and API keys) named by Secrets are read.
+        self.secrets = secrets or SecretSource()
         self._items: dict[str, object] = {}
         self._order: list[str] = []
         self._started: set[str] = set()

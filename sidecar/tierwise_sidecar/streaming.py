@@ -67,6 +67,8 @@ async def relay(fw: ForwardStage, flight: Flight, started: Started) -> None:
             return
         outcome.segments.append(fw.measure(x, cand.backend, seg.usage, "".join(seg.text)))
         if failure is None:
+            if not x.resume_text:
+                x.streamed = seg
             break
         fw.note_attempt(x, cand, str(failure.kind))
         outcome.failures.append((cand.backend.key, cand.endpoint, str(failure.kind)))

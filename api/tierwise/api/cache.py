@@ -89,6 +89,12 @@ class PersistentLayer(ApiModel):
         default="/var/cache/tierwise/cache.db", max_length=1024, description="Database file for SQLite."
     )
     ttl_seconds: int | None = Field(default=None, ge=1, description="TTL in the store; defaults to the policy TTL.")
+    max_bytes: int = Field(
+        default=1024**3,
+        ge=1024**2,
+        le=1024**4,
+        description="Most bytes of answers kept; past it the entries that would expire soonest are dropped.",
+    )
 
     invariants = (
         Invariant(

@@ -1,0 +1,71 @@
+"""Cache metrics in Prometheus conventions: per request what the cache did, per layer lookups,
+fills, errors, evictions, entries and bytes, and the spend hits saved (by tenant and tier: what
+the answers cost when they were paid for). Labels come from the Policy or fixed sets; tenants are
+capped as everywhere else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tierwise_sidecar.hotmetrics import FastCounter
+from tierwise_sidecar.metrics import METRICS
+from tierwise_sidecar.state import Key, SharedState
+
+POLICY = ["cache_namespace", "cache_policy"]
+
+# (policy labels, layer, entries, bytes, evictions)
+LayerSizes = Callable[[], Iterable[tuple[tuple[str, str], str, int, int, int]]]
+
+
+class _Sizes(Collector):
+    def __init__(self) -> None:
+        self.sizes: LayerSizes = lambda: ()
+
+    def collect(self) -> Iterator[Metric]:
+        labels = [*POLICY, "layer"]
+        entries = GaugeMetricFamily("tierwise_cache_entries", "Entries held by this sidecar's layer.", labels=labels)
+        size = GaugeMetricFamily("tierwise_cache_bytes", "Bytes of answers held by this sidecar's layer.",
+                                 labels=labels)  # fmt: skip
+        evicted = CounterMetricFamily("tierwise_cache_evictions", "Entries a layer dropped to stay in its bounds.",
+                                      labels=labels)  # fmt: skip
+        for policy, layer, n, b, e in self.sizes():
+            entries.add_metric([*policy, layer], n)
+            size.add_metric([*policy, layer], b)
+            evicted.add_metric([*policy, layer], e)
+        yield entries
+        yield size
+        yield evicted
+
+
+class CacheMetrics:
+    def __init__(self, state: SharedState) -> None:
+        m = state.get(METRICS)
+        r = m.registry
+        self.tenant = m.tenant
+        self.requests = FastCounter(
+            "tierwise_cache_requests", "Requests a cache policy covered, by what the cache did (hit, miss, refresh, "
+            "bypass).", ["namespace", "tier", "outcome"], r,
+        )  # fmt: skip
+        self.lookups = FastCounter(
+            "tierwise_cache_lookups", "Lookups per layer, by result (hit, miss, error).", [*POLICY, "layer", "result"],
+            r,
+        )  # fmt: skip
+        self.fills = FastCounter(
+            "tierwise_cache_fills", "Answers stored per layer, by result (stored, dropped, error).",
+            [*POLICY, "layer", "result"], r,
+        )  # fmt: skip
+        self.saved = FastCounter(
+            "tierwise_cache_saved_usd", "What answers served from cache cost when they were paid for: spend saved.",
+            ["namespace", "tenant", "tier"], r,
+        )  # fmt: skip
+        self._sizes = _Sizes()
+        r.register(self._sizes)
+
+    def watch(self, sizes: LayerSizes) -> None:
+        self._sizes.sizes = sizes
+
+
+CACHE_METRICS: Key[CacheMetrics] = Key("cache-metrics", CacheMetrics)
