@@ -22,6 +22,8 @@ class Redis:
     workdir: Path
     port: int
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # Extra server arguments (a cluster node's, say).
+    extra: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -36,7 +38,7 @@ class Redis:
         self.process = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.workdir),
              "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "yes",
-             "--daemonize", "no"],
+             "--daemonize", "no", *self.extra],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -71,3 +73,54 @@ def start_redis(workdir: Path, port: int | None = None) -> Redis:
     r = Redis(workdir, port or free_port())
     r.start()
     return r
+
+
+@dataclass
+class RedisCluster:
+    """Masters of one Redis Cluster on loopback, every slot assigned, no replicas."""
+
+    nodes: list[Redis]
+
+    @property
+    def url(self) -> str:
+        """Any node's address: a cluster client learns the others from it."""
+        return self.nodes[0].url
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+
+def _cluster_ok(port: int) -> bool:
+    r = subprocess.run(["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, text=True,
+                       timeout=10, check=False)  # fmt: skip
+    return "cluster_state:ok" in r.stdout
+
+
+def start_redis_cluster(workdir: Path, masters: int = 3, timeout: float = 30.0) -> RedisCluster:
+    nodes: list[Redis] = []
+    try:
+        for i in range(masters):
+            # The cluster bus on a port of its own (by default it is the port + 10000, which a free
+            # port near the top of the range would not have).
+            bus = ("--cluster-port", str(free_port()))
+            extra = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout",
+                     "2000", *bus)  # fmt: skip
+            node = Redis(workdir / f"node{i}", free_port(), extra=extra)
+            node.start()
+            nodes.append(node)
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas", "0",
+             "--cluster-yes"],
+            capture_output=True, timeout=60, check=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not all(_cluster_ok(n.port) for n in nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+    except BaseException:
+        for n in nodes:
+            n.stop()
+        raise
+    return RedisCluster(nodes)

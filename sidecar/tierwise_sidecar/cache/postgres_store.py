@@ -13,7 +13,15 @@ import asyncio
 
 import asyncpg
 
-from tierwise_sidecar.cache.stores import INDEX, SCHEMA, StoreError
+from tierwise_sidecar.cache.stores import INDEX, StoreError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tierwise_cache (
+    key TEXT PRIMARY KEY,
+    blob BYTEA NOT NULL,
+    expires DOUBLE PRECISION NOT NULL,
+    size INTEGER NOT NULL
+)"""
 
 _ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
