@@ -43,7 +43,9 @@ def operator_arguments(p: argparse.ArgumentParser) -> None:
         help="the Redis the sidecars count budgets in: budget spend is read there (else from Prometheus). "
         "Pass a URL with a password through the environment, not the command line",
     )
-    p.add_argument("--spend-interval", type=float, default=30.0, help="seconds between reads of budget spend")
+    p.add_argument(
+        "--spend-interval", type=float, default=30.0, help="seconds between reads of budget spend and cache statistics"
+    )
 
 
 def webhook_arguments(p: argparse.ArgumentParser) -> None:

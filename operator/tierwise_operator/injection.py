@@ -44,6 +44,10 @@ TMP_MOUNT: Obj = {"name": "tierwise-tmp", "mountPath": "/tmp"}
 STATE_VOLUME: Obj = {"name": "tierwise-state", "emptyDir": {"sizeLimit": "64Mi"}}
 STATE_MOUNT: Obj = {"name": "tierwise-state", "mountPath": "/var/lib/tierwise"}
 LEDGER = "sqlite:/var/lib/tierwise/budgets.sqlite"
+# The cache's L3 on SQLite (a CachePolicy's default sqlitePath is under it). Its maxBytes (1 GiB by
+# default) bounds the file; the volume's limit leaves room for SQLite's write-ahead log above it.
+CACHE_VOLUME: Obj = {"name": "tierwise-cache", "emptyDir": {"sizeLimit": "2Gi"}}
+CACHE_MOUNT: Obj = {"name": "tierwise-cache", "mountPath": "/var/cache/tierwise"}
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ def sidecar_container(cfg: InjectionConfig) -> Obj:
             {"name": "tierwise-policy", "mountPath": POLICY_MOUNT, "readOnly": True},
             TMP_MOUNT,
             STATE_MOUNT,
+            CACHE_MOUNT,
         ],
     }
     if cfg.stores_secret:
@@ -152,6 +157,7 @@ def patch(pod: Obj, cfg: InjectionConfig) -> list[Obj]:
         {"name": "tierwise-policy", "configMap": {"name": POLICY_CONFIGMAP, "optional": True}},
         TMP_VOLUME,
         STATE_VOLUME,
+        CACHE_VOLUME,
     ]
     if spec.get("volumes"):
         ops += [{"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes]

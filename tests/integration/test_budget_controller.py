@@ -189,6 +189,11 @@ def _post(url: str) -> tuple[int, str]:
         return e.code, str(json.loads(e.read()).get("error", {}).get("code"))
 
 
+def _has_series(url: str, series: str) -> bool:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        return any(line.startswith(series + " ") for line in r.read().decode().splitlines())
+
+
 def _num(x: float) -> str:
     """A number as kubectl prints a printer column's (the shortest form, no trailing .0)."""
     text = repr(float(x))
@@ -206,6 +211,45 @@ def _status(w: World) -> dict[str, Any]:
 
 def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
+
+
+def test_a_cache_policy_s_status_shows_its_entries_and_hit_ratio_from_prometheus(world: World) -> None:
+    """First in the module, before the budget is spent (a miss past the limit is refused, not stored)."""
+    w = world
+    policy = {"apiVersion": "tierwise.dev/v1alpha1", "kind": "CachePolicy",
+              "metadata": {"name": "answers", "namespace": w.ns}, "spec": {}}  # fmt: skip
+    apply(w.cluster, w.ns, policy)
+    ask = {"model": "gold", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 4,
+           "temperature": 0}  # fmt: skip
+
+    def cache_header(url: str) -> str:
+        req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(ask).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+            return str(r.headers.get("x-tierwise-cache", ""))
+
+    series = 'tierwise_cache_lookups_total{cache_namespace="%s",cache_policy="answers",layer="memory",result="hit"}'
+    for url in w.sidecars:
+        # The Policy with the CachePolicy in force: its series start at 0; Prometheus sees that
+        # before the first lookup, so the last hour's increase counts every one.
+        wait_for("the cache policy in force", lambda u=url: _has_series(u, series % w.ns), 60)
+    time.sleep(2.5)  # two scrapes
+    for url in w.sidecars:
+        assert [cache_header(url) for _ in range(4)] == ["miss", *["hit; layer=memory"] * 3]
+    wait_for(
+        "the status from Prometheus",
+        lambda: (
+            (get(w.cluster, "cachepolicy", "answers", "-n", w.ns) or {}).get("status", {}).get("hitRatio")
+            == {"memory": 0.75}
+        ),
+        60,
+    )
+    status = get(w.cluster, "cachepolicy", "answers", "-n", w.ns)["status"]
+    assert status["entries"] == 2 and _condition(status, "Ready")["status"] == "True"
+    header, row = w.cluster.kubectl("get", "cachepolicies", "-n", w.ns).stdout.splitlines()[:2]
+    assert header.split()[:6] == ["NAME", "SCOPE", "TTL", "ENTRIES", "HIT", "L1"]
+    assert row.split()[1:5] == ["Tenant", "3600", "2", "0.75"]
 
 
 def test_sidecars_without_redis_stop_at_the_limit_together_and_the_status_shows_the_spend(world: World) -> None:

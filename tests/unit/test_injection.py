@@ -36,10 +36,17 @@ def test_patch_appends_after_the_pods_own_and_is_idempotent() -> None:
     assert {side[p]["httpGet"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {8481}
     assert side["ports"] == [{"name": "tierwise", "containerPort": 8481, "protocol": "TCP"}]
     assert side["envFrom"] == [{"secretRef": {"name": "tierwise-stores", "optional": True}}]
-    assert [v["name"] for v in out["spec"]["volumes"]] == ["data", "tierwise-policy", "tierwise-tmp", "tierwise-state"]
+    assert [v["name"] for v in out["spec"]["volumes"]] == [
+        "data",
+        "tierwise-policy",
+        "tierwise-tmp",
+        "tierwise-state",
+        "tierwise-cache",
+    ]
     # Without Redis, budgets are counted in a ledger that outlives a restart of the container.
     assert {"name": "TIERWISE_BUDGET_STORE", "value": "sqlite:/var/lib/tierwise/budgets.sqlite"} in side["env"]
     assert {"name": "tierwise-state", "mountPath": "/var/lib/tierwise"} in side["volumeMounts"]
+    assert {"name": "tierwise-cache", "mountPath": "/var/cache/tierwise"} in side["volumeMounts"]
     assert out["spec"]["containers"][0]["env"][-1] == {"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:8480/v1"}
     assert out["spec"]["containers"][1]["env"] == [{"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:8480/v1"}]
     assert out["metadata"]["annotations"]["tierwise.dev/injected"] == "v1"

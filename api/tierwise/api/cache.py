@@ -194,5 +194,5 @@ class LayerHitRatio(StatusModel):
 class CachePolicyStatus(ObjectStatus):
     """Observed state of a CachePolicy, written by the operator."""
 
-    entries: int | None = Field(default=None, description="Entries in the shared layers.")
+    entries: int | None = Field(default=None, description="Entries held in memory (L1), over every sidecar.")
     hit_ratio: LayerHitRatio | None = Field(default=None, description="Hit ratio per layer.")

@@ -176,7 +176,10 @@ class CachePolicy(Resource):
     columns = (
         PrinterColumn("Scope", ".spec.scope", description="Tenant, Namespace or Global."),
         PrinterColumn("TTL", ".spec.ttlSeconds", type="integer", description="Entry lifetime in seconds."),
-        PrinterColumn("Entries", ".status.entries", type="integer", description="Entries in shared layers."),
+        PrinterColumn("Entries", ".status.entries", type="integer", description="Entries held in memory."),
+        PrinterColumn("Hit L1", ".status.hitRatio.memory", type="number", description="L1 hit ratio, last hour."),
+        PrinterColumn("Hit L2", ".status.hitRatio.redis", type="number", description="L2 hit ratio, last hour."),
+        PrinterColumn("Hit L3", ".status.hitRatio.persistent", type="number", description="L3 hit ratio, last hour."),
         _ready_column(),
         _AGE,
     )

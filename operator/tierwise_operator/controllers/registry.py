@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from tierwise_operator.controllers.autoscaler import Autoscaler
 from tierwise_operator.controllers.budgets import BudgetController, SpendObserver
+from tierwise_operator.controllers.caches import CacheController, CacheObserver
 from tierwise_operator.controllers.policies import PolicyController
-from tierwise_operator.controllers.rules import ValidityController
 from tierwise_operator.controllers.sla import SLAObserver
 from tierwise_operator.controllers.tiers import TierController
-from tierwise_operator.kube import CACHE
 from tierwise_operator.manager import Manager
 
 
@@ -21,5 +20,7 @@ def register(m: Manager) -> None:
     spend = SpendObserver(m)
     m.register(spend)
     m.register(BudgetController(m, spend))
-    m.register(ValidityController(m, "cache", CACHE))
+    caches = CacheObserver(m)
+    m.register(caches)
+    m.register(CacheController(m, caches))
     m.register(PolicyController(m, spend, sla))

@@ -100,6 +100,14 @@ class CacheStage:
     def activate(self) -> None:
         self.caches.configure(self.policies)
         self.metrics.watch(self.caches.sizes)
+        # Every layer's series exist from the start, at 0: a rate over a window then counts the
+        # first lookups too (Prometheus takes a counter's first sample as its starting point).
+        for c in self.policies:
+            layers = ["memory"] if c.name in self.caches.memory else []
+            layers += [layer.name for layer, _ in self.shared.get(c.name, Shared()).layers]
+            for layer in layers:
+                for result in ("hit", "miss"):
+                    self.metrics.lookups.inc((c.policy.namespace, c.policy.name, layer, result), 0)
 
     # ------------------------------------------------------------ the way in
 
