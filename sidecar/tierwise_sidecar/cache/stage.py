@@ -283,6 +283,10 @@ def build(runtime: Runtime, state: SharedState) -> CacheStage | None:
         return None
     tier_models = {name: tuple(b.model for b in t.backends) for name, t in runtime.tiers.items()}
     policies = tuple(covered(p, tier_models) for p in policy.cache_policies)
+    for c in policies:
+        if c.policy.spec.similarity.enabled:
+            log.warning("cache policy %s enables similarity matching, which this version does not apply: only "
+                        "exact keys hit", c.name)  # fmt: skip
     shared = {c.name: got for c in policies if (got := _shared_layers(c, state)) is not None}
     return CacheStage(policies, tier_models, state.get(CACHES), state.get(CACHE_METRICS), shared=shared,
                       stores=state.peek(CACHE_STORES), clock=state.config.clock)  # fmt: skip
