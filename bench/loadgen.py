@@ -67,12 +67,16 @@ def build_request(host: str, port: int, path: str, body: bytes, extra_headers: l
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def chat_body(model: str, stream: bool, max_tokens: int, prompt: str = DEFAULT_PROMPT) -> bytes:
+def chat_body(
+    model: str, stream: bool, max_tokens: int, prompt: str = DEFAULT_PROMPT, temperature: float | None = None
+) -> bytes:
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
     }
+    if temperature is not None:
+        body["temperature"] = temperature
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -175,7 +179,7 @@ class Load:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        body = chat_body(args.model, args.stream, args.max_tokens)
+        body = chat_body(args.model, args.stream, args.max_tokens, temperature=args.temperature)
         self.raw = build_request(args.host, args.port, args.path, body, args.header)
         self.totals = Totals()
         self.window = [0, 0]  # measured window, perf_counter_ns; 0 = not started yet
@@ -270,6 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--path", default="/v1/chat/completions")
     p.add_argument("--model", default="gpt-4o-mini")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, help="sent when given (a cache caches only cool sampling)")
     p.add_argument("--header", action="append", default=[], help="extra request header, 'Name: value'")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds")

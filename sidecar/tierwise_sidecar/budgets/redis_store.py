@@ -36,7 +36,7 @@ from tierwise.budgetrules import OK, OVER_LIMIT, THROTTLED, ZERO, Amount, Budget
 from tierwise.periods import ROLLING_SECONDS, Window
 from tierwise_sidecar.budgets.ledger import Booking, Line, Reservation, Totals, Verdict, new_id
 from tierwise_sidecar.budgets.lua import BATCH
-from tierwise_sidecar.budgets.redis_conn import connection_class
+from tierwise_sidecar.redis_conn import connection_class
 
 log = logging.getLogger("tierwise.budgets")
 

@@ -21,6 +21,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from tierwise_sidecar.cache.stores import StoreError
+from tierwise_sidecar.redis_conn import connection_class
 
 PREFIX = "tierwise:cache:"
 
@@ -35,8 +36,11 @@ class RedisCacheLayer:
         self._lock = asyncio.Lock()
 
     def _options(self) -> dict[str, object]:
+        # Commands packed by hiredis (in C) as the budgets' connections are; no blind retries: a
+        # failure is a miss, and the breaker decides when to try again.
         return {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout,
-                "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}  # fmt: skip
+                "retry": Retry(NoBackoff(), 0), "health_check_interval": 0,
+                "connection_class": connection_class(self.url)}  # fmt: skip
 
     async def _connect(self) -> aioredis.Redis | RedisCluster:
         if self._client is not None:
