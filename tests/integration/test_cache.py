@@ -251,3 +251,17 @@ def test_postgresql_keeps_answers_across_a_restart_and_its_loss_costs_no_request
         assert [_post(gw, {**ASK, "max_tokens": 30 + i})[0] for i in range(5)] == [200] * 5
     finally:
         postgres.start()
+
+
+def test_memory_keeps_to_its_byte_bound_with_large_answers(net: Net) -> None:
+    fake = net.fake("big", completion_tokens=400)  # answers of about 2 KiB
+    big = tier("gold", [backend("g", fake.v1, "gpt-4o", PRICE)], access=DEFAULT)
+    gw = net.gateway(big, cache_policy(layers={"memory": {"maxBytes": 5000}}), namespace="apps")
+    for i in range(6):
+        assert _post(gw, {**ASK, "max_tokens": 400 + i})[1]["x-tierwise-cache"] == "miss"
+    labels = '{cache_namespace="apps",cache_policy="answers",layer="memory"}'
+    assert 0 < _metric(gw, "tierwise_cache_bytes" + labels) <= 5000
+    assert _metric(gw, "tierwise_cache_entries" + labels) == 2
+    assert _metric(gw, "tierwise_cache_evictions_total" + labels) == 4
+    assert _post(gw, {**ASK, "max_tokens": 405})[1]["x-tierwise-cache"] == "hit; layer=memory", "the newest stays"
+    assert _post(gw, {**ASK, "max_tokens": 400})[1]["x-tierwise-cache"] == "miss", "the oldest went"

@@ -50,6 +50,7 @@ headers = st.fixed_dictionaries(
         "x-tierwise-priority": st.sampled_from(["high", "LOW", "?", ""]),
         "x-tierwise-tenant": st.sampled_from(["acme", "bad tenant", "a" * 200]),
         "x-tierwise-session": st.text(alphabet="abc", max_size=300),
+        "cache-control": st.sampled_from(["no-store", "NO-CACHE, max-age=0", ",,", "\u00e9"]),
     },
 )
 
@@ -58,7 +59,12 @@ headers = st.fixed_dictionaries(
 def gateway(aio, tmp_path_factory) -> Iterator[GatewayServer]:  # type: ignore[no-untyped-def]
     net = Net(aio, tmp_path_factory.mktemp("fuzz"))
     fake = net.fake(completion_tokens=3)
-    yield net.gateway(tier("t", [backend("b", fake.v1)], access={"defaultFor": {"names": ["apps"]}}), namespace="apps")
+    # A cache policy that takes every request it can: adversarial bodies reach its key too.
+    cache = {"apiVersion": "tierwise.dev/v1alpha1", "kind": "CachePolicy",
+             "metadata": {"name": "c", "namespace": "apps"},
+             "spec": {"cacheable": {"maxTemperature": 2, "tools": True}}}  # fmt: skip
+    yield net.gateway(tier("t", [backend("b", fake.v1)], access={"defaultFor": {"names": ["apps"]}}), cache,
+                      namespace="apps")  # fmt: skip
     net.close()
 
 
