@@ -299,11 +299,13 @@ def _m(rounds: list[dict[str, dict[str, Any]]], name: str, get: Callable[[dict[s
 
 def render(rounds: list[dict[str, dict[str, Any]]], configs: list[str], trace: list[dict[str, Any]],
            args: argparse.Namespace) -> str:  # fmt: skip
-    def cell(values: list[float], fmt: str) -> str:
+    def cell(values: list[float], fmt: str, unit: str = "") -> str:
         if not values:
             return "n/a"
-        text = format(median(values), fmt)
-        return text if len(values) == 1 else f"{text} [{format(min(values), fmt)} .. {format(max(values), fmt)}]"
+        text = format(median(values), fmt) + unit
+        if len(values) == 1:
+            return text
+        return f"{text} [{format(min(values), fmt)}{unit} .. {format(max(values), fmt)}{unit}]"
 
     def cpu(r: dict[str, Any], phase: str) -> float:
         return float(r[phase]["cpu_ms_per_request"]["proxy"])
@@ -324,7 +326,7 @@ def render(rounds: list[dict[str, dict[str, Any]]], configs: list[str], trace: l
             ratios = []
             for c in configs:
                 vals = [cpu(r[c], phase) / cpu(r["minimal"], phase) for r in rounds if c in r and "minimal" in r]
-                ratios.append(cell(vals, ".2f") + "x" if vals else "n/a")
+                ratios.append(cell(vals, ".2f", "x"))
             out.append(f"| proxy CPU/req vs minimal, {phase} | " + " | ".join(ratios) + " |")
     out += ["", f"Zipf trace: {args.trace_requests} requests over {args.trace_prompts} prompts, exponent {args.zipf}, "
             "seed 7, concurrency 8", "", "| configuration | hit ratio | best possible | ms per request | "

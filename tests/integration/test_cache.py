@@ -265,3 +265,15 @@ def test_memory_keeps_to_its_byte_bound_with_large_answers(net: Net) -> None:
     assert _metric(gw, "tierwise_cache_evictions_total" + labels) == 4
     assert _post(gw, {**ASK, "max_tokens": 405})[1]["x-tierwise-cache"] == "hit; layer=memory", "the newest stays"
     assert _post(gw, {**ASK, "max_tokens": 400})[1]["x-tierwise-cache"] == "miss", "the oldest went"
+
+
+def test_a_store_address_that_is_not_a_url_costs_a_miss_not_an_error(net: Net) -> None:
+    gold, fake = _gold(net)
+    layers = {"redis": {"enabled": True, "connectionSecretRef": SECRET}}
+    gw = net.gateway(gold, cache_policy(layers=layers), namespace="apps", secrets=_shared("redis-master:6379"))
+    assert _post(gw)[0] == 200
+    status, h, _ = _post(gw)
+    assert status == 200 and h["x-tierwise-cache"] == "hit; layer=memory"
+    errors = 'tierwise_cache_lookups_total{cache_namespace="apps",cache_policy="answers",layer="redis",result="error"}'
+    assert _metric(gw, errors) == 1, "one failure, then the breaker skips the layer"
+    assert fake.requests == 1

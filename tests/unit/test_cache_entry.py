@@ -89,6 +89,8 @@ def test_memory_layer_keeps_to_its_entry_and_byte_bounds_least_recently_used_fir
     assert m.put("d", e, 300)  # 1200 bytes > 1000: b goes
     assert m.get("b", 0) is None and len(m) == 3 and m.bytes == 900 and m.evictions == 1
     assert not m.put("huge", e, 1001), "larger than the layer"
+    assert not m.put("d", e, 1001) and m.get("d", 0) is None, "a refresh too large to keep drops the old one"
+    assert m.put("d", e, 300)
     m.resize(max_entries=1, max_bytes=1000)
     assert len(m) == 1 and m.get("d", 0) is e
     assert m.get("d", 100.0) is None and m.bytes == 0, "expired: dropped when read"

@@ -10,9 +10,9 @@ import pytest
 
 from tierwise.api.cache import CachePolicySpec
 from tierwise.policy import PolicyCache
-from tierwise_sidecar.cache.key import Covered, choose, covered, key, refusal
+from tierwise_sidecar.cache.key import Covered, TierId, choose, covered, key, refusal
 
-MODELS = {"gold": ("gpt-4o",), "bronze": ("gpt-4o-mini",)}
+MODELS = {"gold": TierId("apps", ("gpt-4o",)), "bronze": TierId("tierwise-system", ("gpt-4o-mini",))}
 BODY: dict[str, Any] = {
     "model": "gold",
     "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
@@ -59,14 +59,17 @@ def test_a_change_of_content_changes_the_key(change: dict[str, Any]) -> None:
 def test_the_tier_and_its_models_the_policy_revision_and_epoch_are_in_the_key() -> None:
     c = _policy()
     assert _key(c) != _key(c, tier="bronze")
-    other_models = covered(c.policy, {"gold": ("gpt-4.1",)})
+    other_models = covered(c.policy, {"gold": TierId("apps", ("gpt-4.1",))})
     assert _key(c) != _key(other_models)
+    # A team's own tier never shares entries with a platform tier of the same name and models.
+    platform = covered(_policy(scope="Global").policy, {"gold": TierId("tierwise-system", ("gpt-4o",))})
+    assert _key(_policy(scope="Global")) != _key(platform)
     assert _key(c) != _key(_policy(revision="r2"))
     fixed = {"onPolicyChange": False}
     assert _key(_policy(invalidation=fixed)) == _key(_policy(revision="r2", invalidation=fixed))
     assert _key(_policy(invalidation=fixed)) != _key(_policy(invalidation={**fixed, "epoch": 1}))
     assert _key(_policy(invalidation={"onModelChange": False})) == _key(
-        covered(_policy(invalidation={"onModelChange": False}).policy, {"gold": ("gpt-4.1",)})
+        covered(_policy(invalidation={"onModelChange": False}).policy, {"gold": TierId("apps", ("gpt-4.1",))})
     )
 
 
@@ -96,6 +99,7 @@ def test_which_requests_may_be_cached() -> None:
     assert refusal(_policy(cacheable={"streaming": False}), "chat", BODY, True) == "stream"
     assert refusal(c, "chat", {**BODY, "n": 2}, False) == "n"
     assert refusal(c, "embeddings", {"input": "x"}, False) == "kind"
+    assert refusal(c, "chat", {**BODY, "logprobs": True}, False) == "logprobs"
 
 
 def test_the_namespace_s_own_policy_comes_before_a_platform_one_and_selectors_narrow() -> None:
@@ -103,7 +107,8 @@ def test_the_namespace_s_own_policy_comes_before_a_platform_one_and_selectors_na
     own = _policy("z", selector={"tiers": ["gold"]})
     by_model = _policy("m", selector={"models": ["gpt-4o-mini"]})
     policies = (platform, own, by_model)
-    assert choose(policies, "apps", "gold", "gold", MODELS["gold"]) is own
-    assert choose(policies, "apps", "bronze", "bronze", MODELS["bronze"]) is by_model
-    assert choose((own,), "apps", "bronze", "bronze", MODELS["bronze"]) is None
-    assert choose((platform,), "apps", "bronze", "x", MODELS["bronze"]) is platform
+    assert choose(policies, "apps", "gold", MODELS["gold"].models) is own
+    assert choose(policies, "apps", "bronze", MODELS["bronze"].models) is by_model
+    assert choose((own,), "apps", "bronze", MODELS["bronze"].models) is None
+    assert choose((platform,), "apps", "bronze", MODELS["bronze"].models) is platform
+    assert choose((by_model,), "apps", "gold", MODELS["gold"].models) is None, "by the tier's models only"

@@ -2,11 +2,13 @@
 
 The key is a hash of the canonical request: the fields that change the answer, serialised with
 sorted keys and no whitespace between tokens (so key order and formatting do not matter), with
-`model` replaced by the tier it resolved to and the fields that do not change the answer left out
-(`stream`, `stream_options`, `user` and whatever the policy's normalization lists). To that come
-the scope (the tenant by default; the namespace, or nothing, when the policy says so), the tier's
-backend models (a model change starts a fresh cache, when the policy asks), the policy's revision
-(a spec change does, when it asks) and its epoch. Nothing else changes a key.
+`model` replaced by the tier it resolved to (the InferenceTier's own namespace and name: a team's
+tier never shares entries with a platform tier of the same name) and the fields that do not change
+the answer left out (`stream` and `stream_options` always; what the policy's normalization lists,
+by default `user`). To that come the scope (the tenant by default; the namespace, or nothing, when
+the policy says so), the tier's backend models (a model change starts a fresh cache, when the
+policy asks), the policy's revision (a spec change does, when it asks) and its epoch. Nothing else
+changes a key.
 """
 
 from __future__ import annotations
@@ -35,43 +37,50 @@ class Covered:
 
     policy: PolicyCache
     ignored: frozenset[str]
-    # Per tier: the digest of its backend models (empty when a model change does not invalidate).
-    models: Mapping[str, str]
+    # Per tier the namespace uses: what identifies it in a key (the InferenceTier's namespace and
+    # name, and its backend models unless a model change should keep the entries).
+    tiers: Mapping[str, str]
     salt: bytes
-
-    @property
-    def name(self) -> str:
-        return f"{self.policy.namespace}/{self.policy.name}"
+    name: str  # "namespace/name" of the policy
 
 
-def _digest(models: tuple[str, ...]) -> str:
-    return hashlib.blake2b("\0".join(sorted(models)).encode(), digest_size=8).hexdigest()
+@dataclass(frozen=True, slots=True)
+class TierId:
+    """A tier as the cache knows it: where the InferenceTier lives, and its backends' models."""
+
+    namespace: str
+    models: tuple[str, ...]
 
 
-def covered(policy: PolicyCache, tier_models: Mapping[str, tuple[str, ...]]) -> Covered:
+def _tier_key(name: str, t: TierId, with_models: bool) -> str:
+    parts = [t.namespace, name, *(sorted(t.models) if with_models else ())]
+    return hashlib.blake2b("\0".join(parts).encode(), digest_size=12).hexdigest()
+
+
+def covered(policy: PolicyCache, tiers: Mapping[str, TierId]) -> Covered:
     spec = policy.spec
     inv = spec.invalidation
-    models = {tier: _digest(ms) if inv.on_model_change else "" for tier, ms in tier_models.items()}
+    ids = {name: _tier_key(name, t, inv.on_model_change) for name, t in tiers.items()}
     salt = f"{policy.namespace}/{policy.name}\0{policy.revision if inv.on_policy_change else ''}\0{inv.epoch}"
-    return Covered(policy, frozenset(spec.normalization.ignore_fields) | ALWAYS_IGNORED, models, salt.encode())
+    return Covered(policy, frozenset(spec.normalization.ignore_fields) | ALWAYS_IGNORED, ids, salt.encode(),
+                   f"{policy.namespace}/{policy.name}")  # fmt: skip
 
 
-def applies(c: Covered, tier: str, model: str, tier_models: tuple[str, ...]) -> bool:
-    """Does the policy's selector take this request (its tier, the model it named or one its tier
-    serves)? The compiler already kept only the policies that govern the namespace."""
+def applies(c: Covered, tier: str, tier_models: tuple[str, ...]) -> bool:
+    """Does the policy's selector take a request served by this tier (by its name, or a model it
+    serves)? The compiler already kept only the policies that govern the namespace. The model a
+    request names does not count: it would let a request pick a policy it is not routed under."""
     sel = c.policy.spec.selector
     if sel.tiers and tier not in sel.tiers:
         return False
-    return not sel.models or model in sel.models or any(m in sel.models for m in tier_models)
+    return not sel.models or any(m in sel.models for m in tier_models)
 
 
-def choose(
-    policies: tuple[Covered, ...], namespace: str, tier: str, model: str, tier_models: tuple[str, ...]
-) -> Covered | None:
+def choose(policies: tuple[Covered, ...], namespace: str, tier: str, tier_models: tuple[str, ...]) -> Covered | None:
     """The namespace's own policy before a platform one; by name within each."""
     for own in (True, False):
         for c in policies:
-            if (c.policy.namespace == namespace) is own and applies(c, tier, model, tier_models):
+            if (c.policy.namespace == namespace) is own and applies(c, tier, tier_models):
                 return c
     return None
 
@@ -91,6 +100,8 @@ def refusal(c: Covered, kind: str, body: Mapping[str, Any], stream: bool) -> str
         return "temperature"
     if (body.get("n") or 1) != 1:
         return "n"
+    if body.get("logprobs") or body.get("top_logprobs"):
+        return "logprobs"  # the entry keeps the message, not the token probabilities
     return None
 
 
@@ -118,6 +129,6 @@ def key(c: Covered, kind: str, body: Mapping[str, Any], tier: str, *, namespace:
         who = "g"
     h = hashlib.blake2b(digest_size=20)
     h.update(c.salt)
-    h.update(f"\0{who}\0{kind}\0{tier}\0{c.models.get(tier, '')}\0".encode())
+    h.update(f"\0{who}\0{kind}\0{tier}\0{c.tiers.get(tier, '')}\0".encode())
     h.update(orjson.dumps(content, option=orjson.OPT_SORT_KEYS))
     return h.hexdigest()

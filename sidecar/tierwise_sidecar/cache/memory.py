@@ -42,11 +42,11 @@ class MemoryLayer:
 
     def put(self, key: str, entry: Entry, size: int) -> bool:
         """Keep an entry; False when it alone is larger than the whole layer may hold."""
-        if size > self.max_bytes:
-            return False
         old = self._items.pop(key, None)
         if old is not None:
-            self.bytes -= old[1]
+            self.bytes -= old[1]  # replaced, or (too large to keep) dropped: never left stale
+        if size > self.max_bytes:
+            return False
         self._items[key] = (entry, size)
         self.bytes += size
         self._shrink()

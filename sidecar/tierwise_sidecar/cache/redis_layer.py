@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from tierwise_sidecar.cache.stores import StoreError
 from tierwise_sidecar.redis_conn import connection_class
@@ -47,7 +47,10 @@ class RedisCacheLayer:
             return self._client
         async with self._lock:
             if self._client is None:
-                plain = aioredis.Redis.from_url(self.url, **self._options())  # type: ignore[arg-type]
+                try:
+                    plain = aioredis.Redis.from_url(self.url, **self._options())  # type: ignore[arg-type]
+                except ValueError as e:
+                    raise StoreError(f"redis: the address is not a redis:// URL ({e})") from None
                 try:
                     info = await plain.info("cluster")
                 except (RedisError, OSError) as e:
@@ -84,7 +87,7 @@ class RedisCacheLayer:
         try:
             async with asyncio.timeout(self.timeout):
                 got = await client.get(PREFIX + key)
-        except (RedisError, OSError, TimeoutError) as e:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as e:
             raise StoreError(f"redis get: {type(e).__name__}") from None
         return got if isinstance(got, bytes) else None
 
@@ -96,5 +99,5 @@ class RedisCacheLayer:
         try:
             async with asyncio.timeout(self.timeout * 4):
                 await client.set(PREFIX + key, blob, ex=ttl)
-        except (RedisError, OSError, TimeoutError) as e:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as e:
             raise StoreError(f"redis set: {type(e).__name__}") from None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from tierwise_sidecar.breaker import Breaker
 from tierwise_sidecar.cache.entry import Entry, decode, encode
-from tierwise_sidecar.cache.stores import PersistentStore, Store, StoreError
+from tierwise_sidecar.cache.stores import PersistentStore, Store
 from tierwise_sidecar.state import Key, SharedState
 
 log = logging.getLogger("tierwise.cache")
@@ -106,7 +106,7 @@ class SharedLayers:
             return None
         try:
             blob = await layer.store.get(key)
-        except StoreError as e:
+        except Exception as e:  # any store or client error is a miss, never the request's failure
             self._failed(layer, e)
             counted(layer.name, "error")
             return None
@@ -117,12 +117,12 @@ class SharedLayers:
         counted(layer.name, "hit" if entry is not None else "miss")
         return entry
 
-    def _failed(self, layer: Layer, e: StoreError) -> None:
+    def _failed(self, layer: Layer, e: Exception) -> None:
         was = layer.breaker.state
         layer.breaker.failure(time.monotonic())
         if layer.breaker.state is not was:
-            log.warning("cache layer %s unavailable (%s): skipped for %.0f s, then probed", layer.name, e,
-                        COOLDOWN_SECONDS)  # fmt: skip
+            log.warning("cache layer %s unavailable (%s: %s): skipped for %.0f s, then probed", layer.name,
+                        type(e).__name__, e, COOLDOWN_SECONDS)  # fmt: skip
 
     # ------------------------------------------------------------ fills
 
@@ -141,12 +141,17 @@ class SharedLayers:
         assert self._queue is not None
         next_sweep = time.monotonic() + SWEEP_SECONDS
         while True:
+            if time.monotonic() >= next_sweep:
+                # Due: before the next fill, so steady fills never put it off.
+                try:
+                    await self.sweep()
+                except Exception:
+                    log.exception("cache sweep failed")
+                next_sweep = time.monotonic() + SWEEP_SECONDS
             try:
                 async with asyncio.timeout(max(next_sweep - time.monotonic(), 0.01)):
                     item = await self._queue.get()
             except TimeoutError:
-                await self.sweep()
-                next_sweep = time.monotonic() + SWEEP_SECONDS
                 continue
             try:
                 await self._put(item)
@@ -166,7 +171,7 @@ class SharedLayers:
                 continue
             try:
                 await layer.store.put(item.key, blob, expires)
-            except StoreError as e:
+            except Exception as e:
                 self._failed(layer, e)
                 item.counted(layer.name, "error")
                 continue
@@ -183,14 +188,14 @@ class SharedLayers:
 
     async def sweep(self) -> None:
         """Expired entries out of the persistent stores, and each back under its size bound."""
-        for layer in self._layers.values():
+        for layer in list(self._layers.values()):  # a reload may add layers meanwhile
             store = _persistent(layer.store)
             if store is None or not layer.max_bytes:
                 continue
             try:
                 dropped = await store.sweep(self.clock(), layer.max_bytes)
-            except StoreError as e:
-                log.info("cache layer %s: sweep skipped (%s)", layer.name, e)
+            except Exception as e:
+                log.info("cache layer %s: sweep skipped (%s: %s)", layer.name, type(e).__name__, e)
                 continue
             if dropped:
                 log.debug("cache layer %s: %d entries swept", layer.name, dropped)

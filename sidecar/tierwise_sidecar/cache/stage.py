@@ -26,11 +26,11 @@ import orjson
 from tierwise.api.cache import PersistentBackend
 from tierwise_sidecar.cache.entry import Entry, from_stream, from_whole, stream_events, whole_body
 from tierwise_sidecar.cache.flight import follow
-from tierwise_sidecar.cache.key import Covered, choose, covered, key, refusal
+from tierwise_sidecar.cache.key import Covered, TierId, choose, covered, key, refusal
 from tierwise_sidecar.cache.layers import CACHES, Caches
 from tierwise_sidecar.cache.metrics import CACHE_METRICS, CacheMetrics
 from tierwise_sidecar.cache.shared import CACHE_STORES, Layer, SharedLayers
-from tierwise_sidecar.exchange import ANSWERED, Reply
+from tierwise_sidecar.exchange import ANSWERED, ClientGoneError, Reply
 from tierwise_sidecar.hotmetrics import FastCounter
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class CacheStage:
     def __init__(
         self,
         policies: tuple[Covered, ...],
-        tier_models: Mapping[str, tuple[str, ...]],
+        by_tier: Mapping[str, Covered],
         caches: Caches,
         metrics: CacheMetrics,
         *,
@@ -90,7 +90,8 @@ class CacheStage:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.policies = policies
-        self.tier_models = tier_models
+        # Which policy covers a tier's requests: decided once per Policy.
+        self.by_tier = by_tier
         self.caches = caches
         self.metrics = metrics
         self.shared = shared or {}
@@ -113,9 +114,7 @@ class CacheStage:
 
     async def enter(self, x: Exchange) -> Reply | None:
         who = x.identity
-        model = x.body.get("model")
-        c = choose(self.policies, who.namespace, who.tier, model if isinstance(model, str) else "",
-                   self.tier_models.get(who.tier, ()))  # fmt: skip
+        c = self.by_tier.get(who.tier)
         if c is None:
             return None
         control = _control(x.headers)
@@ -132,8 +131,8 @@ class CacheStage:
                 return await self._serve(x, note, entry, layer)
             waiting = self.caches.flights.lead(k)
             if waiting is not None:
-                tier = x.runtime.tiers[who.tier]
-                entry = await follow(waiting, min(FOLLOW_SECONDS, tier.timeouts.total))
+                # At most half the time the request has left: going itself must still fit.
+                entry = await follow(waiting, min(FOLLOW_SECONDS, (x.deadline - time.monotonic()) / 2))
                 if entry is not None:
                     return await self._serve(x, note, entry, "flight")
             else:
@@ -187,8 +186,12 @@ class CacheStage:
             return Reply(200, whole_body(entry))
         await x.open_stream()
         events = stream_events(entry, x.client_usage)
-        for event in events[:-1]:
-            await x.sink.write(event)
+        try:
+            for event in events[:-1]:
+                await x.sink.write(event)
+        except ClientGoneError:
+            x.outcome.status = 499  # the caller hung up during the replay
+            return ANSWERED
         await x.sink.close(events[-1])
         return ANSWERED
 
@@ -281,12 +284,18 @@ def build(runtime: Runtime, state: SharedState) -> CacheStage | None:
     policy = runtime.policy
     if not policy.cache_policies and state.peek(CACHES) is None:
         return None
-    tier_models = {name: tuple(b.model for b in t.backends) for name, t in runtime.tiers.items()}
-    policies = tuple(covered(p, tier_models) for p in policy.cache_policies)
+    tiers = {name: TierId(t.namespace, tuple(b.model for b in runtime.tiers[name].backends))
+             for name, t in policy.tiers.items() if name in runtime.tiers}  # fmt: skip
+    policies = tuple(covered(p, tiers) for p in policy.cache_policies)
     for c in policies:
         if c.policy.spec.similarity.enabled:
             log.warning("cache policy %s enables similarity matching, which this version does not apply: only "
                         "exact keys hit", c.name)  # fmt: skip
     shared = {c.name: got for c in policies if (got := _shared_layers(c, state)) is not None}
-    return CacheStage(policies, tier_models, state.get(CACHES), state.get(CACHE_METRICS), shared=shared,
+    by_tier = {
+        name: chosen
+        for name, t in tiers.items()
+        if (chosen := choose(policies, runtime.namespace, name, t.models)) is not None
+    }
+    return CacheStage(policies, by_tier, state.get(CACHES), state.get(CACHE_METRICS), shared=shared,
                       stores=state.peek(CACHE_STORES), clock=state.config.clock)  # fmt: skip

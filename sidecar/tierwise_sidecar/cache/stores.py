@@ -92,11 +92,12 @@ class SqliteStore:
     async def get(self, key: str) -> bytes | None:
         db = await self._conn()
         try:
-            async with db.execute("SELECT blob FROM tierwise_cache WHERE key = ?", (key,)) as cur:
-                row = await cur.fetchone()
-        except aiosqlite.Error as e:
-            raise StoreError(f"sqlite get: {e}") from None
-        return bytes(row[0]) if row is not None else None
+            async with asyncio.timeout(self.timeout):
+                async with db.execute("SELECT blob FROM tierwise_cache WHERE key = ?", (key,)) as cur:
+                    row = await cur.fetchone()
+        except (aiosqlite.Error, TimeoutError) as e:
+            raise StoreError(f"sqlite get: {type(e).__name__}: {e}") from None
+        return bytes(row[0]) if row is not None and isinstance(row[0], bytes) else None
 
     async def put(self, key: str, blob: bytes, expires: float) -> None:
         db = await self._conn()
