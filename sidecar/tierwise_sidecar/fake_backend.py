@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -216,8 +218,7 @@ class FakeBackend:
         data = []
         tokens = 0
         for i, text in enumerate(items):
-            rng = random.Random(f"{text}")
-            data.append({"object": "embedding", "index": i, "embedding": [rng.uniform(-1, 1) for _ in range(8)]})
+            data.append({"object": "embedding", "index": i, "embedding": _embedding(str(text))})
             tokens += self.counter.count_text(model, str(text))
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return web.json_response({"object": "list", "data": data, "model": model, "usage": usage})
@@ -265,6 +266,20 @@ class FakeBackend:
             ]
         )
         return app
+
+
+EMBEDDING_DIMENSIONS = 64
+
+
+def _embedding(text: str) -> list[float]:
+    """A bag of words hashed into 64 dimensions: texts that share words are close, as a real
+    embedding model's would be for near duplicates (and, as with a real one, "enable X" and
+    "disable X" are close too: telling them apart is the cache's guard's job)."""
+    vector = [0.0] * EMBEDDING_DIMENSIONS
+    for word in re.findall(r"[a-z0-9']+", text.lower()):
+        h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "big")
+        vector[h % EMBEDDING_DIMENSIONS] += 1.0 if h & 0x80000000 else -1.0
+    return vector if any(vector) else [1.0] + [0.0] * (EMBEDDING_DIMENSIONS - 1)
 
 
 def _flag_bool(text: str) -> bool:

@@ -277,3 +277,50 @@ def test_a_store_address_that_is_not_a_url_costs_a_miss_not_an_error(net: Net) -
     errors = 'tierwise_cache_lookups_total{cache_namespace="apps",cache_policy="answers",layer="redis",result="error"}'
     assert _metric(gw, errors) == 1, "one failure, then the breaker skips the layer"
     assert fake.requests == 1
+
+
+def _near_gateway(net: Net, threshold: float = 0.8) -> tuple[GatewayServer, Any]:
+    gold, fake = _gold(net)
+    emb = net.fake("emb")
+    embeddings = tier("emb", [backend("e", emb.v1, "text-embedding-3-small", (100.0, 0.0))])
+    policy = cache_policy(selector={"tiers": ["gold"]},
+                          similarity={"enabled": True, "threshold": threshold, "embeddingsTier": "emb"})  # fmt: skip
+    return net.gateway(gold, embeddings, policy, namespace="apps"), fake
+
+
+def _asking(text: str, system: str = "Be brief.") -> dict[str, Any]:
+    return {**ASK, "messages": [{"role": "system", "content": system}, {"role": "user", "content": text}]}
+
+
+def test_a_near_duplicate_prompt_is_answered_from_cache_and_a_negated_one_never(net: Net) -> None:
+    gw, fake = _near_gateway(net)
+    assert _post(gw, _asking("How do I enable dark mode?"))[1]["x-tierwise-cache"] == "miss"
+    # The same words, other case and punctuation: not the same key, the same question.
+    h = _post(gw, _asking("how do I enable dark mode"))[1]
+    assert h["x-tierwise-cache"].startswith("hit; layer=memory; similarity=")
+    assert float(h["x-tierwise-cache"].rsplit("=", 1)[1]) >= 0.8
+    # False hits the guard stops, although their embeddings are as close as the hit's.
+    for other in ("How do I disable dark mode?", "How do I not enable dark mode?", "How do I enable dark mode 2?"):
+        assert _post(gw, _asking(other))[1]["x-tierwise-cache"] == "miss", other
+    # Another system prompt is another context: never matched.
+    assert _post(gw, _asking("how do I enable dark mode", system="Be long."))[1]["x-tierwise-cache"] == "miss"
+    assert fake.requests == 5
+    assert _metric(gw, "tierwise_cache_embedding_cost_usd_total") > 0
+
+
+def test_near_duplicates_are_single_turn_only_and_a_client_may_raise_the_floor_not_lower_it(net: Net) -> None:
+    gw, fake = _near_gateway(net, threshold=0.95)
+    _post(gw, _asking("Which port does Redis listen on by default?"))
+    # Extra words: similar, but below the policy's 0.95; a client asking for 0.5 does not lower it.
+    wordy = _asking("Which port does Redis listen on by default, usually, for clients?")  # 0.88 here
+    assert _post(gw, wordy, **{"x-tierwise-cache-similarity": "0.5"})[1]["x-tierwise-cache"] == "miss"
+    # A client may raise the floor: at 1.0 only an exact match would do.
+    same = _asking("which port does redis listen on by default")
+    assert _post(gw, same, **{"x-tierwise-cache-similarity": "1.01"})[1]["x-tierwise-cache"] == "miss"
+    variant = _asking("Which port does Redis listen on, by default?")
+    assert _post(gw, variant)[1]["x-tierwise-cache"].startswith("hit; layer=memory; similarity=")
+    # A second turn is never matched by similarity.
+    first = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    turns = {**ASK, "messages": [*first, {"role": "user", "content": "Which port does Redis listen on, by default"}]}
+    assert _post(gw, turns)[1]["x-tierwise-cache"] == "miss"
+    assert fake.requests == 4

@@ -164,6 +164,19 @@ class Similarity(ApiModel):
 
     enabled: bool = Field(default=False, description="Answer near-duplicate prompts from cache.")
     threshold: float = Field(default=0.95, ge=0.8, le=1, description="Least similarity that counts as a hit.")
+    embeddings_tier: TierName | None = Field(
+        default=None,
+        description="The tier whose backend embeds prompts (its /v1/embeddings); required when enabled.",
+    )
+
+    invariants = (
+        Invariant(
+            rule="!has(self.enabled) || !self.enabled || has(self.embeddingsTier)",
+            message="embeddingsTier is required when similarity matching is enabled",
+            holds=lambda s: not s.enabled or s.embeddings_tier is not None,
+            field=".embeddingsTier",
+        ),
+    )
 
 
 class CachePolicySpec(ApiModel):

@@ -61,6 +61,14 @@ class CacheMetrics:
             "tierwise_cache_saved_usd", "What answers served from cache cost when they were paid for: spend saved.",
             ["namespace", "tenant", "tier"], r,
         )  # fmt: skip
+        self.similar = FastCounter(
+            "tierwise_cache_similar_lookups",
+            "Near-duplicate lookups, by result (hit, miss, unavailable: no embedding).",
+            [*POLICY, "result"], r,
+        )  # fmt: skip
+        self.embedding_cost = FastCounter(
+            "tierwise_cache_embedding_cost_usd", "What embedding prompts for near-duplicate matching cost.", POLICY, r
+        )
         self._sizes = _Sizes()
         r.register(self._sizes)
 

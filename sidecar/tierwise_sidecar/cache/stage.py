@@ -24,14 +24,18 @@ from typing import TYPE_CHECKING
 import orjson
 
 from tierwise.api.cache import PersistentBackend
+from tierwise_sidecar.cache.embed import Embedder
 from tierwise_sidecar.cache.entry import Entry, from_stream, from_whole, stream_events, whole_body
 from tierwise_sidecar.cache.flight import follow
 from tierwise_sidecar.cache.key import Covered, TierId, choose, covered, key, refusal
 from tierwise_sidecar.cache.layers import CACHES, Caches
 from tierwise_sidecar.cache.metrics import CACHE_METRICS, CacheMetrics
+from tierwise_sidecar.cache.near import Near, Pending
 from tierwise_sidecar.cache.shared import CACHE_STORES, Layer, SharedLayers
 from tierwise_sidecar.exchange import ANSWERED, ClientGoneError, Reply
 from tierwise_sidecar.hotmetrics import FastCounter
+from tierwise_sidecar.runtime import HEALTH
+from tierwise_sidecar.upstream import HTTP
 
 if TYPE_CHECKING:
     from tierwise_sidecar.exchange import Exchange
@@ -53,6 +57,8 @@ class CacheNote:
     key: str = ""
     tier: str = ""
     leading: bool = False
+    # A near-duplicate prompt to index once its answer is stored.
+    pending: Pending | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +93,7 @@ class CacheStage:
         *,
         shared: Mapping[str, Shared] | None = None,
         stores: SharedLayers | None = None,
+        embedders: Mapping[str, tuple[Embedder, float]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.policies = policies
@@ -96,6 +103,7 @@ class CacheStage:
         self.metrics = metrics
         self.shared = shared or {}
         self.stores = stores
+        self.embedders = embedders or {}
         self.clock = clock
 
     def activate(self) -> None:
@@ -129,6 +137,13 @@ class CacheStage:
             entry, layer = await self._lookup(c, k)
             if entry is not None:
                 return await self._serve(x, note, entry, layer)
+            near = self._near(c)
+            if near is not None:
+                found, note.pending = await near.find(c, x, self.metrics)
+                if found is not None:
+                    entry, layer = await self._lookup(c, found.key)
+                    if entry is not None:
+                        return await self._serve(x, note, entry, f"{layer}; similarity={found.similarity:.3f}")
             waiting = self.caches.flights.lead(k)
             if waiting is not None:
                 # At most half the time the request has left: going itself must still fit.
@@ -139,6 +154,11 @@ class CacheStage:
                 note.leading = True
         self.metrics.requests.inc((who.namespace, who.tier, note.outcome))
         return None
+
+    def _near(self, c: Covered) -> Near | None:
+        index = self.caches.indexes.get(c.name)
+        got = self.embedders.get(c.name)
+        return Near(index, got[0], got[1]) if index is not None and got is not None else None
 
     async def _lookup(self, c: Covered, k: str) -> tuple[Entry | None, str]:
         """L1, then the shared layers in order; a hit below L1 is promoted to the layers above."""
@@ -227,6 +247,9 @@ class CacheStage:
     def _fill(self, note: CacheNote, entry: Entry) -> None:
         c = note.policy
         assert c is not None
+        near = self._near(c) if note.pending is not None else None
+        if near is not None and note.pending is not None:
+            near.remember(note.pending, note.key)
         policy = (c.policy.namespace, c.policy.name)
         memory = self.caches.memory.get(c.name)
         if memory is not None:
@@ -287,10 +310,17 @@ def build(runtime: Runtime, state: SharedState) -> CacheStage | None:
     tiers = {name: TierId(t.namespace, tuple(b.model for b in runtime.tiers[name].backends))
              for name, t in policy.tiers.items() if name in runtime.tiers}  # fmt: skip
     policies = tuple(covered(p, tiers) for p in policy.cache_policies)
+    embedders: dict[str, tuple[Embedder, float]] = {}
     for c in policies:
-        if c.policy.spec.similarity.enabled:
-            log.warning("cache policy %s enables similarity matching, which this version does not apply: only "
-                        "exact keys hit", c.name)  # fmt: skip
+        sim = c.policy.spec.similarity
+        if not sim.enabled or sim.embeddings_tier is None:
+            continue
+        tier = runtime.tiers.get(sim.embeddings_tier)
+        if tier is None:
+            log.warning("cache policy %s: its embeddings tier %s is not usable from namespace %s; exact matches only",
+                        c.name, sim.embeddings_tier, runtime.namespace)  # fmt: skip
+            continue
+        embedders[c.name] = (Embedder(tier, state.get(HEALTH), state.get(HTTP).session), sim.threshold)
     shared = {c.name: got for c in policies if (got := _shared_layers(c, state)) is not None}
     by_tier = {
         name: chosen
@@ -298,4 +328,4 @@ def build(runtime: Runtime, state: SharedState) -> CacheStage | None:
         if (chosen := choose(policies, runtime.namespace, name, t.models)) is not None
     }
     return CacheStage(policies, by_tier, state.get(CACHES), state.get(CACHE_METRICS), shared=shared,
-                      stores=state.peek(CACHE_STORES), clock=state.config.clock)  # fmt: skip
+                      stores=state.peek(CACHE_STORES), embedders=embedders, clock=state.config.clock)  # fmt: skip

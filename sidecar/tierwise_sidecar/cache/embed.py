@@ -1,0 +1,71 @@
+"""Embeddings for near-duplicate matching, from the policy's embeddings tier.
+
+The prompt is embedded by the tier's backends (its cheapest first, each target once) through the
+gateway's pooled HTTP client, bounded in time: an embedding that fails or is late leaves the
+request to the exact cache and the backend, never fails it. What it cost is counted (a metric),
+not charged to budgets: it is the cache's own spend, made to save the answer's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+import orjson
+
+from tierwise.money import cost_micros
+from tierwise_sidecar.cache.similar import normalized
+from tierwise_sidecar.runtime import Health, TierRoute
+
+log = logging.getLogger("tierwise.cache")
+
+TIMEOUT_SECONDS = 2.0
+
+
+class Embedder:
+    def __init__(self, tier: TierRoute, health: Health, session: Callable[[], aiohttp.ClientSession],
+                 timeout: float = TIMEOUT_SECONDS) -> None:  # fmt: skip
+        self.tier = tier
+        self.health = health
+        self.session = session
+        self.timeout = timeout
+
+    async def __call__(self, text: str) -> tuple[tuple[float, ...] | None, int]:
+        """The prompt's unit vector (None when no backend gave one) and what it cost (micro-dollars)."""
+        for backend in self.tier.by_price:
+            for endpoint in self.health.targets(backend):
+                headers = {"Content-Type": "application/json"}
+                if backend.api_key:
+                    headers["Authorization"] = f"Bearer {backend.api_key}"
+                body = orjson.dumps({"model": backend.model, "input": text})
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        async with self.session().post(endpoint + "/embeddings", data=body, headers=headers) as r:
+                            if r.status != 200:
+                                continue
+                            data = orjson.loads(await r.read())
+                except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                    log.debug("embedding on %s failed: %s", backend.key, type(e).__name__)
+                    continue
+                vector = _vector(data)
+                if vector is None:
+                    continue
+                usage = data.get("usage") if isinstance(data, dict) else None
+                tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+                spent = cost_micros(backend.rates, tokens, 0, 0) if isinstance(tokens, int) and tokens > 0 else 0
+                return vector, spent
+        return None, 0
+
+
+def _vector(data: object) -> tuple[float, ...] | None:
+    if not isinstance(data, dict):
+        return None
+    items = data.get("data")
+    if not isinstance(items, list) or not items or not isinstance(items[0], dict):
+        return None
+    raw = items[0].get("embedding")
+    if not isinstance(raw, list) or not raw or not all(isinstance(v, int | float) for v in raw):
+        return None
+    return normalized([float(v) for v in raw])
