@@ -189,6 +189,14 @@ def _check_selector(world: _World, obj: CostBudget | CachePolicy) -> list[Proble
     return problems
 
 
+def _check_cache(world: _World, c: CachePolicy) -> list[Problem]:
+    problems = _check_selector(world, c)
+    emb = c.spec.similarity.embeddings_tier
+    if c.spec.similarity.enabled and emb is not None and not _tier_known(world, c, emb):
+        problems.append(_unknown_tier(c, "spec.similarity.embeddingsTier", emb))
+    return problems
+
+
 def _check_budget(world: _World, b: CostBudget) -> list[Problem]:
     problems = _check_selector(world, b) + _check_zone(b, "spec.timeZone", b.spec.time_zone)
     for i, th in enumerate(b.spec.thresholds):
@@ -288,7 +296,7 @@ def check(world: _World, resources: Sequence[AnyResource]) -> list[Problem]:
     for b in world.budgets:
         problems += _check_budget(world, b)
     for c in world.caches:
-        problems += _check_selector(world, c)
+        problems += _check_cache(world, c)
     problems += _check_graph(world, "fallback", "spec.fallback.tier", "fallback")
     problems += _check_graph(world, "promotion", "spec.promotion.borrowFrom", "promotion")
     problems += _check_defaults(world)

@@ -89,12 +89,13 @@ def test_budget_and_cache_naming_unknown_tiers() -> None:
             selector={"tiers": ["gold", "platinum"]},
             thresholds=[{"percent": 80, "action": "Downgrade", "downgradeTo": "tin"}],
         ),
-        cache(selector={"tiers": ["copper"]}),
+        cache(selector={"tiers": ["copper"]}, similarity={"enabled": True, "embeddingsTier": "lead"}),
     )
     assert got == [
         'CostBudget team-a/monthly: spec.selector.tiers[1]: tier "platinum" does not exist in namespace team-a',
         'CostBudget team-a/monthly: spec.thresholds[0].downgradeTo: tier "tin" does not exist in namespace team-a',
         'CachePolicy team-a/cache: spec.selector.tiers[0]: tier "copper" does not exist in namespace team-a',
+        'CachePolicy team-a/cache: spec.similarity.embeddingsTier: tier "lead" does not exist in namespace team-a',
     ]
 
 
