@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_sync
+from prometheus_client import generate_latest
 
 from pgserver import Postgres, start_postgres
 from redisserver import Redis, RedisCluster, start_redis_cluster
@@ -21,6 +22,7 @@ from tierwise_sidecar.cache.redis_layer import RedisCacheLayer
 from tierwise_sidecar.cache.shared import COOLDOWN_SECONDS, Layer, SharedLayers
 from tierwise_sidecar.cache.stores import SqliteStore, StoreError
 from tierwise_sidecar.config import GatewayConfig
+from tierwise_sidecar.metrics import METRICS
 from tierwise_sidecar.state import SharedState
 
 
@@ -174,5 +176,29 @@ def test_sqlite_at_a_path_it_cannot_write_is_an_error_not_a_crash(tmp_path: Path
         with pytest.raises(StoreError):
             await store.get("k")
         await store.close()
+
+    asyncio.run(go())
+
+
+def test_sweeps_report_what_a_persistent_store_holds(tmp_path: Path) -> None:
+    async def go() -> None:
+        state = SharedState(GatewayConfig())
+        layers = SharedLayers(state)
+        await layers.start()
+        layer = layers.layer("sqlite", lambda: SqliteStore(tmp_path / "c.db"), max_bytes=1024**2)
+        seen: list[tuple[str, str]] = []
+        try:
+            for i in range(400):
+                text = "".join(f"{(i * 7919 + j * 104729) % 1000003:x}" for j in range(1600))
+                layers.fill(f"k{i}", _entry(text), [(layer, time.time() + 600 + i)], lambda *a: seen.append(a))
+            await layers.settle(30)
+            await layers.sweep()
+            ((name, entries, size, swept),) = layers.sizes()
+            assert name == "persistent" and swept > 0 and entries == 400 - swept and 0 < size <= 0.9 * 1024**2
+            text = generate_latest(state.get(METRICS).registry).decode()
+            assert f'tierwise_cache_store_entries{{layer="persistent"}} {float(entries)}' in text
+            assert "sqlite" not in text.split("tierwise_cache_store_entries")[1].split("\n")[0]
+        finally:
+            await layers.close()
 
     asyncio.run(go())

@@ -40,6 +40,40 @@ class _Sizes(Collector):
         yield evicted
 
 
+# (layer, entries, bytes, entries swept) of each persistent store, as its last sweep saw it.
+StoreSizes = Callable[[], Iterable[tuple[str, int, int, int]]]
+
+
+class PersistentSizes(Collector):
+    """L3 as its sweeps see it: shared by every sidecar (and policy) using the store, so labelled
+    by layer only; the store's address, which may hold a password, is never a label."""
+
+    def __init__(self, sizes: StoreSizes) -> None:
+        self.sizes = sizes
+
+    def collect(self) -> Iterator[Metric]:
+        entries = GaugeMetricFamily("tierwise_cache_store_entries", "Live entries in a persistent store at its last "
+                                    "sweep.", labels=["layer"])  # fmt: skip
+        size = GaugeMetricFamily("tierwise_cache_store_bytes", "Bytes of answers in a persistent store at its last "
+                                 "sweep.", labels=["layer"])  # fmt: skip
+        swept = CounterMetricFamily(
+            "tierwise_cache_store_swept",
+            "Entries this sidecar's sweeps dropped from a persistent store (expired, or past its size bound).",
+            labels=["layer"],
+        )
+        totals: dict[str, list[int]] = {}
+        for layer, n, b, s in self.sizes():
+            t = totals.setdefault(layer, [0, 0, 0])
+            t[0], t[1], t[2] = t[0] + n, t[1] + b, t[2] + s
+        for layer, (n, b, s) in totals.items():
+            entries.add_metric([layer], n)
+            size.add_metric([layer], b)
+            swept.add_metric([layer], s)
+        yield entries
+        yield size
+        yield swept
+
+
 class CacheMetrics:
     def __init__(self, state: SharedState) -> None:
         m = state.get(METRICS)

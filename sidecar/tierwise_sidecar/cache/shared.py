@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 from tierwise_sidecar.breaker import Breaker
 from tierwise_sidecar.cache.entry import Entry, decode, encode
+from tierwise_sidecar.cache.metrics import PersistentSizes
 from tierwise_sidecar.cache.stores import PersistentStore, Store
+from tierwise_sidecar.metrics import METRICS
 from tierwise_sidecar.state import Key, SharedState
 
 log = logging.getLogger("tierwise.cache")
@@ -39,6 +41,10 @@ class Layer:
     store: Store
     breaker: Breaker = field(default_factory=lambda: Breaker(threshold=1, cooldown=COOLDOWN_SECONDS))
     max_bytes: int = 0
+    # What the last sweep saw (a persistent store), and what the sweeps dropped.
+    entries: int = 0
+    bytes: int = 0
+    swept: int = 0
 
     @property
     def name(self) -> str:
@@ -62,6 +68,7 @@ class SharedLayers:
 
     def __init__(self, state: SharedState) -> None:
         self.clock = state.config.clock
+        state.get(METRICS).registry.register(PersistentSizes(self.sizes))
         self._layers: dict[str, Layer] = {}
         self._queue: asyncio.Queue[Fill] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -193,12 +200,14 @@ class SharedLayers:
             if store is None or not layer.max_bytes:
                 continue
             try:
-                dropped = await store.sweep(self.clock(), layer.max_bytes)
+                now = self.clock()
+                layer.swept += await store.sweep(now, layer.max_bytes)
+                layer.entries, layer.bytes = await store.totals(now)
             except Exception as e:
                 log.info("cache layer %s: sweep skipped (%s: %s)", layer.name, type(e).__name__, e)
-                continue
-            if dropped:
-                log.debug("cache layer %s: %d entries swept", layer.name, dropped)
+
+    def sizes(self) -> list[tuple[str, int, int, int]]:
+        return [(la.name, la.entries, la.bytes, la.swept) for la in self._layers.values() if la.max_bytes]
 
 
 def _persistent(store: Store) -> PersistentStore | None:
