@@ -52,6 +52,9 @@ ANSWER = json.dumps(
 ).encode()
 
 
+ANSWER_DATA = json.loads(ANSWER)
+
+
 class Answer:
     """The terminal stage, without a provider: the answer a provider gives, and its usage."""
 
@@ -62,6 +65,7 @@ class Answer:
         backend = tier.by_price[0]
         x.outcome.tier, x.outcome.backend = tier.name, backend
         x.outcome.segments.append(segment(backend, {"prompt_tokens": 14, "completion_tokens": 4}, 0, 0))
+        x.served = ANSWER_DATA  # as the forward stage leaves it for the cache to store
         return Reply(200, ANSWER)
 
     async def leave(self, x: Exchange) -> None:
@@ -101,10 +105,24 @@ STEERING = {"tiers": {"standard": {"weights": {"cheap": 1, "strong": 2},
                                    "divert": {"to": "standard", "reason": "promoted", "percent": 50}}}}  # fmt: skip
 
 
-async def measure(store: str | None, requests: int, warmup: int, tmp: Path, steered: bool = False) -> dict[str, Any]:
+# A cache policy in memory, for the cache configurations: "hits" sends the same request every time
+# (all but the first answered from L1), "misses" a new one every time (each stored, L1 evicting).
+CACHE_POLICY = """
+---
+apiVersion: tierwise.dev/v1alpha1
+kind: CachePolicy
+metadata: {name: bench, namespace: bench}
+spec: {}
+"""
+
+
+async def measure(  # noqa: PLR0917 (a benchmark's knobs)
+    store: str | None, requests: int, warmup: int, tmp: Path, steered: bool = False, cache: str | None = None
+) -> dict[str, Any]:
     policy = tmp / f"policy-{store or 'none'}".replace(":", "_").replace("/", "_")
     policy.mkdir()
-    (policy / "tiers.yaml").write_text(tierwise_policy("http://127.0.0.1:9/v1", budget=store is not None))
+    text = tierwise_policy("http://127.0.0.1:9/v1", budget=store is not None)
+    (policy / "tiers.yaml").write_text(text + (CACHE_POLICY if cache else ""))
     steering = None
     if steered:
         steering = tmp / "steering.json"
@@ -118,11 +136,16 @@ async def measure(store: str | None, requests: int, warmup: int, tmp: Path, stee
     timed = [Timed(s) for s in pipeline.chain.stages if s.name != "forward"]
     chain = Chain([*timed, Answer()])
     runtime = pipeline.runtime
-    raw = json.dumps(BODY).encode()
+    raw = json.dumps({**BODY, "temperature": 0} if cache else BODY).encode()
+    counter = iter(range(10**9))
 
     async def one() -> None:
         sink = BufferSink()
-        x = Exchange.arriving("chat", raw, {}, runtime, sink=sink, started=time.monotonic())
+        body = raw
+        if cache == "misses":
+            body = json.dumps({**BODY, "temperature": 0, "messages": [{"role": "user", "content":
+                              f"Say hello in one short sentence, number {next(counter)}."}]}).encode()  # fmt: skip
+        x = Exchange.arriving("chat", body, {}, runtime, sink=sink, started=time.monotonic())
         await chain.run(x)
         assert sink.status == 200, sink.body[:300]
 
@@ -161,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        configs: dict[str, str | None] = {"no budget": None, "no budget, steered": None, "budget, memory": "memory"}
+        configs: dict[str, str | None] = {"no budget": None, "no budget, steered": None, "budget, memory": "memory",
+                                          "cache, misses": None, "cache, hits": None}  # fmt: skip
         configs["budget, SQLite"] = f"sqlite:{tmp / 'ledger.sqlite'}"
         if args.redis:
             configs["budget, Redis"] = args.redis
@@ -174,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 if store and store.startswith("sqlite:"):
                     store = f"sqlite:{run_dir / 'ledger.sqlite'}"  # a fresh ledger per run
                 steered = name.endswith("steered")
-                results[name].append(run_loop(measure(store, args.requests, args.warmup, run_dir, steered)))
+                cache = name.removeprefix("cache, ") if name.startswith("cache") else None
+                results[name].append(run_loop(measure(store, args.requests, args.warmup, run_dir, steered, cache)))
     names = list(configs)
     stages = list(results[names[0]][0]["stages"])
     for n in names:
