@@ -80,7 +80,9 @@ def _one_request_worst(fake: Fake) -> float:
     return (sum(s.prompt_tokens.values()) / n) * PRICE[0] / 1e6 + MAX_TOKENS * PRICE[1] / 1e6
 
 
-async def _client_loop(url: str, stream: bool, results: list[tuple[int, str]], stop: asyncio.Event) -> None:
+async def _client_loop(
+    url: str, stream: bool, results: list[tuple[int, str]], stop: asyncio.Event, spent: list[int]
+) -> None:
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
     try:
         while not stop.is_set():
@@ -99,6 +101,8 @@ async def _client_loop(url: str, stream: bool, results: list[tuple[int, str]], s
                 results.append((200, ""))
             except openai.APIStatusError as e:
                 results.append((e.status_code, str(e.code)))
+                if "the period resets" in str(e):
+                    spent.append(1)  # refused because the budget is spent, not only held
                 if e.status_code == 429:
                     await asyncio.sleep(0.05)
             except openai.APIConnectionError:
@@ -110,13 +114,17 @@ async def _client_loop(url: str, stream: bool, results: list[tuple[int, str]], s
 
 async def _load(urls: list[str], clients: int, seconds: float, until_refused: int = 0) -> list[tuple[int, str]]:
     """`clients` concurrent clients spread over `urls`, half of them streaming, for at most `seconds`
-    or until `until_refused` budget refusals were seen."""
+    or until `until_refused` refusals said the budget is spent. (A refusal may also say that only
+    what is held stands in the way, requests in flight or another sidecar's slice, with Retry-After
+    one second: that is not the end of the budget.)"""
     results: list[tuple[int, str]] = []
+    spent: list[int] = []
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(_client_loop(urls[i % len(urls)], i % 2 == 1, results, stop)) for i in range(clients)]
+    tasks = [asyncio.create_task(_client_loop(urls[i % len(urls)], i % 2 == 1, results, stop, spent))
+             for i in range(clients)]  # fmt: skip
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if until_refused and sum(1 for s, c in results if c == "budget_exceeded") >= until_refused:
+        if until_refused and len(spent) >= until_refused:
             break
         await asyncio.sleep(0.05)
     stop.set()

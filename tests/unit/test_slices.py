@@ -85,3 +85,26 @@ def test_refused_and_idle_slices_give_back_what_is_free() -> None:
     r = _granted(book, [line], Amount(ASK.micros * 2, ASK.tokens * 2))
     asks = book.asks([line], NOW, LEASE)
     assert [amount for _, amount in book.refused(asks)] == [Amount(ASK.micros * 2, ASK.tokens * 2)]
+
+
+def test_what_lands_for_a_slice_given_back_meanwhile_is_given_back_too() -> None:
+    book = Slices()
+    line = _line()
+    r = _granted(book, [line], Amount(ASK.micros * 4, ASK.tokens * 4))
+    taken = book.take([line], NOW, LEASE)
+    assert taken is not None
+    low = book.low(taken) or [(next(iter(book)), line)]
+    s, _ = low[0]
+    book.settled(taken)
+    book.settled(r)
+    # A refusal gives the free part back and drops the slice (nothing held) while the top-up flies.
+    asks = book.asks([line], NOW, LEASE)
+    assert book.refused(asks) and len(book) == 0
+    assert book.topped(s, Amount(5, 5), NOW, LEASE) == Amount(5, 5), "not kept by a slice nobody has"
+    # A grant whose slice went meanwhile (another request's refusal gave its free part back, and
+    # the grant's own ask is not counted as held until it lands): its extra is handed back too.
+    book.settled(_granted(book, [line], Amount(ASK.micros * 2, ASK.tokens * 2)))
+    asks = book.asks([line], NOW, LEASE)
+    assert book.refused(asks) and len(book) == 0
+    granted = Reservation("g", (line,), NOW + LEASE, remote=True, leases=tuple(lease for lease, _ in asks))
+    assert book.granted(granted, asks, [Amount(7, 7)], NOW, LEASE) == [(line.rule, asks[0][0], Amount(7, 7))]

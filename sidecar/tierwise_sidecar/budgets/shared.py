@@ -121,7 +121,9 @@ class SharedLedger:
                 if booking.reservation is None:
                     self._give_back(self.slices.refused(asks))
                 else:
-                    self.slices.granted(booking.reservation, asks, booking.extras, now, lease_seconds)
+                    for rule, lease, extra in self.slices.granted(booking.reservation, asks, booking.extras, now,
+                                                                  lease_seconds):  # fmt: skip
+                        self.client.give_back(rule, lease, extra)
                 return booking
         booking = self.local.reserve_now(lines, now, lease_seconds)
         return Booking(booking.reservation, booking.verdicts, degraded=True)
@@ -161,7 +163,10 @@ class SharedLedger:
             self._degrade(str(e))
             return
         self._remember(booking)
-        self.slices.topped(s, booking.extras[0] if booking.reservation is not None else ZERO, now, lease_seconds)
+        extra = booking.extras[0] if booking.reservation is not None else ZERO
+        back = self.slices.topped(s, extra, now, lease_seconds)
+        if back != ZERO:
+            self.client.give_back(s.rule, s.lease, back)
 
     def _give_back(self, freed: Sequence[tuple[Slice, Amount]]) -> None:
         for s, amount in freed:

@@ -127,11 +127,16 @@ class Slices:
     def granted(
         self, r: Reservation, asks: Sequence[tuple[str, Amount]], extras: Sequence[Amount], now: float,
         lease_seconds: float,
-    ) -> None:  # fmt: skip
-        """Redis held the request's ask and `extras` more under the slices' leases."""
+    ) -> list[tuple[BudgetRule, str, Amount]]:  # fmt: skip
+        """Redis held the request's ask and `extras` more under the slices' leases. Returns the
+        extras of slices that went from the book meanwhile (given back while this grant was on its
+        way): they are to be given back too, or they would stay held until their lease expires."""
+        orphaned = []
         for line, (lease, want), extra in zip(r.lines, asks, extras, strict=True):
             s = self._by_lease.get(lease)
             if s is None:
+                if extra != ZERO:
+                    orphaned.append((line.rule, lease, extra))
                 continue
             if want != ZERO:
                 s.topping = False
@@ -141,6 +146,7 @@ class Slices:
             s.expires = max(s.expires, now + lease_seconds)
             s.length = lease_seconds
             s.used = now
+        return orphaned
 
     def low(self, r: Reservation) -> list[tuple[Slice, Line]]:
         """The slices this reservation drew on that are below half their target and not already
@@ -159,11 +165,16 @@ class Slices:
     def want(self, s: Slice) -> Amount:
         return _minus(s.target, s.free)
 
-    def topped(self, s: Slice, extra: Amount, now: float, lease_seconds: float) -> None:
+    def topped(self, s: Slice, extra: Amount, now: float, lease_seconds: float) -> Amount:
+        """A top-up landed; what to give back (all of it when the slice went from the book
+        meanwhile)."""
         s.topping = False
+        if self._by_lease.get(s.lease) is not s:
+            return extra
         s.free = s.free + extra
         if extra != ZERO:
             s.expires = max(s.expires, now + lease_seconds)
+        return ZERO
 
     # ------------------------------------------------------------ on its way out, and over time
 
