@@ -305,7 +305,11 @@ def test_a_near_duplicate_prompt_is_answered_from_cache_and_a_negated_one_never(
     # Another system prompt is another context: never matched.
     assert _post(gw, _asking("how do I enable dark mode", system="Be long."))[1]["x-tierwise-cache"] == "miss"
     assert fake.requests == 5
-    assert _metric(gw, "tierwise_cache_embedding_cost_usd_total") > 0
+    embedded = _metric(gw, "tierwise_cache_embedding_cost_usd_total")
+    assert embedded > 0
+    # The embeddings are the requests' own cost, under the embeddings backend.
+    cost = 'tierwise_cost_usd_total{backend="e",namespace="apps",tenant="none",tier="emb"}'
+    assert _metric(gw, cost) == pytest.approx(embedded)
 
 
 def test_near_duplicates_are_single_turn_only_and_a_client_may_raise_the_floor_not_lower_it(net: Net) -> None:

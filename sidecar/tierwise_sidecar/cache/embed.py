@@ -2,8 +2,8 @@
 
 The prompt is embedded by the tier's backends (its cheapest first, each target once) through the
 gateway's pooled HTTP client, bounded in time: an embedding that fails or is late leaves the
-request to the exact cache and the backend, never fails it. What it cost is counted (a metric),
-not charged to budgets: it is the cache's own spend, made to save the answer's.
+request to the exact cache and the backend, never fails it. What it cost becomes a segment of the
+request's own cost (its headers, the cost metrics, and the budgets that settle it on a miss).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from collections.abc import Callable
 import aiohttp
 import orjson
 
-from tierwise.money import cost_micros
+from tierwise_sidecar.account import Segment, segment
 from tierwise_sidecar.cache.similar import normalized
 from tierwise_sidecar.runtime import Health, TierRoute
+from tierwise_sidecar.tokens import TokenCounter
 
 log = logging.getLogger("tierwise.cache")
 
@@ -26,14 +27,15 @@ TIMEOUT_SECONDS = 2.0
 
 class Embedder:
     def __init__(self, tier: TierRoute, health: Health, session: Callable[[], aiohttp.ClientSession],
-                 timeout: float = TIMEOUT_SECONDS) -> None:  # fmt: skip
+                 counter: TokenCounter, timeout: float = TIMEOUT_SECONDS) -> None:  # fmt: skip
         self.tier = tier
+        self.counter = counter
         self.health = health
         self.session = session
         self.timeout = timeout
 
-    async def __call__(self, text: str) -> tuple[tuple[float, ...] | None, int]:
-        """The prompt's unit vector (None when no backend gave one) and what it cost (micro-dollars)."""
+    async def __call__(self, text: str) -> tuple[tuple[float, ...] | None, Segment | None]:
+        """The prompt's unit vector (None when no backend gave one) and what it cost."""
         for backend in self.tier.by_price:
             for endpoint in self.health.targets(backend):
                 headers = {"Content-Type": "application/json"}
@@ -54,9 +56,10 @@ class Embedder:
                     continue
                 usage = data.get("usage") if isinstance(data, dict) else None
                 tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-                spent = cost_micros(backend.rates, tokens, 0, 0) if isinstance(tokens, int) and tokens > 0 else 0
-                return vector, spent
-        return None, 0
+                if not isinstance(tokens, int) or tokens < 0:
+                    tokens = self.counter.count_text(backend.model, text)
+                return vector, segment(backend, {"prompt_tokens": tokens, "completion_tokens": 0}, 0, 0)
+        return None, None
 
 
 def _vector(data: object) -> tuple[float, ...] | None:

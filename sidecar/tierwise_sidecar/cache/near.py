@@ -39,10 +39,11 @@ class Near:
             return None, None
         who = x.identity
         ctx = key(c, x.kind, context(x.body), who.tier, namespace=who.namespace, tenant=who.tenant)
-        vector, micros = await self.embed(text)
+        vector, spent = await self.embed(text)
         policy = (c.policy.namespace, c.policy.name)
-        if micros:
-            metrics.embedding_cost.inc(policy, micros / 1e6)
+        if spent is not None:
+            x.outcome.segments.append(spent)  # the request's own cost: headers, metrics, budgets on a miss
+            metrics.embedding_cost.inc(policy, spent.usd)
         if vector is None:
             metrics.similar.inc((*policy, "unavailable"))
             return None, None

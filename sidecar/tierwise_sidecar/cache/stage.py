@@ -35,6 +35,7 @@ from tierwise_sidecar.cache.shared import CACHE_STORES, Layer, SharedLayers
 from tierwise_sidecar.exchange import ANSWERED, ClientGoneError, Reply
 from tierwise_sidecar.hotmetrics import FastCounter
 from tierwise_sidecar.runtime import HEALTH
+from tierwise_sidecar.tokens import TOKENS
 from tierwise_sidecar.upstream import HTTP
 
 if TYPE_CHECKING:
@@ -57,8 +58,10 @@ class CacheNote:
     key: str = ""
     tier: str = ""
     leading: bool = False
-    # A near-duplicate prompt to index once its answer is stored.
+    # A near-duplicate prompt to index once its answer is stored, and what embedding it cost
+    # (part of the request's cost, not of the answer's: a hit saves the answer's).
     pending: Pending | None = None
+    embedding_micros: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,7 @@ class CacheStage:
             near = self._near(c)
             if near is not None:
                 found, note.pending = await near.find(c, x, self.metrics)
+                note.embedding_micros = x.outcome.micros  # no backend has answered yet: the embedding alone
                 if found is not None:
                     entry, layer = await self._lookup(c, found.key)
                     if entry is not None:
@@ -239,9 +243,9 @@ class CacheStage:
         expires = self.clock() + note.policy.policy.spec.ttl_seconds
         if x.streamed is not None:
             model = o.backend.model if o.backend is not None else ""
-            return from_stream(x.kind, model, x.streamed, o.micros, expires)
+            return from_stream(x.kind, model, x.streamed, o.micros - note.embedding_micros, expires)
         if x.served is not None:
-            return from_whole(x.kind, x.served, o.micros, expires)
+            return from_whole(x.kind, x.served, o.micros - note.embedding_micros, expires)
         return None
 
     def _fill(self, note: CacheNote, entry: Entry) -> None:
@@ -320,7 +324,8 @@ def build(runtime: Runtime, state: SharedState) -> CacheStage | None:
             log.warning("cache policy %s: its embeddings tier %s is not usable from namespace %s; exact matches only",
                         c.name, sim.embeddings_tier, runtime.namespace)  # fmt: skip
             continue
-        embedders[c.name] = (Embedder(tier, state.get(HEALTH), state.get(HTTP).session), sim.threshold)
+        embedders[c.name] = (Embedder(tier, state.get(HEALTH), state.get(HTTP).session, state.get(TOKENS)),
+                             sim.threshold)  # fmt: skip
     shared = {c.name: got for c in policies if (got := _shared_layers(c, state)) is not None}
     by_tier = {
         name: chosen
