@@ -428,3 +428,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class ServerProcess:
+    """A test server's process (Redis, PostgreSQL): killed as a crash, or stopped gracefully."""
+
+    process: subprocess.Popen[bytes] | None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: nothing flushed beyond what the server had already made durable."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+        self.process = None

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localcluster import free_port, stop_process
+from localcluster import ServerProcess, free_port
 
 
 def _bin(name: str) -> str:
@@ -36,7 +36,7 @@ def _user() -> dict[str, str]:
 
 
 @dataclass
-class Postgres:
+class Postgres(ServerProcess):
     workdir: Path
     port: int
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -92,18 +92,6 @@ class Postgres:
             subprocess.run([_bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres",
                             "-c", "CREATE DATABASE tierwise"], capture_output=True, timeout=30, check=True)  # fmt: skip
         return True
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-        self.process = None
 
     def remove(self) -> None:
         """Stop it and delete its data."""

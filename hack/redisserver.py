@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localcluster import free_port, stop_process
+from localcluster import ServerProcess, free_port
 
 
 @dataclass
-class Redis:
+class Redis(ServerProcess):
     workdir: Path
     port: int
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -55,18 +55,6 @@ class Redis:
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
             return False
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash: nothing flushed beyond what was already fsynced."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-        self.process = None
 
 
 def start_redis(workdir: Path, port: int | None = None) -> Redis:

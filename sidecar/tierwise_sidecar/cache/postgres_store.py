@@ -13,15 +13,7 @@ import asyncio
 
 import asyncpg
 
-from tierwise_sidecar.cache.stores import INDEX, StoreError
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tierwise_cache (
-    key TEXT PRIMARY KEY,
-    blob BYTEA NOT NULL,
-    expires DOUBLE PRECISION NOT NULL,
-    size INTEGER NOT NULL
-)"""
+from tierwise_sidecar.cache.stores import INDEX, StoreError, schema
 
 _ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -46,7 +38,7 @@ class PostgresStore:
                         pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size,
                                                          command_timeout=self.timeout)  # fmt: skip
                         async with pool.acquire() as conn:
-                            await conn.execute(SCHEMA)
+                            await conn.execute(schema("BYTEA"))
                             await conn.execute(INDEX)
                 except _ERRORS as e:
                     raise StoreError(f"postgresql: {type(e).__name__}") from None

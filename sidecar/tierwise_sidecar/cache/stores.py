@@ -41,13 +41,14 @@ class PersistentStore(Store, Protocol):
         """Live entries and their bytes."""
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tierwise_cache (
-    key TEXT PRIMARY KEY,
-    blob BLOB NOT NULL,
-    expires DOUBLE PRECISION NOT NULL,
-    size INTEGER NOT NULL
-)"""
+def schema(blob: str) -> str:
+    """The cache table; `blob` is the database's type for bytes (BLOB, BYTEA)."""
+    return (
+        "CREATE TABLE IF NOT EXISTS tierwise_cache (key TEXT PRIMARY KEY, "
+        f"blob {blob} NOT NULL, expires DOUBLE PRECISION NOT NULL, size INTEGER NOT NULL)"
+    )
+
+
 INDEX = "CREATE INDEX IF NOT EXISTS tierwise_cache_expires ON tierwise_cache (expires)"
 
 
@@ -73,7 +74,7 @@ class SqliteStore:
                     db = await aiosqlite.connect(str(self.path), timeout=self.timeout)
                     await db.execute("PRAGMA journal_mode=WAL")
                     await db.execute("PRAGMA synchronous=NORMAL")
-                    await db.execute(SCHEMA)
+                    await db.execute(schema("BLOB"))
                     await db.execute(INDEX)
                     await db.commit()
                 except (OSError, aiosqlite.Error) as e:
