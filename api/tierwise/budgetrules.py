@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tierwise import buckets
 from tierwise.api.budget import BudgetState, Period, ThresholdAction
+from tierwise.buckets import Bucket
 from tierwise.money import micros_usd, usd_micros
 from tierwise.policy import PolicyBudget
 
@@ -177,22 +179,10 @@ def rule_of(b: PolicyBudget) -> BudgetRule:
 # ------------------------------------------------------------------ throttling
 
 
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    """A token bucket's state: tokens left and when they were counted."""
-
-    tokens: float
-    at: float
-
-
 def take(bucket: Bucket | None, rate: float, now: float) -> tuple[bool, Bucket, float]:
     """Take one request from a bucket refilled at `rate` per second, holding at most one second's
     worth (and at least one). Returns (allowed, the bucket after, seconds until one is free)."""
-    burst = max(1.0, rate)
-    tokens = burst if bucket is None else min(burst, bucket.tokens + max(now - bucket.at, 0.0) * rate)
-    if tokens >= 1.0:
-        return True, Bucket(tokens - 1.0, now), 0.0
-    return False, Bucket(tokens, now), (1.0 - tokens) / rate
+    return buckets.take(bucket, rate, max(1.0, rate), 1.0, now)
 
 
 # ------------------------------------------------------------------ judging a reservation

@@ -95,6 +95,8 @@ class Outcome:
     tier: str | None = None
     backend: BackendRoute | None = None
     attempts: int = 0
+    # Tries a target at capacity turned away that waited for a slot again (admission).
+    requeued: int = 0
     status: int = 0
     segments: list[Segment] = field(default_factory=list)
     # Each failed try: (backend key, endpoint, failure kind), for the log line of a failed request.
@@ -147,6 +149,8 @@ def render_headers(x: Exchange, final: bool) -> dict[str, str]:
         h.update(note.headers())
     if x.cache is not None:
         h[H_CACHE] = x.cache.outcome
+    if x.admission is not None:
+        h.update(x.admission.headers())
     if final and o.cached:
         h[H_COST] = usd(0.0)
     if final and o.segments:

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tierwise.api.tier import SLO
 from tierwise.policy import Policy
+from tierwise_sidecar.admission.rooms import ROOMS
 from tierwise_sidecar.config import GatewayConfig
 from tierwise_sidecar.endpoints import refresh_dns
 from tierwise_sidecar.errors import SERVER, ApiError
@@ -102,6 +103,12 @@ class Gateway:
         if runtime is None:
             return []
         return [(runtime.namespace, n, t.spec.slo) for n, t in runtime.policy.tiers.items()]
+
+    def drain_waiting(self) -> int:
+        """Requests waiting for a slot that cannot start before the drain ends are refused (503
+        with Retry-After) now; the rest are refused when it ends."""
+        rooms = self.state.peek(ROOMS)
+        return rooms.drain(self.config.unready_seconds + self.config.drain_seconds) if rooms is not None else 0
 
     # ------------------------------------------------------------ policy
 

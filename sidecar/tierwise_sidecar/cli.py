@@ -65,6 +65,12 @@ def _budget_store_arg(p: argparse.ArgumentParser, default: str, where: str) -> N
         "Pass a URL with a password through the environment, not the command line",
     )
     p.add_argument(
+        "--rate-limit-store",
+        default=os.environ.get("TIERWISE_REDIS_URL") or "memory",
+        help="where rate limits shared by a tenant or namespace are counted: a redis:// or rediss:// URL (every "
+        "sidecar shares each limit) or memory (each process alone). Default: $TIERWISE_REDIS_URL, else memory",
+    )
+    p.add_argument(
         "--budget-lease-margin",
         type=float,
         default=30.0,
@@ -107,6 +113,7 @@ def _serve(
         dns_interval=dns_interval,
         pin_tier=ingress,
         budget_store=args.budget_store,
+        rate_limit_store=args.rate_limit_store,
         lease_margin_seconds=args.budget_lease_margin,
         published_budgets=_beside_policy(args, "budget_state_file", "budgets.json"),
         steering_file=_beside_policy(args, "steering_file", "steering.json"),

@@ -39,6 +39,8 @@ class GatewayConfig:
     # The spend of every sidecar as the operator publishes it (budgets.json beside the Policy):
     # counted by a sidecar that keeps its own ledger. None: it counts alone.
     published_budgets: Path | None = None
+    # Where shared rate limits are counted: "memory" (this process) or a redis:// / rediss:// URL.
+    rate_limit_store: str = "memory"
     # The operator's SLO steering of the namespace's tiers (steering.json beside the Policy).
     steering_file: Path | None = None
     # Wall-clock time, in seconds since the epoch: budget periods and leases. Tests move it.

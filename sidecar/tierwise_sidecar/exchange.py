@@ -20,6 +20,7 @@ from tierwise_sidecar.runtime import Runtime
 from tierwise_sidecar.validate import Kind
 
 if TYPE_CHECKING:
+    from tierwise_sidecar.admission.stage import AdmissionNote, Gate
     from tierwise_sidecar.budgets.note import BudgetNote
     from tierwise_sidecar.cache.stage import CacheNote
     from tierwise_sidecar.route import Decision
@@ -42,6 +43,9 @@ class Sink(Protocol):
 
     async def close(self, last: bytes) -> None:
         """The final bytes of a stream, bounded in time; never raises."""
+
+    def connected(self) -> bool:
+        """Is somebody still waiting for the answer? (Asked while a request waits for a slot.)"""
 
 
 @dataclass(slots=True)
@@ -91,6 +95,9 @@ class BufferSink:
     def body(self) -> bytes:
         return b"".join(self.chunks)
 
+    def connected(self) -> bool:
+        return True
+
 
 @dataclass(slots=True, eq=False)
 class Exchange:
@@ -121,6 +128,13 @@ class Exchange:
     steered: tuple[str, str] | None = None
     budget: BudgetNote | None = None
     cache: CacheNote | None = None
+    admission: AdmissionNote | None = None
+    # The request's way into the waiting rooms of the targets it is sent to (None: no admission).
+    gate: Gate | None = None
+    # The backend gets another request than the caller sent (degraded under load): never cached.
+    altered: bool = False
+    # Asked for a stream, served whole by the backend (degraded): replayed to the caller as one.
+    unstreamed: bool = False
     # What was served, for stages on the way out (the cache stores it): a whole answer's parsed
     # body, or the state of a stream that ended properly on the backend it started on.
     served: Mapping[str, Any] | None = None

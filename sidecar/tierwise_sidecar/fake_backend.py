@@ -1,8 +1,9 @@
 """A fake OpenAI-compatible LLM provider for tests, benchmarks and the demo.
 
 It can be slow (time to first byte, time per token), fail (error rate and status), reset
-connections, drop streams after N chunks, run out of capacity (concurrency, answered with 429),
-and report usage as a real provider does. Behaviour can be changed while it runs:
+connections, drop streams after N chunks, run out of capacity (concurrency: answered with 429, or
+with `queue_at_capacity` made to wait its turn, as a model server at its batch size queues), and
+report usage as a real provider does. Behaviour can be changed while it runs:
 `POST /fake/config` with any fields of FakeConfig; `GET /fake/stats` says what it saw.
 
     python -m tierwise_sidecar.fake_backend --port 9001 --first-byte-ms 50 --per-token-ms 5
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import hashlib
 import json
 import random
@@ -36,6 +38,7 @@ class FakeConfig:
     reset_rate: float = 0.0
     drop_after_chunks: int | None = None
     capacity: int | None = None
+    queue_at_capacity: bool = False
     include_usage: bool = True
     completion_tokens: int = 16
     model: str | None = None
@@ -51,6 +54,9 @@ class FakeStats:
     resets: int = 0
     drops: int = 0
     overloaded: int = 0
+    queued: int = 0
+    # The last completion request's body as received: what a test checks the sidecar sent.
+    last_request: dict[str, Any] = field(default_factory=dict)
     models: dict[str, int] = field(default_factory=dict)
     # Usage reported in answers that went out whole (a stream cut or dropped on purpose is not in it).
     prompt_tokens: dict[str, int] = field(default_factory=dict)
@@ -74,6 +80,7 @@ class FakeBackend:
         self.stats = FakeStats()
         self.counter = TokenCounter()
         self._rng = random.Random(self.config.seed)
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
     # ------------------------------------------------------------ helpers
 
@@ -115,12 +122,24 @@ class FakeBackend:
         if not isinstance(body, dict) or "model" not in body:
             return _error(400, "model is required", "invalid_request_error", "missing_model")
         model = self.config.model or str(body["model"])
+        self.stats.last_request = body
         self.stats.models[model] = self.stats.models.get(model, 0) + 1
         cap = self.config.capacity
         if cap is not None and self.stats.in_flight >= cap:
-            self.stats.overloaded += 1
-            return _error(429, "fake backend is at capacity", "rate_limit_error", "overloaded")
-        self.stats.in_flight += 1
+            if not self.config.queue_at_capacity:
+                self.stats.overloaded += 1
+                return _error(429, "fake backend is at capacity", "rate_limit_error", "overloaded")
+            self.stats.queued += 1
+            turn = asyncio.get_running_loop().create_future()
+            self._waiting.append(turn)
+            try:
+                await turn  # a finishing request hands its slot over (in_flight stays counted)
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._release()
+                raise
+        else:
+            self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         try:
             fault = self._fault(request)
@@ -149,7 +168,15 @@ class FakeBackend:
             self.stats.used(model, usage)
             return web.json_response(self._whole(model, "".join(pieces), usage, chat))
         finally:
-            self.stats.in_flight -= 1
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.stats.in_flight -= 1
 
     def _whole(self, model: str, text: str, usage: dict[str, int], chat: bool) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}

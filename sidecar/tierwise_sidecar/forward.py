@@ -22,10 +22,11 @@ import aiohttp
 from tierwise.api.tier import FailureKind
 from tierwise_sidecar.account import Segment, segment
 from tierwise_sidecar.breaker import State
+from tierwise_sidecar.cache.entry import replay_events
 from tierwise_sidecar.config import ForwardConfig
 from tierwise_sidecar.errors import RATE_LIMIT, UPSTREAM, ApiError
 from tierwise_sidecar.estimate import estimate_on, prompt_tokens
-from tierwise_sidecar.exchange import Exchange, Reply
+from tierwise_sidecar.exchange import ANSWERED, ClientGoneError, Exchange, Reply
 from tierwise_sidecar.metrics import METRICS, Metrics
 from tierwise_sidecar.route import RNG, decide, order_endpoints, pin_first
 from tierwise_sidecar.runtime import HEALTH, BackendRoute, Health, Runtime
@@ -34,6 +35,7 @@ from tierwise_sidecar.sticky import Pin
 from tierwise_sidecar.streaming import relay
 from tierwise_sidecar.tokens import TOKENS, TokenCounter
 from tierwise_sidecar.upstream import (
+    AT_CAPACITY,
     CONTINUE_PROMPT,
     HTTP,
     Candidate,
@@ -175,8 +177,11 @@ class ForwardStage:
                 state.last, state.detail = FailureKind.SERVER_ERROR, f"{cand.backend.key} is over the budget left"
                 outcome.failures.append((cand.backend.key, cand.endpoint, OVER_BUDGET))
                 continue
-            for retry in range(cfg.retries + 1):
-                if outcome.attempts >= cfg.max_attempts:
+            retry = 0
+            while True:
+                # A try a target at capacity turned away and that waited its turn again is not a
+                # failed attempt: the room bounds those (MAX_REQUEUES, the wait, the deadline).
+                if outcome.attempts - outcome.requeued >= cfg.max_attempts:
                     raise exhausted(state, outcome.attempts)
                 if self.now() >= x.deadline:
                     # Out of time is the request's verdict, not the target's: no breaker counts it.
@@ -185,8 +190,12 @@ class ForwardStage:
                 started = await self._try(cand, x, state)
                 if started is not None:
                     return started
+                if state.last in AT_CAPACITY and x.gate is not None and await x.gate.requeue(cand):
+                    outcome.requeued += 1
+                    continue  # the target was over its capacity: a slot of it was waited for again
                 delay = min(cfg.backoff_cap, cfg.backoff_base * 2**retry) * self.rng.random()
                 if state.last in RETRYABLE and retry < cfg.retries and self.now() + delay < x.deadline:
+                    retry += 1
                     await asyncio.sleep(delay)
                     continue
                 break
@@ -195,6 +204,10 @@ class ForwardStage:
     async def _try(self, cand: Candidate, x: Exchange, state: PlanState) -> Started | None:
         """One try on one target, its breaker and load counts kept; None when it failed (`state`
         says how, CircuitOpen when the breaker let nothing through)."""
+        gate = x.gate
+        if gate is not None and not await gate.to(cand):
+            state.last, state.detail = FailureKind.OVERLOADED, f"no slot for {cand.backend.key} in time"
+            return None
         breaker = self.health.breaker(cand.backend, cand.endpoint)
         was = breaker.state
         if not breaker.acquire(self.now()):
@@ -210,6 +223,8 @@ class ForwardStage:
             started = await attempt(self.session(), cand, x, payload, x.deadline - self.now())
         except UpstreamError as f:
             state.last, state.detail, state.retry_after = f.kind, f.detail, f.retry_after
+            if gate is not None:
+                gate.observe(cand, self.now() - t0, None, f.kind)
             self.note_attempt(x, cand, str(f.kind))
             x.outcome.failures.append((key, cand.endpoint, str(f.kind)))
             if f.kind in UNHEALTHY:
@@ -230,6 +245,8 @@ class ForwardStage:
         finally:
             in_flight[key] -= 1
         breaker.success()
+        if gate is not None:
+            gate.observe(cand, self.now() - t0, started, None)
         if was is not State.CLOSED:
             self.gauge_circuits(cand.backend)
         self.note_attempt(x, cand, "ok")
@@ -284,7 +301,10 @@ class ForwardStage:
         except UpstreamRefusalError as p:
             return Reply(p.status, p.body, content_type=p.content_type)
         if not x.stream:
-            return self._whole(started, x)
+            reply = self._whole(started, x)
+            if x.unstreamed:
+                return await self._as_stream(x, started)
+            return reply
         await relay(self, flight, started)
         return None
 
@@ -297,6 +317,19 @@ class ForwardStage:
         x.outcome.segments.append(self.measure(x, started.candidate.backend, usage, text))
         x.served = started.data
         return Reply(200, started.body)
+
+    async def _as_stream(self, x: Exchange, started: Started) -> Reply:
+        """A whole answer to a request that asked for a stream (degradation turned streaming off),
+        replayed to the caller as the stream it asked for."""
+        await x.open_stream()
+        events = replay_events(x.kind, started.data, x.client_usage)
+        try:
+            for event in events[:-1]:
+                await x.sink.write(event)
+        except ClientGoneError:
+            return ANSWERED
+        await x.sink.close(events[-1])
+        return ANSWERED
 
     def measure(self, x: Exchange, backend: BackendRoute, usage: object, text: str) -> Segment:
         """A backend's share, from its usage block or, without a usable one, counted here."""

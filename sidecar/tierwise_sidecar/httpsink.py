@@ -46,6 +46,10 @@ class HttpSink:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             raise ClientGoneError() from None
 
+    def connected(self) -> bool:
+        transport = self.request.transport
+        return transport is not None and not transport.is_closing()
+
     async def close(self, last: bytes) -> None:
         """The final bytes, bounded in time: a caller that stopped reading cannot hold the handler."""
         assert self.response is not None

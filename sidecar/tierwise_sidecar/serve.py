@@ -62,6 +62,9 @@ async def run(
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     gateway.draining = True
+    refused = gateway.drain_waiting()
+    if refused:
+        log.info("draining: refused %d waiting request(s) that could not start in time", refused)
     # Still serving while /readyz says 503, so load balancers and Endpoints stop sending first.
     await asyncio.sleep(gateway.config.unready_seconds)
     log.info("draining %d in-flight request(s)", gateway.in_flight)

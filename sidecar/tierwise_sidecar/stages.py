@@ -1,7 +1,7 @@
 """The sidecar's stages, in the order a request passes them: the one list a new stage joins.
 
 account (first in, last out: it sees every request) → validate → identify → estimate → cache →
-budget → steer → route → forward. Each entry builds its stage for a Policy from the shared state, or gives None
+budget → steer → route → admit → forward. Each entry builds its stage for a Policy from the shared state, or gives None
 when the Policy leaves it nothing to do (no budget counts the namespace, say).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tierwise_sidecar import account, estimate, forward, identify, route, steer, validate
+from tierwise_sidecar.admission import stage as admit
 from tierwise_sidecar.budgets import stage as budget
 from tierwise_sidecar.cache import stage as cache
 from tierwise_sidecar.pipeline import Chain, Stage
@@ -25,6 +26,7 @@ BUILDERS: tuple[Callable[[Runtime, SharedState], Stage | None], ...] = (
     budget.build,
     steer.build,
     route.build,
+    admit.build,
     forward.build,
 )
 

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 PATHS: dict[Kind, str] = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 CONTINUE_PROMPT = "Continue exactly where your previous message was cut off, without repeating anything."
 MAX_ERROR_BODY = 64 * 1024
+# What a target answers when it has more requests than it can serve: the sidecar's limit for it
+# was too high. BUSY adds a try that ran out of time, which tells the same of a queueing target.
+AT_CAPACITY = frozenset({FailureKind.RATE_LIMITED, FailureKind.OVERLOADED})
+BUSY = AT_CAPACITY | {FailureKind.TIMEOUT}
 
 
 class UpstreamError(Exception):

@@ -289,9 +289,20 @@ class RateLimit(ApiModel):
 
 
 class Concurrency(ApiModel):
-    """Bound on requests in flight through one sidecar for this tier."""
+    """How many requests one sidecar keeps in flight to each upstream target of the tier."""
 
-    max_in_flight: int = Field(default=64, ge=1, le=100_000, description="Requests in flight at once.")
+    max_in_flight: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Most requests in flight to one target (a model at one URL or replica) from one sidecar: "
+        "the ceiling of the adaptive limit, or the limit itself when adaptive is false.",
+    )
+    adaptive: bool = Field(
+        default=True,
+        description="Learn the limit from the target's latency against the SLO, its queueing and its 429s "
+        "(below maxInFlight); false fixes it at maxInFlight.",
+    )
 
 
 class ShedPolicy(StrEnum):

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tierwise.budgetrules import OK, ZERO, Amount, Bucket, BudgetRule, Judgement, judge
+from tierwise.buckets import Bucket
+from tierwise.budgetrules import OK, ZERO, Amount, BudgetRule, Judgement, judge
 from tierwise.periods import Window
 
 

@@ -42,13 +42,19 @@ class Entry:
 
 def from_whole(kind: str, data: Mapping[str, Any], micros: int, expires: float) -> Entry | None:
     """The entry of a whole answer, or None when it is not a complete single answer."""
+    entry = assembled(kind, data, micros, expires)
+    if entry is None or entry.finish_reason not in ("stop", "tool_calls", "function_call"):
+        return None  # "length", "content_filter" or none: truncated or refused, never stored
+    return entry
+
+
+def assembled(kind: str, data: Mapping[str, Any], micros: int = 0, expires: float = 0.0) -> Entry | None:
+    """A whole answer of one choice as an entry, however it finished; None for another shape."""
     choices = data.get("choices")
     if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
         return None
     choice = choices[0]
     finish = choice.get("finish_reason")
-    if finish not in ("stop", "tool_calls", "function_call"):
-        return None  # "length", "content_filter" or none: truncated or refused, never stored
     if kind == "chat":
         message = choice.get("message")
         if not isinstance(message, dict):
@@ -60,7 +66,7 @@ def from_whole(kind: str, data: Mapping[str, Any], micros: int, expires: float) 
         message = {"text": text}
     usage = data.get("usage")
     model = data.get("model")
-    return Entry(kind, model if isinstance(model, str) else "", message, finish,
+    return Entry(kind, model if isinstance(model, str) else "", message, finish if isinstance(finish, str) else None,
                  usage if isinstance(usage, dict) else None, micros, expires)  # fmt: skip
 
 
@@ -150,3 +156,11 @@ def stream_events(e: Entry, with_usage: bool) -> list[bytes]:
         events.append(event([], e.usage))
     events.append(DONE_EVENT)
     return events
+
+
+def replay_events(kind: str, data: Mapping[str, Any], with_usage: bool) -> list[bytes]:
+    """A whole answer (of one choice) as the server-sent events of a stream, `[DONE]` last."""
+    entry = assembled(kind, data)
+    if entry is None:
+        return [b"data: " + orjson.dumps(data) + b"\n\n", DONE_EVENT]
+    return stream_events(entry, with_usage)

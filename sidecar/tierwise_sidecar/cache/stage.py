@@ -237,7 +237,7 @@ class CacheStage:
     def _entry(self, x: Exchange, note: CacheNote) -> Entry | None:
         """The answer to store, if this request got one worth storing."""
         o = x.outcome
-        if o.status != 200 or x.error is not None or o.problem or x.resume_text or o.tier != note.tier:
+        if o.status != 200 or x.error is not None or o.problem or x.resume_text or o.tier != note.tier or x.altered:
             return None
         assert note.policy is not None
         expires = self.clock() + note.policy.policy.spec.ttl_seconds

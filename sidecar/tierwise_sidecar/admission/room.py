@@ -1,0 +1,206 @@
+"""The waiting room in front of one upstream target (a model at one URL, Service or replica),
+shared by every tier that sends there, so priorities order requests across tiers.
+
+A request takes a slot at once when one is free and nobody of its rank or higher waits; else it
+waits in rank order (the tier's priority, then the request's own, then first come) for at most
+its tier's maximum wait. A request is refused at once, with the wait it would have had as
+Retry-After, when that wait is longer than it may wait (or, for a sheddable request, when the
+target is saturated at all): the lowest priorities wait first and are turned away first, and
+nobody holds a place only to time out. A full room sheds by the tier's policy: the lowest-ranked
+waiter gives its place to a higher one, or the newcomer (or the oldest) is refused.
+
+The expected wait is Little's law on what the room has seen: the requests ahead, over the slots,
+times how long a slot has recently been held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tierwise.api.tier import ShedPolicy
+from tierwise_sidecar.admission.limit import Limit
+
+# How often a waiter looks whether its caller is still connected.
+GONE_POLL_SECONDS = 0.25
+# Weight of the newest slot-hold time in its moving average.
+HOLD_EWMA = 0.1
+
+Rank = tuple[int, int]
+
+
+class RefusedError(Exception):
+    """No slot: why, and when to try again."""
+
+    def __init__(self, reason: str, retry_after: float, status: int = 429) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.status = status
+
+
+class GoneError(Exception):
+    """The caller hung up while waiting."""
+
+
+@dataclass(order=True, slots=True)
+class Waiter:
+    # heapq pops the smallest: the highest rank first, then the earliest.
+    key: tuple[int, int, int]
+    rank: Rank = field(compare=False)
+    future: asyncio.Future[None] = field(compare=False)
+    shed: ShedPolicy = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What a request asks of a room."""
+
+    rank: Rank
+    max_wait: float
+    max_length: int
+    shed: ShedPolicy
+
+    @property
+    def sheddable(self) -> bool:
+        return self.rank[0] < 0
+
+
+class Room:
+    def __init__(self, name: str, limit: Limit, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.limit = limit
+        self.clock = clock
+        self.in_flight = 0
+        self.heap: list[Waiter] = []
+        self.waiting = 0
+        self.hold = 0.0  # seconds a slot is held, on average lately
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------ reading
+
+    @property
+    def load_percent(self) -> float:
+        """Slots in use and asked for, over the slots."""
+        return 100.0 * (self.in_flight + self.waiting) / self.limit.slots
+
+    @property
+    def saturated(self) -> bool:
+        return self.in_flight >= self.limit.slots or self.waiting > 0 or self.limit.congested
+
+    def ahead_of(self, rank: Rank) -> int:
+        return sum(1 for w in self.heap if w.rank >= rank and not w.future.done())
+
+    def expected_wait(self, ahead: int) -> float:
+        """Seconds until a request with `ahead` waiters before it would get a slot."""
+        hold = self.hold or 1.0
+        return (ahead + 1) * hold / self.limit.slots
+
+    # ------------------------------------------------------------ entering and leaving
+
+    def try_enter(self, rank: Rank) -> bool:
+        if self.in_flight < self.limit.slots and not any(w.rank >= rank for w in self.heap if not w.future.done()):
+            self._take()
+            return True
+        return False
+
+    async def enter(self, ticket: Ticket, deadline: float, connected: Callable[[], bool]) -> float:
+        """Take a slot, waiting if need be; the seconds waited. Raises RefusedError or GoneError."""
+        if self.try_enter(ticket.rank):
+            return 0.0
+        now = self.clock()
+        ahead = self.ahead_of(ticket.rank)
+        expected = self.expected_wait(ahead)
+        patience = min(ticket.max_wait, deadline - now)
+        if ticket.sheddable:
+            raise RefusedError(f"target {self.name} is saturated and the request's tier is sheddable", expected)
+        if expected > patience:
+            raise RefusedError(f"target {self.name} is saturated: the expected wait ({expected:.1f}s) is longer than "
+                          f"this request may wait ({max(patience, 0):.1f}s)", expected)  # fmt: skip
+        self._make_room(ticket)
+        waiter = Waiter((-ticket.rank[0], -ticket.rank[1], next(self._seq)), ticket.rank,
+                        asyncio.get_running_loop().create_future(), ticket.shed)  # fmt: skip
+        heapq.heappush(self.heap, waiter)
+        self.waiting += 1
+        try:
+            await self._wait(waiter, now + patience, connected)
+        except BaseException:
+            f = waiter.future
+            if f.done() and not f.cancelled() and f.exception() is None:
+                self.leave(0.0)  # a slot arrived just as the caller left: hand it on
+            else:
+                f.cancel()
+            raise
+        finally:
+            self.waiting -= 1
+        return self.clock() - now
+
+    async def _wait(self, waiter: Waiter, until: float, connected: Callable[[], bool]) -> None:
+        while True:
+            left = until - self.clock()
+            if left <= 0:
+                raise RefusedError(f"target {self.name} had no free slot within the request's maximum wait",
+                              self.expected_wait(self.ahead_of(waiter.rank)))  # fmt: skip
+            try:
+                # shield: a timeout must not cancel a future a slot may be handed to meanwhile.
+                await asyncio.wait_for(asyncio.shield(waiter.future), min(left, GONE_POLL_SECONDS))
+                return
+            except TimeoutError:
+                if waiter.future.done():
+                    waiter.future.result()  # a slot (return) or a refusal (raise) just arrived
+                    return
+                if not connected():
+                    raise GoneError() from None
+
+    def _make_room(self, ticket: Ticket) -> None:
+        """A full room sheds by the newcomer's tier's policy, or refuses the newcomer."""
+        live = [w for w in self.heap if not w.future.done()]
+        if len(live) < ticket.max_length:
+            return
+        victim: Waiter | None = None
+        if ticket.shed is ShedPolicy.LOWEST_PRIORITY_FIRST:
+            lowest = max(live)  # the last to be served
+            victim = lowest if lowest.rank < ticket.rank else None
+        elif ticket.shed is ShedPolicy.OLDEST_FIRST:
+            victim = min(live, key=lambda w: w.key[2])
+        if victim is None:
+            raise RefusedError(f"the waiting room of target {self.name} is full", self.expected_wait(len(live)))
+        victim.future.set_exception(RefusedError(f"a request of higher priority took this request's place at target "
+                                            f"{self.name}", self.expected_wait(len(live))))  # fmt: skip
+
+    def _take(self) -> None:
+        self.in_flight += 1
+        self.limit.reached(self.in_flight)
+
+    def leave(self, held: float) -> None:
+        """A slot is given back after `held` seconds."""
+        self.in_flight -= 1
+        if held > 0:
+            self.hold = held if not self.hold else self.hold + HOLD_EWMA * (held - self.hold)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand free slots to the highest waiters (also after the limit rose)."""
+        while self.heap and self.in_flight < self.limit.slots:
+            w = heapq.heappop(self.heap)
+            if w.future.done():
+                continue
+            self._take()
+            w.future.set_result(None)
+        # Cancelled and refused waiters left in the heap are dropped when they reach the top; a
+        # heap of only those is emptied here so it does not grow while nothing is dispatched.
+        if self.heap and all(w.future.done() for w in self.heap):
+            self.heap.clear()
+
+    def drain(self, seconds: float) -> int:
+        """Refuse (503) every waiter that cannot expect to start within `seconds`; how many."""
+        refused = 0
+        for i, w in enumerate(sorted(w for w in self.heap if not w.future.done())):
+            if self.expected_wait(i) > seconds:
+                w.future.set_exception(RefusedError("the sidecar is shutting down", 1.0, 503))
+                refused += 1
+        return refused

@@ -1,0 +1,247 @@
+"""The admission decisions without I/O: the adaptive limit, the waiting room's order and refusals,
+and the degradation plan."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tierwise.api.tier import DegradationStep, ShedPolicy
+from tierwise_sidecar.admission import degrade
+from tierwise_sidecar.admission.limit import DECREASE, MIN_WINDOW_SAMPLES, Limit
+from tierwise_sidecar.admission.room import GoneError, RefusedError, Room, Ticket
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ------------------------------------------------------------------ the adaptive limit
+
+
+def _window(limit: Limit, clock: Clock, seconds: float, *, busy: bool = False, over: bool = False) -> None:
+    for _ in range(MIN_WINDOW_SAMPLES):
+        clock.now += 0.05
+        limit.observe("whole", seconds, busy=busy, over_slo=over, now=clock.now)
+
+
+def test_a_busy_answer_cuts_the_limit_once_per_round_trip() -> None:
+    clock = Clock()
+    limit = Limit(40.0, ceiling=64.0)
+    limit.observe("busy", 0.01, busy=True, over_slo=False, now=clock.now)
+    assert limit.value == pytest.approx(40 * DECREASE)
+    # Answers to requests sent before the cut say nothing new: a burst of 429s is one cut.
+    for _ in range(20):
+        limit.observe("busy", 0.5, busy=True, over_slo=False, now=clock.now + 0.1)
+    assert limit.value == pytest.approx(40 * DECREASE)
+    clock.now += 1.0
+    limit.observe("busy", 0.01, busy=True, over_slo=False, now=clock.now)
+    assert limit.value == pytest.approx(40 * DECREASE * DECREASE)
+
+
+def test_the_limit_rises_only_when_it_was_reached_and_the_window_was_clean() -> None:
+    clock = Clock()
+    limit = Limit(10.0, ceiling=64.0)
+    _window(limit, clock, 0.1)
+    assert limit.value == 10.0  # never reached: nothing learnt
+    limit.reached(10)
+    _window(limit, clock, 0.1)
+    assert limit.value > 10.0
+    assert limit.increases == 1
+
+
+def test_queueing_inside_the_target_lowers_the_limit() -> None:
+    clock = Clock()
+    limit = Limit(16.0, ceiling=64.0)
+    _window(limit, clock, 0.1)
+    _window(limit, clock, 0.5)  # five times the target's recent best
+    assert limit.congested
+    assert limit.value == pytest.approx(16 * DECREASE)
+
+
+def test_answers_over_the_slo_lower_the_limit() -> None:
+    clock = Clock()
+    limit = Limit(16.0)
+    _window(limit, clock, 0.1, over=True)
+    assert limit.value < 16.0
+
+
+def test_a_static_limit_never_moves() -> None:
+    clock = Clock()
+    limit = Limit(8.0, adaptive=False)
+    limit.observe("busy", 0.01, busy=True, over_slo=False, now=clock.now)
+    _window(limit, clock, 5.0, over=True)
+    assert limit.value == 8.0
+
+
+def test_the_limit_stays_within_floor_and_ceiling() -> None:
+    clock = Clock()
+    limit = Limit(2.0, floor=1.0, ceiling=3.0)
+    for _ in range(10):
+        clock.now += 1
+        limit.observe("busy", 0.01, busy=True, over_slo=False, now=clock.now)
+    assert limit.value == 1.0
+    for _ in range(10):
+        limit.reached(limit.slots)
+        _window(limit, clock, 0.1)
+    assert limit.value == 3.0
+
+
+# ------------------------------------------------------------------ the waiting room
+
+
+def _ticket(priority: int, own: int = 0, wait: float = 5.0, length: int = 100,
+            shed: ShedPolicy = ShedPolicy.LOWEST_PRIORITY_FIRST) -> Ticket:  # fmt: skip
+    return Ticket((priority, own), wait, length, shed)
+
+
+def _run(coro: object) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_higher_priority_is_served_first_and_equal_priority_in_order() -> None:
+    async def main() -> None:
+        room = Room("t", Limit(1.0, adaptive=False))
+        assert room.try_enter((0, 0))
+        order: list[str] = []
+
+        async def wait(name: str, ticket: Ticket) -> None:
+            await room.enter(ticket, float("inf"), lambda: True)
+            order.append(name)
+
+        tasks = [asyncio.create_task(wait(n, t)) for n, t in
+                 [("bronze1", _ticket(-0, -1)), ("silver", _ticket(0)), ("gold", _ticket(100)),
+                  ("bronze2", _ticket(0, -1))]]  # fmt: skip
+        await asyncio.sleep(0.01)
+        assert room.waiting == 4
+        for _ in range(4):
+            room.leave(0.1)
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        assert order == ["gold", "silver", "bronze1", "bronze2"]
+
+    _run(main())
+
+
+def test_sheddable_requests_pass_when_there_is_room_and_are_refused_when_saturated() -> None:
+    async def main() -> None:
+        room = Room("t", Limit(1.0, adaptive=False))
+        assert await room.enter(_ticket(-1), float("inf"), lambda: True) == 0.0
+        with pytest.raises(RefusedError) as e:
+            await room.enter(_ticket(-1), float("inf"), lambda: True)
+        assert "sheddable" in e.value.reason
+        assert e.value.retry_after > 0
+
+    _run(main())
+
+
+def test_a_wait_longer_than_allowed_is_refused_at_once_with_the_expected_wait() -> None:
+    async def main() -> None:
+        room = Room("t", Limit(1.0, adaptive=False))
+        room.try_enter((0, 0))
+        room.leave(2.0)  # a slot is held two seconds, lately
+        room.try_enter((0, 0))
+        with pytest.raises(RefusedError) as e:
+            await room.enter(_ticket(0, wait=0.5), float("inf"), lambda: True)
+        assert e.value.retry_after == pytest.approx(2.0)
+        assert room.waiting == 0
+
+    _run(main())
+
+
+def test_a_full_room_gives_the_lowest_waiters_place_to_a_higher_one() -> None:
+    async def main() -> None:
+        room = Room("t", Limit(1.0, adaptive=False))
+        room.try_enter((0, 0))
+        low = asyncio.create_task(room.enter(_ticket(0, -1, length=1), float("inf"), lambda: True))
+        await asyncio.sleep(0.01)
+        high = asyncio.create_task(room.enter(_ticket(10, length=1), float("inf"), lambda: True))
+        await asyncio.sleep(0.01)
+        with pytest.raises(RefusedError, match="higher priority"):
+            await low
+        # A newcomer ranked below everyone waiting is refused itself.
+        with pytest.raises(RefusedError, match="full"):
+            await room.enter(_ticket(0, length=1), float("inf"), lambda: True)
+        room.leave(0.1)
+        await high
+        assert room.in_flight == 1
+
+    _run(main())
+
+
+def test_a_caller_that_hangs_up_leaves_the_queue_and_a_slot_reaches_the_next() -> None:
+    async def main() -> None:
+        room = Room("t", Limit(1.0, adaptive=False))
+        room.try_enter((0, 0))
+        connected = [True]
+        gone = asyncio.create_task(room.enter(_ticket(5), float("inf"), lambda: connected[0]))
+        after = asyncio.create_task(room.enter(_ticket(0), float("inf"), lambda: True))
+        await asyncio.sleep(0.01)
+        connected[0] = False
+        with pytest.raises(GoneError):
+            await asyncio.wait_for(gone, 2)
+        assert room.waiting == 1
+        room.leave(0.1)
+        await asyncio.wait_for(after, 1)
+        assert room.in_flight == 1
+
+    _run(main())
+
+
+def test_a_wait_ends_at_the_deadline_and_draining_refuses_with_503() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        room = Room("t", Limit(1.0, adaptive=False))
+        room.try_enter((0, 0))
+        room.leave(0.01)  # slots turn over fast, lately: a short wait is worth it
+        room.try_enter((0, 0))
+        with pytest.raises(RefusedError, match="maximum wait"):
+            await room.enter(_ticket(0, wait=0.05), loop.time() + 10, lambda: True)
+        waiting = asyncio.create_task(room.enter(_ticket(0), float("inf"), lambda: True))
+        await asyncio.sleep(0.01)
+        assert room.drain(0.0) == 1
+        with pytest.raises(RefusedError) as e:
+            await waiting
+        assert e.value.status == 503
+
+    _run(main())
+
+
+# ------------------------------------------------------------------ degradation
+
+
+STEPS = (
+    DegradationStep(at_load_percent=50, max_tokens=64),
+    DegradationStep(at_load_percent=80, max_tokens=16, max_temperature=0.3, disable_streaming=True),
+)
+
+
+def test_below_the_first_level_nothing_changes() -> None:
+    assert degrade.plan(STEPS, 49.9) is None
+
+
+def test_steps_add_up_and_only_real_changes_are_reported() -> None:
+    p = degrade.plan(STEPS, 90)
+    assert p is not None and p.level == 80 and p.max_tokens == 16 and p.no_stream
+    body, changes = degrade.apply(p, "chat", {"model": "m", "max_tokens": 500, "stream": True,
+                                              "stream_options": {"include_usage": True}}, stream=True)  # fmt: skip
+    assert body["max_tokens"] == 16 and body["temperature"] == 0.3 and body["stream"] is False
+    assert "stream_options" not in body
+    assert changes == ["max_tokens=16", "temperature=0.3", "no_stream"]
+    # Already within the caps: nothing to change, nothing reported.
+    p = degrade.plan(STEPS, 60)
+    assert p is not None
+    body, changes = degrade.apply(p, "chat", {"model": "m", "max_tokens": 10, "temperature": 0.0}, stream=False)
+    assert changes == [] and body["max_tokens"] == 10
+
+
+def test_the_cap_applies_to_the_field_the_request_uses() -> None:
+    p = degrade.plan(STEPS, 55)
+    assert p is not None
+    body, _ = degrade.apply(p, "chat", {"max_completion_tokens": 1000}, stream=False)
+    assert body == {"max_completion_tokens": 64}
