@@ -7,8 +7,9 @@ backend and replica by the caller's sidecar, which also owns fallback to other t
 namespace's Policy is narrowed to that one tier and backend, whose one endpoint is the model server
 next door: a pure function of the Policy, applied again on every hot reload.
 
-What this role is for, per-replica concurrency and priority shedding, belongs to the admission
-stage, which does not exist yet: today the ingress validates, counts, forwards and measures.
+Per-replica concurrency and priority shedding are the admit stage's, as in any sidecar: here the
+one target's limit is fixed at the backend's `maxConcurrencyPerReplica` (admission/rooms.py), and
+a caller's `x-tierwise-priority: low` (passed on by its sidecar) ranks within the tier.
 """
 
 from __future__ import annotations

@@ -145,6 +145,9 @@ async def attempt(
     headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
     if cand.backend.api_key:
         headers["Authorization"] = f"Bearer {cand.backend.api_key}"
+    if x.identity.priority < 0 and cand.backend.spec.deployment is not None:
+        # The ingress in front of a self-hosted replica orders its waiting room by it too.
+        headers["x-tierwise-priority"] = "low"
     if x.stream:
         timeout = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_read=t.first_byte)
     else:

@@ -88,13 +88,15 @@ class LocalRates:
 
     def __init__(self) -> None:
         self.buckets: dict[str, tuple[Bucket | None, Bucket | None]] = {}
+        # When each key's buckets are full again (a full bucket is the same as a forgotten one).
+        self.full_at: dict[str, float] = {}
 
     def take(self, rule: RateRule, key: str, cost: float, share: float, now: float) -> Verdict:
         verdict, after = judge(rule, self.buckets.get(key, (None, None)), cost, share, now)
         if verdict.allowed:
             if len(self.buckets) >= MAX_LOCAL_BUCKETS and key not in self.buckets:
-                self._forget_full(rule, share, now)
-            self.buckets[key] = after
+                self._forget_full(now)
+            self._keep(rule, key, after, share, now)
         return verdict
 
     def correct(self, rule: RateRule, key: str, amount: float, share: float, now: float) -> None:
@@ -103,14 +105,23 @@ class LocalRates:
             return
         requests, tokens = self.buckets.get(key, (None, None))
         rate, size = rule.tokens_per_second * share, rule.tokens_size * share
-        self.buckets[key] = (requests, give(tokens, rate, size, amount, now))
+        self._keep(rule, key, (requests, give(tokens, rate, size, amount, now)), share, now)
 
-    def _forget_full(self, rule: RateRule, share: float, now: float) -> None:
-        # A bucket idle for longer than its refill time is full again: forgetting it changes nothing.
-        refill = max(rule.burst / (rule.rps * share) if rule.rps else 0.0, 60.0 / share)
-        stale = [k for k, (r, t) in self.buckets.items() if all(b is None or now - b.at >= refill for b in (r, t))]
-        for k in stale:
+    def _keep(self, rule: RateRule, key: str, held: tuple[Bucket | None, Bucket | None], share: float,
+              now: float) -> None:  # fmt: skip
+        self.buckets[key] = held
+        requests, tokens = held
+        refill = 0.0
+        if requests is not None and rule.rps:
+            refill = (max(1.0, rule.burst * share) - requests.tokens) / (rule.rps * share)
+        if tokens is not None and rule.tokens_per_second:
+            refill = max(refill, (rule.tokens_size - tokens.tokens / share) / rule.tokens_per_second)
+        self.full_at[key] = now + refill
+
+    def _forget_full(self, now: float) -> None:
+        for k in [k for k, at in self.full_at.items() if at <= now]:
             del self.buckets[k]
+            del self.full_at[k]
 
 
 class Rates(Protocol):
