@@ -118,6 +118,9 @@ def test_gold_keeps_its_slo_under_three_times_the_backends_capacity(loop: Loop, 
     try:
         rps = 3 * capacity / latency
         results = asyncio.run(_offer(gw, rps, 6.0, [("gold", 0.2), ("silver", 0.3), ("bronze", 0.5)]))
+        # Every slot came back and nobody is left waiting.
+        rooms = gw.gateway.state.get(ROOMS)
+        assert [(r.in_flight, r.waiting) for r in rooms.rooms.values()] == [(0, 0)]
     finally:
         gw.close()
         fake.close()

@@ -146,10 +146,41 @@ def test_a_wait_longer_than_allowed_is_refused_at_once_with_the_expected_wait() 
         room.try_enter((0, 0))
         room.leave(2.0)  # a slot is held two seconds, lately
         room.try_enter((0, 0))
+        gold = asyncio.create_task(room.enter(_ticket(10), float("inf"), lambda: True))
+        await asyncio.sleep(0.01)
         with pytest.raises(RefusedError) as e:
             await room.enter(_ticket(0, wait=0.5), float("inf"), lambda: True)
-        assert e.value.retry_after == pytest.approx(2.0)
-        assert room.waiting == 0
+        assert e.value.retry_after == pytest.approx(4.0)  # gold first, then its own turn: two holds
+        assert room.waiting == 1
+        # The highest rank present is never refused on an estimate: it waits its turn.
+        top = asyncio.create_task(room.enter(_ticket(10, wait=0.5), float("inf"), lambda: True))
+        await asyncio.sleep(0.01)
+        assert room.waiting == 2 and not top.done()
+        room.leave(0.1)
+        await gold
+        room.leave(0.1)
+        await top
+
+    _run(main())
+
+
+def test_a_slot_above_the_known_capacity_is_a_probe_for_the_lowest_waiter() -> None:
+    async def main() -> None:
+        limit = Limit(3.0)
+        limit.safe = 2.0  # the target took two; a third is a probe that may come back 429
+        room = Room("t", limit)
+        for _ in range(3):
+            assert room.try_enter((0, 0))
+        gold = asyncio.create_task(room.enter(_ticket(10), float("inf"), lambda: True))
+        low = asyncio.create_task(room.enter(_ticket(0, -1), float("inf"), lambda: True))
+        await asyncio.sleep(0.01)
+        room.leave(0.1)  # two in flight: the free slot is the third, the probe
+        await asyncio.sleep(0.01)
+        assert low.done() and not gold.done()
+        room.leave(0.1)
+        room.leave(0.1)  # one in flight: the free slot is within what the target takes
+        await asyncio.sleep(0.01)
+        assert gold.done()
 
     _run(main())
 

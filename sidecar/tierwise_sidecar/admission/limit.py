@@ -71,6 +71,9 @@ class Limit:
     congested: bool = False
     # When the limit was last cut: an answer to a request sent before then tells of the old limit.
     cut_at: float = -math.inf
+    # The highest limit known to be within the target's capacity (none known until a first cut):
+    # slots above it are probes, which the waiting room hands to its lowest-ranked waiters.
+    safe: float = math.inf
     decreases: int = 0
     increases: int = 0
 
@@ -109,9 +112,11 @@ class Limit:
         self.congested = w.busy > 0 or w.over > OVER_SLO_SHARE * w.samples or queued
         if self.congested:
             self.value = max(self.floor, self.value * DECREASE)
+            self.safe = self.value
             self.cut_at = now
             self.decreases += 1
         elif w.reached:
+            self.safe = max(self.safe, self.value) if math.isfinite(self.safe) else self.safe
             self.value = min(self.ceiling, self.value + max(1.0, math.sqrt(self.value) / 2))
             self.increases += 1
         self.window = Window()

@@ -4,9 +4,10 @@ shared by every tier that sends there, so priorities order requests across tiers
 A request takes a slot at once when one is free and nobody of its rank or higher waits; else it
 waits in rank order (the tier's priority, then the request's own, then first come) for at most
 its tier's maximum wait. A request is refused at once, with the wait it would have had as
-Retry-After, when that wait is longer than it may wait (or, for a sheddable request, when the
-target is saturated at all): the lowest priorities wait first and are turned away first, and
-nobody holds a place only to time out. A full room sheds by the tier's policy: the lowest-ranked
+Retry-After, when that wait is longer than it may wait and a higher rank is waiting too (or, for a
+sheddable request, when the target is saturated at all): the lowest priorities wait first and are
+turned away first, and nobody holds a place only to time out. The highest rank present waits out
+its patience instead: it is next whatever the estimate says. A full room sheds by the tier's policy: the lowest-ranked
 waiter gives its place to a higher one, or the newcomer (or the oldest) is refused.
 
 The expected wait is Little's law on what the room has seen: the requests ahead, over the slots,
@@ -92,6 +93,11 @@ class Room:
     def saturated(self) -> bool:
         return self.in_flight >= self.limit.slots or self.waiting > 0 or self.limit.congested
 
+    def _outranked(self, rank: Rank) -> bool:
+        """Does someone of a higher rank wait? The highest rank present always waits its full
+        patience rather than be refused on an estimate: it is served first whatever comes."""
+        return any(w.rank > rank for w in self.heap if not w.future.done())
+
     def ahead_of(self, rank: Rank) -> int:
         return sum(1 for w in self.heap if w.rank >= rank and not w.future.done())
 
@@ -118,7 +124,7 @@ class Room:
         patience = min(ticket.max_wait, deadline - now)
         if ticket.sheddable:
             raise RefusedError(f"target {self.name} is saturated and the request's tier is sheddable", expected)
-        if expected > patience:
+        if expected > patience and self._outranked(ticket.rank):
             raise RefusedError(f"target {self.name} is saturated: the expected wait ({expected:.1f}s) is longer than "
                           f"this request may wait ({max(patience, 0):.1f}s)", expected)  # fmt: skip
         self._make_room(ticket)
@@ -184,9 +190,11 @@ class Room:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Hand free slots to the highest waiters (also after the limit rose)."""
+        """Hand free slots to the highest waiters (also after the limit rose). A slot above the
+        level the target is known to take is a probe of its capacity, which may well be answered
+        429: it goes to the lowest-ranked waiter, so gold does not pay for the probing."""
         while self.heap and self.in_flight < self.limit.slots:
-            w = heapq.heappop(self.heap)
+            w = self._lowest() if self.in_flight + 1 > self.limit.safe else heapq.heappop(self.heap)
             if w.future.done():
                 continue
             self._take()
@@ -195,6 +203,15 @@ class Room:
         # heap of only those is emptied here so it does not grow while nothing is dispatched.
         if self.heap and all(w.future.done() for w in self.heap):
             self.heap.clear()
+
+    def _lowest(self) -> Waiter:
+        live = [w for w in self.heap if not w.future.done()]
+        if not live:
+            return heapq.heappop(self.heap)
+        w = max(live)
+        self.heap.remove(w)
+        heapq.heapify(self.heap)
+        return w
 
     def drain(self, seconds: float) -> int:
         """Refuse (503) every waiter that cannot expect to start within `seconds`; how many."""
