@@ -3,6 +3,7 @@ Policy compiled by `tierwise compile`, in front of a fake model server, called w
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -150,3 +151,44 @@ def test_ingress_waits_unready_for_a_policy_that_declares_its_backend(net: Net, 
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_ingress_holds_its_replica_to_its_concurrency_and_serves_low_priority_last(
+    net: Net, tmp_path: Path, launch: Launch
+) -> None:
+    model_server = net.fake("model-server", first_byte_ms=300, completion_tokens=2)
+    docs = _tiers()
+    silver = next(d for d in docs if d["metadata"]["name"] == "silver")
+    llama = next(b for b in silver["spec"]["backends"] if b["name"] == "llama-8b")
+    llama["deployment"]["maxConcurrencyPerReplica"] = 1
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_bytes(_compile(tmp_path, docs))
+    _, url = launch(
+        "sidecar", "--ingress", "silver/llama-8b", "--upstream", model_server.v1,
+        "--namespace", NAMESPACE, "--policy-file", str(policy_file),
+    )  # fmt: skip
+
+    async def burst() -> list[tuple[str, int]]:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30.0)
+        order: list[tuple[str, int]] = []
+
+        async def call(name: str, priority: str) -> None:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="silver", messages=CHAT["messages"], extra_headers={"x-tierwise-priority": priority}
+            )
+            order.append((name, int(raw.headers["x-tierwise-queue-wait-ms"])))
+
+        first = asyncio.create_task(call("first", "normal"))
+        await asyncio.sleep(0.1)
+        low = asyncio.create_task(call("low", "low"))
+        await asyncio.sleep(0.05)
+        normal = asyncio.create_task(call("normal", "normal"))
+        await asyncio.gather(first, low, normal)
+        await client.close()
+        return order
+
+    order = asyncio.run(burst())
+    # One at a time in the model server, whatever the callers send; the low one waited longest.
+    assert model_server.backend.stats.max_in_flight == 1
+    assert [name for name, _ in order] == ["first", "normal", "low"]
+    assert order[0][1] == 0 and order[2][1] > order[1][1] > 0
