@@ -34,6 +34,7 @@ from tierwise_sidecar.exchange import BufferSink, Exchange, Reply
 from tierwise_sidecar.pipeline import Chain
 from tierwise_sidecar.policy_source import CrFolder
 from tierwise_sidecar.secrets import SecretSource
+from tierwise_sidecar.upstream import Candidate, Started
 
 BODY = {
     "model": "gpt-4o-mini",
@@ -63,6 +64,12 @@ class Answer:
     async def enter(self, x: Exchange) -> Reply | None:
         tier = x.runtime.tiers[x.identity.tier]
         backend = tier.by_price[0]
+        if x.gate is not None:
+            # What forward asks of the admit stage on every try: a slot of the target, and what
+            # the answer tells its limit (the slot is given back on the admit stage's way out).
+            cand = Candidate(tier, backend, backend.url or "", None)
+            await x.gate.to(cand)
+            x.gate.observe(cand, 0.001, Started(cand, data=ANSWER_DATA), None)
         x.outcome.tier, x.outcome.backend = tier.name, backend
         x.outcome.segments.append(segment(backend, {"prompt_tokens": 14, "completion_tokens": 4}, 0, 0))
         x.served = ANSWER_DATA  # as the forward stage leaves it for the cache to store
@@ -117,7 +124,13 @@ spec: {}
 
 
 async def measure(  # noqa: PLR0917 (a benchmark's knobs)
-    store: str | None, requests: int, warmup: int, tmp: Path, steered: bool = False, cache: str | None = None
+    store: str | None,
+    requests: int,
+    warmup: int,
+    tmp: Path,
+    steered: bool = False,
+    cache: str | None = None,
+    admit: bool = True,
 ) -> dict[str, Any]:
     policy = tmp / f"policy-{store or 'none'}".replace(":", "_").replace("/", "_")
     policy.mkdir()
@@ -133,7 +146,8 @@ async def measure(  # noqa: PLR0917 (a benchmark's knobs)
     await gw.state.start()
     pipeline = gw.pipeline
     assert pipeline is not None
-    timed = [Timed(s) for s in pipeline.chain.stages if s.name != "forward"]
+    # Without admit: the chain as it was before the stage, to state its cost in one run.
+    timed = [Timed(s) for s in pipeline.chain.stages if s.name != "forward" and (admit or s.name != "admit")]
     chain = Chain([*timed, Answer()])
     runtime = pipeline.runtime
     raw = json.dumps({**BODY, "temperature": 0} if cache else BODY).encode()
@@ -184,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        configs: dict[str, str | None] = {"no budget": None, "no budget, steered": None, "budget, memory": "memory",
+        configs: dict[str, str | None] = {"no budget, no admit": None, "no budget": None,
+                                          "no budget, steered": None, "budget, memory": "memory",
                                           "cache, misses": None, "cache, hits": None}  # fmt: skip
         configs["budget, SQLite"] = f"sqlite:{tmp / 'ledger.sqlite'}"
         if args.redis:
@@ -199,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                     store = f"sqlite:{run_dir / 'ledger.sqlite'}"  # a fresh ledger per run
                 steered = name.endswith("steered")
                 cache = name.removeprefix("cache, ") if name.startswith("cache") else None
-                results[name].append(run_loop(measure(store, args.requests, args.warmup, run_dir, steered, cache)))
+                admit = not name.endswith("no admit")
+                results[name].append(run_loop(measure(store, args.requests, args.warmup, run_dir, steered, cache,
+                                                      admit)))  # fmt: skip
     names = list(configs)
     stages = list(results[names[0]][0]["stages"])
     for n in names:

@@ -166,19 +166,19 @@ def test_a_wait_longer_than_allowed_is_refused_at_once_with_the_expected_wait() 
 
 def test_a_slot_above_the_known_capacity_is_a_probe_for_the_lowest_waiter() -> None:
     async def main() -> None:
-        limit = Limit(3.0)
-        limit.safe = 2.0  # the target took two; a third is a probe that may come back 429
+        limit = Limit(2.0)
+        limit.safe = 2.0  # the target is known to take two
         room = Room("t", limit)
-        for _ in range(3):
+        for _ in range(2):
             assert room.try_enter((0, 0))
         gold = asyncio.create_task(room.enter(_ticket(10), float("inf"), lambda: True))
         low = asyncio.create_task(room.enter(_ticket(0, -1), float("inf"), lambda: True))
         await asyncio.sleep(0.01)
-        room.leave(0.1)  # two in flight: the free slot is the third, the probe
+        limit.value = 3.0  # the limit rose: the third slot is a probe that may come back 429
+        room.dispatch()
         await asyncio.sleep(0.01)
         assert low.done() and not gold.done()
-        room.leave(0.1)
-        room.leave(0.1)  # one in flight: the free slot is within what the target takes
+        room.leave(0.1)  # the third slot again: the probe was made, rank decides
         await asyncio.sleep(0.01)
         assert gold.done()
 

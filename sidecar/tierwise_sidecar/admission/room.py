@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from tierwise_sidecar.admission.limit import Limit
 GONE_POLL_SECONDS = 0.25
 # Weight of the newest slot-hold time in its moving average.
 HOLD_EWMA = 0.1
+# How long the highest rank seen keeps the privilege of never being refused on an estimate.
+TOP_SECONDS = 10.0
 
 Rank = tuple[int, int]
 
@@ -80,6 +83,13 @@ class Room:
         self.heap: list[Waiter] = []
         self.waiting = 0
         self.hold = 0.0  # seconds a slot is held, on average lately
+        # The highest rank that asked for a slot lately, and when: it is never refused on an estimate.
+        self.top: Rank = (-(2**31), 0)
+        self.top_at = -math.inf
+        # Slots seen at the last dispatch: when the limit rises past what the target is known to
+        # take, one slot is a probe, owed to the lowest waiter.
+        self._slots = limit.slots
+        self._probe_owed = False
         self._seq = itertools.count()
 
     # ------------------------------------------------------------ reading
@@ -94,9 +104,14 @@ class Room:
         return self.in_flight >= self.limit.slots or self.waiting > 0 or self.limit.congested
 
     def _outranked(self, rank: Rank) -> bool:
-        """Does someone of a higher rank wait? The highest rank present always waits its full
+        """Did a higher rank ask for a slot lately? The highest rank present waits out its
         patience rather than be refused on an estimate: it is served first whatever comes."""
-        return any(w.rank > rank for w in self.heap if not w.future.done())
+        return rank < self.top and self.clock() - self.top_at < TOP_SECONDS
+
+    def _seen(self, rank: Rank) -> None:
+        now = self.clock()
+        if rank >= self.top or now - self.top_at >= TOP_SECONDS:
+            self.top, self.top_at = rank, now
 
     def ahead_of(self, rank: Rank) -> int:
         return sum(1 for w in self.heap if w.rank >= rank and not w.future.done())
@@ -109,6 +124,7 @@ class Room:
     # ------------------------------------------------------------ entering and leaving
 
     def try_enter(self, rank: Rank) -> bool:
+        self._seen(rank)
         if self.in_flight < self.limit.slots and not any(w.rank >= rank for w in self.heap if not w.future.done()):
             self._take()
             return True
@@ -190,13 +206,20 @@ class Room:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Hand free slots to the highest waiters (also after the limit rose). A slot above the
-        level the target is known to take is a probe of its capacity, which may well be answered
-        429: it goes to the lowest-ranked waiter, so gold does not pay for the probing."""
-        while self.heap and self.in_flight < self.limit.slots:
-            w = self._lowest() if self.in_flight + 1 > self.limit.safe else heapq.heappop(self.heap)
+        """Hand free slots to the highest waiters (also after the limit rose). When the limit rises
+        past the level the target is known to take, the first slot above it is a probe of the
+        target's capacity, which may well be answered 429: it goes to the lowest-ranked waiter, so
+        gold does not pay for the probing; the slots after it go by rank again."""
+        slots = self.limit.slots
+        if slots != self._slots:
+            self._probe_owed = slots > self._slots and slots > self.limit.safe
+            self._slots = slots
+        while self.heap and self.in_flight < slots:
+            probe = self._probe_owed and self.in_flight + 1 > self.limit.safe
+            w = self._lowest() if probe else heapq.heappop(self.heap)
             if w.future.done():
                 continue
+            self._probe_owed = self._probe_owed and not probe
             self._take()
             w.future.set_result(None)
         # Cancelled and refused waiters left in the heap are dropped when they reach the top; a

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from tierwise.api.tier import DegradationStep, FailureKind, InferenceTierSpec, ShedPolicy
@@ -88,10 +88,12 @@ class AdmissionNote:
     level: int = 0
     # What the rate limit took: (rule, bucket key, tokens charged, judged locally).
     charged: tuple[RateRule, str, float, bool] | None = None
+    # A slot was had: the degradation decided on the way in was served (not refused).
+    admitted: bool = False
 
     def headers(self) -> dict[str, str]:
         h = {H_QUEUE_WAIT: str(round(self.waited * 1000))}
-        if self.changes:
+        if self.changes and self.admitted:
             h[H_DEGRADED] = f"load={self.level}%; " + ", ".join(self.changes)
         return h
 
@@ -157,6 +159,7 @@ class Gate:
         self.room, self.since = room, time.monotonic()
         assert x.admission is not None
         x.admission.waited += waited
+        x.admission.admitted = True
         metrics.wait.observe((x.identity.namespace, x.identity.tier), waited)
         return True
 
@@ -169,6 +172,9 @@ class Gate:
             return False
         self.release()
         self.stage.metrics.requeued.inc((self.x.identity.namespace, self.x.identity.tier))
+        assert self.x.admission is not None
+        # The wait is the request's, not each try's: what is left of it.
+        self.ticket = replace(self.ticket, max_wait=max(0.0, self.ticket.max_wait - self.x.admission.waited))
         return await self._enter(room, cand, raising=False)
 
     def observe(self, cand: Candidate, seconds: float, started: Started | None, failure: FailureKind | None) -> None:
@@ -273,14 +279,17 @@ class AdmissionStage:
         x.body, x.altered = body, True
         x.payloads.clear()
         note.changes, note.level = changes, p.level
-        for change in changes:
-            self.metrics.degraded.inc((x.identity.namespace, x.identity.tier, change.partition("=")[0]))
 
     async def leave(self, x: Exchange) -> None:
         if x.gate is not None:
             x.gate.release()
         note = x.admission
-        if note is None or note.charged is None:
+        if note is None:
+            return
+        if note.admitted:
+            for change in note.changes:
+                self.metrics.degraded.inc((x.identity.namespace, x.identity.tier, change.partition("=")[0]))
+        if note.charged is None:
             return
         rule, key, cost, local = note.charged
         # The estimate charged against what was used (nothing, for a request that failed or was refused).
