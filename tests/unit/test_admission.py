@@ -185,6 +185,21 @@ def test_a_slot_above_the_known_capacity_is_a_probe_for_the_lowest_waiter() -> N
     _run(main())
 
 
+def test_after_one_of_a_rank_waited_out_its_patience_the_next_are_refused_at_once() -> None:
+    async def main() -> None:
+        room = Room("t", Limit(1.0, adaptive=False))
+        room.try_enter((0, 0))
+        room.leave(0.01)
+        room.try_enter((10, 0))  # gold asked lately: silver is refused on estimates
+        with pytest.raises(RefusedError, match="maximum wait"):
+            await room.enter(_ticket(0, wait=0.05), float("inf"), lambda: True)
+        with pytest.raises(RefusedError, match="lately") as e:
+            await room.enter(_ticket(0, wait=0.05), float("inf"), lambda: True)
+        assert e.value.retry_after >= 0.05 and room.waiting == 0
+
+    _run(main())
+
+
 def test_a_full_room_gives_the_lowest_waiters_place_to_a_higher_one() -> None:
     async def main() -> None:
         room = Room("t", Limit(1.0, adaptive=False))

@@ -4,11 +4,13 @@ shared by every tier that sends there, so priorities order requests across tiers
 A request takes a slot at once when one is free and nobody of its rank or higher waits; else it
 waits in rank order (the tier's priority, then the request's own, then first come) for at most
 its tier's maximum wait. A request is refused at once, with the wait it would have had as
-Retry-After, when that wait is longer than it may wait and a higher rank is waiting too (or, for a
-sheddable request, when the target is saturated at all): the lowest priorities wait first and are
-turned away first, and nobody holds a place only to time out. The highest rank present waits out
-its patience instead: it is next whatever the estimate says. A full room sheds by the tier's policy: the lowest-ranked
-waiter gives its place to a higher one, or the newcomer (or the oldest) is refused.
+Retry-After, when that wait is longer than it may wait, or when one of its rank waited out its
+patience in the last second (the queue of that rank stands at its limit), and a higher rank asked
+for a slot lately (for a sheddable request: when the target is saturated at all). The lowest
+priorities wait first and are turned away first, and few hold a place only to time out. The
+highest rank present waits out its patience instead: it is next whatever the estimate says. A
+full room sheds by the tier's policy: the lowest-ranked waiter gives its place to a higher one, or
+the newcomer (or the oldest) is refused.
 
 The expected wait is Little's law on what the room has seen: the requests ahead, over the slots,
 times how long a slot has recently been held.
@@ -33,6 +35,8 @@ GONE_POLL_SECONDS = 0.25
 HOLD_EWMA = 0.1
 # How long the highest rank seen keeps the privilege of never being refused on an estimate.
 TOP_SECONDS = 10.0
+# How long after a waiter of a rank waited out its patience the next ones of it are refused at once.
+GAVE_UP_SECONDS = 1.0
 
 Rank = tuple[int, int]
 
@@ -90,6 +94,9 @@ class Room:
         # take, one slot is a probe, owed to the lowest waiter.
         self._slots = limit.slots
         self._probe_owed = False
+        # When a waiter of each rank last waited out its patience: the queue of that rank stands
+        # at its limit, and the next ones are refused at once instead of after the same wait.
+        self.gave_up: dict[Rank, float] = {}
         self._seq = itertools.count()
 
     # ------------------------------------------------------------ reading
@@ -140,9 +147,13 @@ class Room:
         patience = min(ticket.max_wait, deadline - now)
         if ticket.sheddable:
             raise RefusedError(f"target {self.name} is saturated and the request's tier is sheddable", expected)
-        if expected > patience and self._outranked(ticket.rank):
-            raise RefusedError(f"target {self.name} is saturated: the expected wait ({expected:.1f}s) is longer than "
-                          f"this request may wait ({max(patience, 0):.1f}s)", expected)  # fmt: skip
+        if self._outranked(ticket.rank):
+            if expected > patience:
+                raise RefusedError(f"target {self.name} is saturated: the expected wait ({expected:.1f}s) is longer "
+                                   f"than this request may wait ({max(patience, 0):.1f}s)", expected)  # fmt: skip
+            if now - self.gave_up.get(ticket.rank, -math.inf) < GAVE_UP_SECONDS:
+                why = f"requests of this priority waited out their maximum wait ({ticket.max_wait:.1f}s) lately"
+                raise RefusedError(f"target {self.name} is saturated: {why}", max(expected, ticket.max_wait))
         self._make_room(ticket)
         waiter = Waiter((-ticket.rank[0], -ticket.rank[1], next(self._seq)), ticket.rank,
                         asyncio.get_running_loop().create_future(), ticket.shed)  # fmt: skip
@@ -163,8 +174,10 @@ class Room:
 
     async def _wait(self, waiter: Waiter, until: float, connected: Callable[[], bool]) -> None:
         while True:
-            left = until - self.clock()
+            now = self.clock()
+            left = until - now
             if left <= 0:
+                self.gave_up[waiter.rank] = now
                 raise RefusedError(f"target {self.name} had no free slot within the request's maximum wait",
                               self.expected_wait(self.ahead_of(waiter.rank)))  # fmt: skip
             try:
