@@ -99,7 +99,10 @@ class Limit:
         elif seconds > 0:
             if over_slo:
                 w.over += 1
-            best = self.baselines.setdefault(kind, Baseline(since=now)).see(seconds, now)
+            baseline = self.baselines.get(kind)
+            if baseline is None:
+                baseline = self.baselines[kind] = Baseline(since=now)
+            best = baseline.see(seconds, now)
             if len(w.ratios) < MAX_RATIOS and best > 0:
                 w.ratios.append(seconds / best)
         elapsed = now - w.start

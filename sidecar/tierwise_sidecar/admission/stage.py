@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from tierwise.api.tier import DegradationStep, FailureKind, InferenceTierSpec, ShedPolicy
+from tierwise.api.tier import DegradationStep, FailureKind, InferenceTierSpec
 from tierwise.policy import Policy
 from tierwise_sidecar.admission import degrade
 from tierwise_sidecar.admission.metrics import ADMISSION_METRICS, AdmissionMetrics
@@ -50,15 +50,14 @@ class TierRules:
     """What admission needs of one tier, compiled once per Policy."""
 
     rate: RateRule | None
-    priority: int
-    max_wait: float
-    max_length: int
-    shed: ShedPolicy
     steps: tuple[DegradationStep, ...]
     # The tier's p95 objectives in seconds (None: not declared): an answer slower than its kind's
     # objective tells the target's limit it is too high.
     first_byte_slo: float | None
     total_slo: float | None
+    # What a request asks of a waiting room: at the tier's priority, or lowered by its header.
+    normal: Ticket
+    low: Ticket
 
     @classmethod
     def of(cls, name: str, spec: InferenceTierSpec) -> TierRules:
@@ -67,12 +66,11 @@ class TierRules:
         def seconds(ms: int | None) -> float | None:
             return ms / 1000 if ms is not None else None
 
+        q = spec.queue
         return cls(
+            normal=Ticket((spec.priority, 0), q.max_wait_milliseconds / 1000, q.max_length, q.shed),
+            low=Ticket((spec.priority, -1), q.max_wait_milliseconds / 1000, q.max_length, q.shed),
             rate=RateRule.of(name, spec.rate_limit) if spec.rate_limit is not None else None,
-            priority=spec.priority,
-            max_wait=spec.queue.max_wait_milliseconds / 1000,
-            max_length=spec.queue.max_length,
-            shed=spec.queue.shed,
             steps=tuple(spec.degradation.steps),
             first_byte_slo=seconds(slo.first_token_p95_milliseconds),
             total_slo=seconds(slo.total_p95_milliseconds),
@@ -142,26 +140,33 @@ class Gate:
 
     async def _enter(self, room: Room, cand: Candidate, raising: bool) -> bool:
         x, metrics = self.x, self.stage.metrics
-        labels = (x.identity.namespace, cand.tier.name, cand.backend.name)
-        metrics.waiting.inc(labels)
-        try:
-            waited = await room.enter(self.ticket, min(x.deadline, self.stage.rooms.drain_until), x.sink.connected)
-        except RefusedError as e:
-            metrics.refusals.inc((x.identity.namespace, x.identity.tier, _reason(e)))
-            if raising:
-                raise refusal(e) from None
+        waited = 0.0 if room.try_enter(self.ticket.rank) else await self._wait(room, cand, raising)
+        if waited < 0:
             return False
-        except GoneError:
-            raise ApiError(499, "the client closed the request while it waited", INVALID_REQUEST,
-                           "client_closed_request") from None  # fmt: skip
-        finally:
-            metrics.waiting.inc(labels, -1)
         self.room, self.since = room, time.monotonic()
         assert x.admission is not None
         x.admission.waited += waited
         x.admission.admitted = True
         metrics.wait.observe((x.identity.namespace, x.identity.tier), waited)
         return True
+
+    async def _wait(self, room: Room, cand: Candidate, raising: bool) -> float:
+        """No slot free: wait in the room. Seconds waited, or -1 when refused and not raising."""
+        x, metrics = self.x, self.stage.metrics
+        labels = (x.identity.namespace, cand.tier.name, cand.backend.name)
+        metrics.waiting.inc(labels)
+        try:
+            return await room.enter(self.ticket, min(x.deadline, self.stage.rooms.drain_until), x.sink.connected)
+        except RefusedError as e:
+            metrics.refusals.inc((x.identity.namespace, x.identity.tier, _reason(e)))
+            if raising:
+                raise refusal(e) from None
+            return -1.0
+        except GoneError:
+            raise ApiError(499, "the client closed the request while it waited", INVALID_REQUEST,
+                           "client_closed_request") from None  # fmt: skip
+        finally:
+            metrics.waiting.inc(labels, -1)
 
     async def requeue(self, cand: Candidate) -> bool:
         """The target turned the try away as over its capacity: wait for a slot of it again, in rank
@@ -236,8 +241,7 @@ class AdmissionStage:
             await self._rate(x, rules.rate, note)
         if rules.steps and x.decision is not None and x.decision.order:
             self._degrade(x, rules, note)
-        rank = (rules.priority, min(int(who.priority), 0))
-        x.gate = Gate(self, x, Ticket(rank, rules.max_wait, rules.max_length, rules.shed))
+        x.gate = Gate(self, x, rules.low if who.priority < 0 else rules.normal)
         return None
 
     async def _rate(self, x: Exchange, rule: RateRule, note: AdmissionNote) -> None:
