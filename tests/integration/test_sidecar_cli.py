@@ -121,3 +121,13 @@ def test_estimate_prints_tokens_cost_and_route(tmp_path: Path) -> None:
         [*TIERWISE, "estimate", str(request), "--policy", str(crs), "--tier", "nope"], capture_output=True, check=False
     )
     assert bad.returncode == 1 and b"nope" in bad.stderr
+
+
+def test_estimate_of_the_quickstart_says_nothing_of_api_keys_it_does_not_need(tmp_path: Path) -> None:
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model": "gold", "messages": [{"role": "user", "content": "hi"}]}))
+    quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
+    out = subprocess.run([*TIERWISE, "estimate", str(request), "--policy", str(quickstart)], capture_output=True,
+                         check=True)  # fmt: skip
+    assert b"tier: gold" in out.stdout
+    assert out.stderr == b""  # no warning about the quickstart's Secret, once per backend
