@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 bash hack/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Bold headings on a terminal only: redirected to a file, the output carries no escape codes.
+if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold='' plain=''; fi
+step() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
 
 step "starting a local control plane (etcd + kube-apiserver + controller-manager + scheduler + kwok)"
 eval "$(python hack/localcluster.py up --nodes)"
@@ -35,6 +37,12 @@ cleanup() {
     # refuse every new pod of the kept cluster's labelled namespaces.
     kubectl delete mutatingwebhookconfiguration/tierwise-demo-inject \
       validatingwebhookconfiguration/tierwise-demo-validate --ignore-not-found >/dev/null
+    printf '\n== KEEP=1: the control plane is still running, with everything the demo applied:\n'
+    printf '   export KUBECONFIG=%s\n   kubectl get tierwise\n' "$KUBECONFIG"
+    printf 'The operator and the webhook stopped with the demo (their webhook configurations are removed, so new\n'
+    printf 'pods are created without a sidecar). Run the operator again with:\n'
+    printf '   tierwise operator --kubeconfig "$KUBECONFIG" --health-port 18081\n'
+    printf 'Stop the control plane with: python hack/localcluster.py down\n'
   else
     python hack/localcluster.py down >/dev/null
   fi
@@ -136,5 +144,7 @@ step "kubectl explain documents every field"
 kubectl explain inferencetier.spec.routing.costAware
 
 step "the Policy the sidecars of namespace default will enforce, compiled from what the cluster holds"
-kubectl get tierwise -o yaml | tierwise compile - --namespace default | head -n 60
-echo "... (tierwise compile examples/quickstart prints the same Policy from the files)"
+compiled="${TMPDIR:-/tmp}/tierwise-demo-policy.yaml"
+kubectl get tierwise -o yaml | tierwise compile - --namespace default >"$compiled"
+python hack/policy_summary.py "$compiled"
+echo "the whole Policy: $compiled (tierwise compile examples/quickstart prints the same from the files)"
