@@ -309,3 +309,7 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--priority", choices=["low", "normal", "high"], default="normal")
     e.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     e.set_defaults(func=_cmd_estimate)
+
+    from tierwise_sidecar.replay.command import add_command as add_replay
+
+    add_replay(sub)

@@ -1,0 +1,53 @@
+"""`tierwise replay` on a small trace through the quickstart Policy, as a user runs it: a real
+process, fake providers, the report's parts adding up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.conftest import TIERWISE
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a Python function that merges two sorted lists, then explain its complexity step by step.",
+    "Say hello.",
+)
+
+
+def _trace(path: Path, n: int = 45) -> None:
+    with path.open("w") as f:
+        for i in range(n):
+            tier = ("gold", "silver", "bronze")[i % 3]
+            body = {"model": tier, "messages": [{"role": "user", "content": PROMPTS[i % 3]}], "max_tokens": 64,
+                    "temperature": 0}  # fmt: skip
+            line = {"t": i * 0.1, "tier": tier, "tenant": ("acme", "globex")[i % 2], "body": body,
+                    "label": "hard" if i % 3 == 1 else "easy"}  # fmt: skip
+            f.write(json.dumps(line) + "\n")
+
+
+def test_replay_reports_the_saving_by_cause_and_the_slo_per_tier(tmp_path: Path) -> None:
+    trace, out = tmp_path / "trace.jsonl", tmp_path / "out"
+    _trace(trace)
+    run = subprocess.run(
+        [*TIERWISE, "replay", str(trace), "--policy", str(ROOT / "examples" / "quickstart"), "--speed", "5",
+         "--out", str(out)],
+        capture_output=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    text = run.stdout.decode()
+    assert "The Policy saves" in text and "\x1b[" not in text  # a file gets no terminal escape codes
+    doc = json.loads((out / "report.json").read_text())
+    s = doc["strategies"]
+    assert s["premium"]["requests"] == s["policy"]["requests"] == 45
+    assert s["policy"]["cost_usd"] < s["premium"]["cost_usd"]
+    saving = doc["saving"]
+    assert abs(sum(saving["byCause"].values()) - saving["usd"]) < 1e-9
+    assert abs(saving["usd"] - (s["premium"]["cost_usd"] - s["policy"]["cost_usd"])) < 1e-9
+    # Silver and bronze repeat their questions at temperature 0: the quickstart's cache answers them.
+    assert saving["byCause"]["cache hits"] > 0 and s["policy"]["cache_hits"] > 0
+    assert s["policy"]["sloCompliance"]["gold"] >= s["premium"]["sloCompliance"]["gold"]
+    for name in ("cost.png", "latency.png", "cache.png", "budget.png"):
+        assert (out / name).stat().st_size > 1000
