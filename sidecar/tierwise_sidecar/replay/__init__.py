@@ -1,0 +1,2 @@
+"""Replay traces: the trace format (trace), a seeded synthetic reference trace (tracegen), and a
+converter from gateway request logs (convert)."""
