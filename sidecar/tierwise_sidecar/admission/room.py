@@ -108,7 +108,10 @@ class Room:
 
     @property
     def saturated(self) -> bool:
-        return self.in_flight >= self.limit.slots or self.waiting > 0 or self.limit.congested
+        # Every slot taken, or somebody waiting for one. A congested last window is not enough by
+        # itself: it already lowered the limit, and a sheddable request is never refused while a
+        # slot is free (a noisy latency sample must not shed traffic the target could take).
+        return self.in_flight >= self.limit.slots or self.waiting > 0
 
     def _outranked(self, rank: Rank) -> bool:
         """Did a higher rank ask for a slot lately? The highest rank present waits out its

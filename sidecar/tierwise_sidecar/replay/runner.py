@@ -69,7 +69,9 @@ def strategy(policy: Policy, name: str) -> Policy:
     backends = [b for t in policy.tiers.values() for b in t.spec.backends]
     pick = max if name == PREMIUM else min
     chosen = pick(backends, key=lambda b: (blended_price(b.pricing), b.capabilities.strength))
-    chosen = chosen.model_copy(update={"weight": 100})
+    # An external backend whatever it was: every tier sends to one URL, so they share its waiting
+    # room and its limit, as they would share one endpoint.
+    chosen = chosen.model_copy(update={"weight": 100, "deployment": None, "url": "http://replay.invalid/v1"})
     tiers = {n: _alone(t, chosen) for n, t in policy.tiers.items()}
     return policy.model_copy(update={"tiers": tiers, "budgets": [], "cache_policies": []}).sealed()
 
@@ -123,6 +125,36 @@ def _pointed(policy: Policy, urls: dict[str, str]) -> Loaded:
                 backends.append(b.model_copy(update={"url": url, "api_key_secret_ref": None}))
         tiers[name] = t.model_copy(update={"spec": t.spec.model_copy(update={"backends": backends})})
     return Loaded(policy.model_copy(update={"tiers": tiers}).sealed(), endpoints)
+
+
+_SLO_FIELDS = ("first_token_p95_milliseconds", "first_token_p99_milliseconds", "total_p95_milliseconds",
+               "total_p99_milliseconds")  # fmt: skip
+
+
+def _compressed(policy: Policy, speed: float) -> Policy:
+    """The Policy on the replay's faster clock: latency objectives and waits `speed` times shorter
+    (the gateway's timeouts and its limiter judge wall time), rates `speed` times higher.
+    Concurrency needs nothing: as many requests are in flight at once on either clock."""
+    if speed == 1:
+        return policy
+
+    def shorter(ms: int | None) -> int | None:
+        return None if ms is None else max(1, round(ms / speed))
+
+    tiers = {}
+    for name, t in policy.tiers.items():
+        spec = t.spec
+        slo = spec.slo.model_copy(update={f: shorter(getattr(spec.slo, f)) for f in _SLO_FIELDS})
+        queue = spec.queue.model_copy(update={"max_wait_milliseconds": shorter(spec.queue.max_wait_milliseconds)})
+        rate = spec.rate_limit
+        if rate is not None:
+            rate = rate.model_copy(update={
+                "requests_per_second": rate.requests_per_second * speed if rate.requests_per_second else None,
+                "tokens_per_minute": round(rate.tokens_per_minute * speed) if rate.tokens_per_minute else None,
+            })  # fmt: skip
+        spec = spec.model_copy(update={"slo": slo, "queue": queue, "rate_limit": rate})
+        tiers[name] = t.model_copy(update={"spec": spec})
+    return policy.model_copy(update={"tiers": tiers})
 
 
 def _local_caches(policy: Policy, folder: Path) -> Policy:
@@ -179,7 +211,7 @@ async def replay(
         urls[model] = url + "/v1"
     config = GatewayConfig(budget_store="memory", reload_interval=3600)
     with tempfile.TemporaryDirectory(prefix="tierwise-replay-") as folder:
-        served = _pointed(_local_caches(chosen, Path(folder)), urls)
+        served = _pointed(_compressed(_local_caches(chosen, Path(folder)), speed), urls)
         gateway = Gateway(_Fixed(served), config, SecretSource(None, {}))
         try:
             if not gateway.reload():
