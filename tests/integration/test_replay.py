@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import TIERWISE
@@ -51,3 +52,25 @@ def test_replay_reports_the_saving_by_cause_and_the_slo_per_tier(tmp_path: Path)
     assert s["policy"]["sloCompliance"]["gold"] >= s["premium"]["sloCompliance"]["gold"]
     for name in ("cost.png", "latency.png", "cache.png", "budget.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_the_reference_trace_through_the_quickstart_costs_less_at_equal_gold_slo(tmp_path: Path) -> None:
+    trace, out = tmp_path / "ref.jsonl", tmp_path / "out"
+    subprocess.run(
+        [sys.executable, "-m", "tierwise_sidecar.replay.tracegen", "--out", str(trace), "--duration", "20",
+         "--spike-at", "8", "--spike-len", "4", "--outage-at", "15", "--outage-len", "2"],
+        capture_output=True, timeout=60, check=True,
+    )  # fmt: skip
+    run = subprocess.run(
+        [*TIERWISE, "replay", str(trace), "--policy", str(ROOT / "examples" / "quickstart"), "--out", str(out)],
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    doc = json.loads((out / "report.json").read_text())
+    s, saving = doc["strategies"], doc["saving"]
+    assert s["policy"]["requests"] > 50
+    assert abs(sum(saving["byCause"].values()) - saving["usd"]) < 1e-9
+    assert s["policy"]["cost_usd"] < s["premium"]["cost_usd"]
+    assert s["policy"]["sloCompliance"]["gold"] >= s["premium"]["sloCompliance"]["gold"]
