@@ -540,6 +540,8 @@ def run_config(args: argparse.Namespace, ctx: Context, cfg: Config) -> dict[str,
         out["startup_s"] = wait_ready(target.server, target.port, cfg.startup_timeout) if target.server else None
         sanity_check(target.port)
         for phase in PHASES:
+            if phase.name not in args.phases:
+                continue
             time.sleep(args.settle)
             res = run_phase(args, ctx, target, phase)
             out["phases"][phase.name] = res
@@ -764,6 +766,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write every raw result and the summary here")
     p.add_argument("--proxy-cpu", default="0", help="taskset CPU list for the proxy under test")
     p.add_argument("--client-cpu", default="1", help="taskset CPU list for the fake backend and the load generator")
+    p.add_argument(
+        "--phases",
+        default=",".join(ph.name for ph in PHASES),
+        help="comma-separated subset of the phases to run (e.g. c32 alone, for CPU per request under load)",
+    )
     p.add_argument("--wrk", action="store_true", help="cross-check c=32 throughput with wrk (if installed)")
     p.add_argument("--offline", action="store_true", help="re-run inside a new network namespace with only loopback")
     p.add_argument("--keep-logs", action="store_true", help="keep server logs (always kept after a failure)")
@@ -771,6 +778,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.runs, args.duration, args.warmup, args.settle = 1, 1.0, 0.3, 0.2
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    args.phases = [ph.strip() for ph in args.phases.split(",") if ph.strip()]
+    if set(args.phases) - {ph.name for ph in PHASES}:
+        p.error(f"unknown phases: {', '.join(sorted(set(args.phases) - {ph.name for ph in PHASES}))}")
     if args.before:
         BEFORE_REF.append(args.before)
         if not {"before", "before-redis"} & set(args.configs):
