@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tierwise.budgetrules import Amount
+from tierwise.budgetrules import Amount, BudgetRule
 from tierwise.money import micros_usd
 from tierwise_sidecar.budgets.ledger import Reservation, Verdict
 
@@ -14,6 +14,30 @@ H_STATE = "x-tierwise-budget-state"
 H_NOTICE = "x-tierwise-budget-notice"
 H_DOWNGRADED = "x-tierwise-downgraded-from"
 H_DEGRADED = "x-tierwise-budget-degraded"
+
+# One budget's header parts (remaining USD, remaining tokens, state) are a pure function of the
+# rule and its committed spend. Requests served from an allowance slice all see the same snapshot
+# of that spend until the next refresh, so the parts are rendered once per (rule, committed)
+# instead of once per request. Keyed by the rule's key, and checked to be the same rule object
+# (a reload may change a budget under the same key); cleared when full, so it stays small.
+_Parts = tuple[BudgetRule, str | None, str | None, str]
+_PARTS: dict[tuple[str, Amount], _Parts] = {}
+_PARTS_MAX = 1024
+
+
+def budget_parts(rule: BudgetRule, committed: Amount) -> _Parts:
+    key = (rule.key, committed)
+    hit = _PARTS.get(key)
+    if hit is not None and hit[0] is rule:
+        return hit
+    left = rule.remaining(committed)
+    usd = f"{rule.key}={micros_usd(left.micros)}" if rule.has_usd else None
+    tokens = f"{rule.key}={left.tokens}" if rule.has_tokens else None
+    parts = (rule, usd, tokens, f"{rule.key}={rule.state(committed).value}")
+    if len(_PARTS) >= _PARTS_MAX:
+        _PARTS.clear()
+    _PARTS[key] = parts
+    return parts
 
 
 @dataclass(slots=True)
@@ -31,13 +55,12 @@ class BudgetNote:
         h: dict[str, str] = {}
         usd, tokens, states = [], [], []
         for v in self.verdicts:
-            rule, committed = v.line.rule, v.committed
-            left = rule.remaining(committed)
-            if rule.has_usd:
-                usd.append(f"{rule.key}={micros_usd(left.micros)}")
-            if rule.has_tokens:
-                tokens.append(f"{rule.key}={left.tokens}")
-            states.append(f"{rule.key}={rule.state(committed).value}")
+            _, left_usd, left_tokens, state = budget_parts(v.line.rule, v.committed)
+            if left_usd is not None:
+                usd.append(left_usd)
+            if left_tokens is not None:
+                tokens.append(left_tokens)
+            states.append(state)
         if usd:
             h[H_REMAINING_USD] = ", ".join(usd)
         if tokens:

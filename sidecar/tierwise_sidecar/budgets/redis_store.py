@@ -47,6 +47,8 @@ SETTLE_DELAY = 0.05
 # Keys of a finished calendar period are kept a while for whoever reports on them, then expire.
 KEEP_AFTER_PERIOD = 35 * 24 * 3600
 APPLIED_TTL = 7 * 24 * 3600
+# Entries of the per-(budget, window) key caches; cleared when full (windows moved on).
+KEYS_CACHE_MAX = 256
 
 
 def _ttl(w: Window) -> int:
@@ -85,6 +87,8 @@ class StoreUnavailableError(Exception):
 # back if it could not be sent), or nothing (a give-back, sent when convenient).
 Waiter = asyncio.Future[Any] | Settle | None
 Op = tuple[list[Any], list[Any], Waiter]
+# A reservation's per-budget keys, and its arguments before and after the amounts.
+_ReserveParts = tuple[tuple[str, ...], tuple[int, int, int, int], tuple[str, str]]
 
 
 class RedisLedgerClient:
@@ -129,6 +133,8 @@ class RedisLedgerClient:
         self._in_flight = False
         self._timer: asyncio.TimerHandle | None = None
         self._settles_pending = 0
+        self._settle_cache: dict[tuple[str, Window], tuple[tuple[str, str, str, str], str, int]] = {}
+        self._reserve_cache: dict[tuple[str, Window], tuple[BudgetRule, _ReserveParts]] = {}
         self.sent = 0
         self.round_trips = 0
 
@@ -279,10 +285,9 @@ class RedisLedgerClient:
         keys: list[str] = []
         args: list[Any] = ["R", repr(now), repr(expires), len(lines)]
         for line, lease, want in zip(lines, ids, wants, strict=True):
-            r, w = line.rule, line.window
-            keys += [spend_key(r.key, w), *hold_keys(r.key)]
-            args += [1 if w.rolling else 0, w.first_bucket, *_caps(r), str(line.ask.micros), str(line.ask.tokens),
-                     str(want.micros), str(want.tokens), "1" if r.dry_run else "0", _throttle_spec(r),
+            budget_keys, head, tail = self._reserve_parts(line.rule, line.window)
+            keys += budget_keys
+            args += [*head, str(line.ask.micros), str(line.ask.tokens), str(want.micros), str(want.tokens), *tail,
                      lease]  # fmt: skip
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._post(keys, args, fut)
@@ -302,6 +307,23 @@ class RedisLedgerClient:
         reservation = Reservation(own, tuple(lines), expires, remote=True, leases=tuple(ids))
         return Booking(reservation, tuple(verdicts), extras=tuple(extras))
 
+    def _reserve_parts(self, rule: BudgetRule, w: Window) -> _ReserveParts:
+        """A reservation's keys and the arguments around its amounts for one budget in one window:
+        the same for every request of that window under the same rule, so formatted once. Checked
+        to be the same rule object: a reload may change a budget (caps, throttles) under its key."""
+        cached = self._reserve_cache.get((rule.key, w))
+        if cached is not None and cached[0] is rule:
+            return cached[1]
+        parts: _ReserveParts = (
+            (spend_key(rule.key, w), *hold_keys(rule.key)),
+            (1 if w.rolling else 0, w.first_bucket, *_caps(rule)),
+            ("1" if rule.dry_run else "0", _throttle_spec(rule)),
+        )
+        if len(self._reserve_cache) >= KEYS_CACHE_MAX:
+            self._reserve_cache.clear()
+        self._reserve_cache[(rule.key, w)] = (rule, parts)
+        return parts
+
     def next_seq(self) -> int:
         self._seq += 1
         return self._seq
@@ -316,12 +338,22 @@ class RedisLedgerClient:
         r = s.reservation
         args: list[Any] = ["S", s.seq, APPLIED_TTL, len(r.lines), str(s.actual.micros), str(s.actual.tokens)]
         for i, line in enumerate(r.lines):
-            rule, w = line.rule, line.window
-            held, leases, lease, _ = hold_keys(rule.key)
-            keys += [spend_key(rule.key, w), held, leases, lease]
-            args += [f"{w.last_bucket}:" if w.rolling else "", _ttl(w), r.leases[i] if r.leases else "",
-                     str(line.ask.micros), str(line.ask.tokens)]  # fmt: skip
+            budget_keys, bucket, ttl = self._settle_keys(line.rule.key, line.window)
+            keys += budget_keys
+            args += [bucket, ttl, r.leases[i] if r.leases else "", str(line.ask.micros), str(line.ask.tokens)]
         return keys, args
+
+    def _settle_keys(self, budget: str, w: Window) -> tuple[tuple[str, str, str, str], str, int]:
+        """A settle's keys, bucket field prefix and TTL for one budget in one window: the same for
+        every request settled in that window, so they are formatted once (a dict lookup instead)."""
+        cached = self._settle_cache.get((budget, w))
+        if cached is None:
+            held, leases, lease, _ = hold_keys(budget)
+            cached = (spend_key(budget, w), held, leases, lease), f"{w.last_bucket}:" if w.rolling else "", _ttl(w)
+            if len(self._settle_cache) >= KEYS_CACHE_MAX:
+                self._settle_cache.clear()  # windows moved on: the old ones are not asked for again
+            self._settle_cache[(budget, w)] = cached
+        return cached
 
     def give_back(self, rule: BudgetRule, lease: str, amount: Amount) -> None:
         """Release part of a slice, sent with the next flush; lost if that flush fails (the

@@ -41,6 +41,7 @@ log = logging.getLogger("tierwise.budgets")
 H_RESET = "x-tierwise-budget-reset"
 # Retry-After when a budget is short only because of what requests in flight hold.
 HELD_RETRY_SECONDS = 1
+COUNTING_MAX = 4096
 
 
 def make_ledger(state: SharedState) -> Ledger:
@@ -148,6 +149,19 @@ class BudgetStage:
         self.clock = clock
         self.lease_margin = lease_margin
         self.windows = Windows()
+        # The rules that count a (tenant, tier): the same for every request of the pair under this
+        # Policy, so the selectors are matched once. Bounded: tenants come from the Policy's keys,
+        # but a cap keeps an unexpected spread of them from growing it.
+        self._counting: dict[tuple[str | None, str], tuple[BudgetRule, ...]] = {}
+
+    def _rules_for(self, tenant: str | None, tier: str) -> tuple[BudgetRule, ...]:
+        rules = self._counting.get((tenant, tier))
+        if rules is None:
+            rules = tuple(r for r in self.rules if r.counts(tenant, tier))
+            if len(self._counting) >= COUNTING_MAX:
+                self._counting.clear()
+            self._counting[(tenant, tier)] = rules
+        return rules
 
     def activate(self) -> None:
         """This Policy's budgets are the ones in force (called on the event loop, at the swap)."""
@@ -156,7 +170,7 @@ class BudgetStage:
 
     async def enter(self, x: Exchange) -> Reply | None:
         who = x.identity
-        rules = [r for r in self.rules if r.counts(who.tenant, who.tier)]
+        rules = self._rules_for(who.tenant, who.tier)
         if not rules:
             return None
         now = self.clock()
