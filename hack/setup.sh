@@ -63,6 +63,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   say "could not install: ${missing[*]}"; exit 1
 fi
 
+# PYTHON_ONLY=1: stop here (the standalone gateway and the replay need nothing more); the demo
+# shows its first result before the Kubernetes build.
+if [ "${PYTHON_ONLY:-0}" = 1 ]; then say "ready (Python only)"; exit 0; fi
 if [ -z "${KUBEBUILDER_ASSETS:-}${TIERWISE_BIN_DIR:-}${TIERWISE_KUBECONFIG:-}" ]; then
   bash hack/build-tools.sh >/dev/null
 fi
