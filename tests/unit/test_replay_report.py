@@ -33,8 +33,9 @@ POLICY = [
     Result(0, 0.0, "gold", 200, 0.9, 0.010, tenant="b", label="hard", served_tier="gold", model="big"),
     Result(1, 0.5, "gold", 200, 1.5, 0.001, tenant="a", served_tier="gold", model="small"),  # routing
     Result(2, 1.0, "gold", 200, 0.01, 0.0, tenant="b", served_tier="gold", cached=True),  # cache
-    Result(3, 1.5, "bronze", 200, 0.3, 0.002, tenant="a", label="hard", served_tier="bronze", model="small",
-           degraded=True),  # fmt: skip
+    Result(
+        3, 1.5, "bronze", 200, 0.3, 0.002, tenant="a", label="hard", served_tier="bronze", model="small", degraded=True
+    ),
     Result(4, 2.0, "bronze", 429, 0.001, 0.0, tenant="b", code="rate_limit_exceeded"),
     Result(5, 2.5, "bronze", 200, 0.4, 0.003, tenant="a", served_tier="bronze", model="small"),  # tier choice
 ]
