@@ -291,3 +291,18 @@ def test_the_cap_applies_to_the_field_the_request_uses() -> None:
     assert p is not None
     body, _ = degrade.apply(p, "chat", {"max_completion_tokens": 1000}, stream=False)
     assert body == {"max_completion_tokens": 64}
+
+
+def test_while_the_sidecar_itself_lags_latency_is_not_held_against_the_target() -> None:
+    clock = Clock()
+    limit = Limit(16.0)
+    for _ in range(MIN_WINDOW_SAMPLES):
+        clock.now += 0.05
+        limit.observe("whole", 0.1, busy=False, over_slo=False, now=clock.now)
+    for _ in range(MIN_WINDOW_SAMPLES):  # five times slower and over the SLO, but the loop lags
+        clock.now += 0.05
+        limit.observe("whole", 0.5, busy=False, over_slo=True, now=clock.now, lagging=True)
+    assert limit.value == 16.0 and not limit.congested
+    clock.now += 1.0
+    limit.observe("busy", 0.01, busy=True, over_slo=False, now=clock.now, lagging=True)
+    assert limit.value < 16.0  # what the target says still counts

@@ -7,9 +7,10 @@ than the target's own recent best by more than QUEUE_TOLERANCE (requests queuein
 model server at its batch size makes the extra requests wait). A congested window multiplies the
 limit by DECREASE; a clean window in which the limit was actually reached raises it by about the
 square root of the limit, so a large target finds its level in a few dozen windows and a small one
-does not overshoot by much. As TCP cuts its window once per round trip, answers to requests sent
-before the last cut are not judged again: a burst of 429s is one cut, not a collapse to the floor.
-An idle target keeps its limit: nothing was learnt.
+does not overshoot by much. While the sidecar's own event loop lags (lag.py), latency is not held
+against the target: only its 429s, 503s and timeouts are. As TCP cuts its window once per round
+trip, answers to requests sent before the last cut are not judged again: a burst of 429s is one
+cut, not a collapse to the floor. An idle target keeps its limit: nothing was learnt.
 
 Latency is compared within its kind: a stream's time to first byte, a whole answer's time per
 token it generated (a long answer is not a slow target). The best of a kind is the minimum over
@@ -86,10 +87,14 @@ class Limit:
         if in_flight >= self.slots:
             self.window.reached = True
 
-    def observe(self, kind: str, seconds: float, *, busy: bool, over_slo: bool, now: float) -> None:
-        """One attempt's answer (or failure) from the target."""
+    def observe(self, kind: str, seconds: float, *, busy: bool, over_slo: bool, now: float,
+                lagging: bool = False) -> None:  # fmt: skip
+        """One attempt's answer (or failure) from the target. `lagging`: the sidecar's own loop runs
+        late, so the latency measured is partly its own: only what the target says counts."""
         if not self.adaptive or now - seconds < self.cut_at:
             return
+        if lagging and not busy:
+            over_slo, seconds = False, 0.0
         w = self.window
         if w.samples == 0 and w.busy == 0:
             w.start = now

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from tierwise.api.tier import DegradationStep, FailureKind, InferenceTierSpec
 from tierwise.policy import Policy
 from tierwise_sidecar.admission import degrade
+from tierwise_sidecar.admission.lag import LOOP_LAG, LoopLag
 from tierwise_sidecar.admission.metrics import ADMISSION_METRICS, AdmissionMetrics
 from tierwise_sidecar.admission.rates import InProcessRates, RateRule, Rates
 from tierwise_sidecar.admission.room import GoneError, RefusedError, Room, Ticket
@@ -197,13 +198,15 @@ class Gate:
             return
         if self.x.stream:
             slo = rules.first_byte_slo if rules else None
-            room.limit.observe("first", seconds, busy=False, over_slo=slo is not None and seconds > slo, now=now)
+            room.limit.observe("first", seconds, busy=False, over_slo=slo is not None and seconds > slo, now=now,
+                               lagging=self.stage.lag.lagging)  # fmt: skip
             return
         slo = rules.total_slo if rules else None
         usage = started.data.get("usage")
         generated = usage.get("completion_tokens") if isinstance(usage, dict) else None
         per_token = seconds / max(generated if isinstance(generated, int) else 1, 1)
-        room.limit.observe("whole", per_token, busy=False, over_slo=slo is not None and seconds > slo, now=now)
+        room.limit.observe("whole", per_token, busy=False, over_slo=slo is not None and seconds > slo, now=now,
+                           lagging=self.stage.lag.lagging)  # fmt: skip
 
     def release(self) -> None:
         room = self.room
@@ -217,7 +220,7 @@ class AdmissionStage:
 
     def __init__(
         self, tiers: dict[str, TierRules], settings: dict[str, Settings], *, rooms: Rooms, rates: Rates,
-        health: Health, metrics: AdmissionMetrics,
+        health: Health, metrics: AdmissionMetrics, lag: LoopLag,
     ) -> None:  # fmt: skip
         self.tiers = tiers
         self.settings = settings
@@ -225,6 +228,7 @@ class AdmissionStage:
         self.rates = rates
         self.health = health
         self.metrics = metrics
+        self.lag = lag
         self._default = Settings(64, True)
 
     def activate(self) -> None:
@@ -317,4 +321,4 @@ def build(runtime: Runtime, state: SharedState) -> AdmissionStage:
     tiers = {name: TierRules.of(name, t.spec) for name, t in policy.tiers.items()}
     return AdmissionStage(tiers, settings_of(policy, state.config.pin_tier), rooms=state.get(ROOMS),
                           rates=state.get(RATES), health=state.get(HEALTH),
-                          metrics=state.get(ADMISSION_METRICS))  # fmt: skip
+                          metrics=state.get(ADMISSION_METRICS), lag=state.get(LOOP_LAG))  # fmt: skip
