@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tierwise.api.common import SecretKeyRef
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
 from tierwise_sidecar import estimate, identify, route, validate
 from tierwise_sidecar.app import Gateway, Source
@@ -186,17 +185,6 @@ def _policy_of(path: Path, namespace: str | None, platform: str) -> Any:
     return CrFolder(path, namespace, platform).load().policy
 
 
-class _NoKeys(SecretSource):
-    """An estimate calls no backend, so it needs no API key: every Secret reads as a placeholder
-    (and the gateway's warning about a key it cannot find is not printed for each backend)."""
-
-    def __init__(self) -> None:
-        super().__init__(Path("/nonexistent"), {})
-
-    def get(self, ref: SecretKeyRef) -> str | None:
-        return "unused-by-estimate"
-
-
 def _estimate_chain(runtime: Runtime, state: SharedState) -> Chain:
     """The stages a request passes before any backend is called, exactly as the sidecar builds them."""
     stages = (validate.build, identify.build, estimate.build, route.build)
@@ -210,7 +198,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     except (PolicyLoadError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    runtime = build_runtime(policy, _NoKeys())
+    runtime = build_runtime(policy, SecretSource(Path("/nonexistent"), {}), calls=False)
     state = SharedState(GatewayConfig())
     # Routing as if every replica of a self-hosted backend were up: there is no cluster to ask.
     state.get(HEALTH).endpoints.replace({key: ("http://self-hosted.invalid",) for key in self_hosted_keys(policy)})

@@ -153,15 +153,16 @@ class Runtime:
         )
 
 
-def build_runtime(policy: Policy, secrets: SecretSource, pin_tier: bool = False) -> Runtime:
-    """`pin_tier`: every request is served by the Policy's default tier (the ingress role)."""
+def build_runtime(policy: Policy, secrets: SecretSource, pin_tier: bool = False, *, calls: bool = True) -> Runtime:
+    """`pin_tier`: every request is served by the Policy's default tier (the ingress role).
+    `calls` False: the runtime never calls a backend (an estimate), so a missing API key is no news."""
     tiers = {
         name: TierRoute.of(name, t.spec, [c for c in t.fallback_chain if c in policy.tiers], secrets)
         for name, t in policy.tiers.items()
     }
     cost_aware = {n for n, t in tiers.items() if t.strategy is RoutingStrategy.COST_AWARE}
     tiers = {n: replace(t, needs_score=bool(cost_aware & {n, *t.fallback})) for n, t in tiers.items()}
-    for t in tiers.values():
+    for t in tiers.values() if calls else ():
         for b in t.backends:
             ref = b.spec.api_key_secret_ref
             if ref is not None and b.api_key is None:

@@ -17,7 +17,8 @@ from tierwise_sidecar.replay import convert as convert_mod
 from tierwise_sidecar.replay import tracegen
 from tierwise_sidecar.replay.convert import convert, convert_file, parse_time
 from tierwise_sidecar.replay.trace import TraceError, TraceRequest, read_trace, write_trace
-from tierwise_sidecar.replay.tracegen import TraceParams, generate, read_meta, summarize, trace_meta, write_meta
+from tierwise_sidecar.replay.tracegen import TraceParams, generate, read_meta, trace_meta, write_meta
+from tierwise_sidecar.replay.tracestats import summarize
 
 CHAT = {"model": "gold", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
 
