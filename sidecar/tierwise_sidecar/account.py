@@ -14,9 +14,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from tierwise.money import cost_micros, cost_usd, usd
+from tierwise_sidecar.endpoints import host_port
 from tierwise_sidecar.estimate import Estimate
 from tierwise_sidecar.metrics import METRICS, Metrics
 from tierwise_sidecar.runtime import BackendRoute
@@ -182,16 +183,10 @@ def record(metrics: Metrics, namespace: str, x: Exchange, duration: float) -> No
         metrics.cost.inc((namespace, tenant, b.tier, b.name), s.usd)
 
 
-def _where(endpoint: str) -> str:
-    """An endpoint as host:port: never a path's query or a URL's credentials in a log."""
-    parts = urlsplit(endpoint)
-    return parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else "?"
-
-
 def failure_line(x: Exchange, duration: float) -> str:
     """One line for a request that failed upstream: tier, targets tried and why; no key, no prompt."""
     o = x.outcome
-    tried = ",".join(f"{key}@{_where(endpoint)}={kind}" for key, endpoint, kind in o.failures) or "none"
+    tried = ",".join(f"{key}@{host_port(endpoint)}={kind}" for key, endpoint, kind in o.failures) or "none"
     parts = [
         f"status={o.status}",
         f"namespace={x.identity.namespace}",

@@ -16,6 +16,7 @@ import logging
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -82,3 +83,12 @@ async def refresh_dns(
             log.warning("could not resolve %s: %s; keeping %d known endpoints", host, e, len(endpoints.get(key)))
             continue
         endpoints.update(key, urls)
+
+
+def host_port(endpoint: str) -> str:
+    """An endpoint as host:port, for logs and metric labels: never a path, a query or a URL's
+    credentials."""
+    parts = urlsplit(endpoint)
+    if not parts.hostname:
+        return "?"
+    return parts.hostname + (f":{parts.port}" if parts.port else "")

@@ -8,6 +8,7 @@ InternalServerError), so the status is part of the contract, and `code` says whi
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 INVALID_REQUEST = "invalid_request_error"
@@ -46,3 +47,8 @@ class ApiError(Exception):
 
 def bad_request(message: str, code: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, INVALID_REQUEST, code, param=param)
+
+
+def retry_after(seconds: float) -> str:
+    """A Retry-After header value: whole seconds, rounded up, at least one."""
+    return str(max(1, math.ceil(seconds)))

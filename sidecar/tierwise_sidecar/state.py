@@ -9,10 +9,11 @@ on the same components, so nothing learnt or owed is lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar, cast, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from tierwise_sidecar.config import GatewayConfig
 from tierwise_sidecar.secrets import SecretSource
@@ -20,6 +21,14 @@ from tierwise_sidecar.secrets import SecretSource
 log = logging.getLogger("tierwise.sidecar")
 
 T = TypeVar("T")
+
+
+async def stop(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel a component's background tasks and wait until they have ended."""
+    running = [t for t in tasks if t is not None]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
 
 
 class StartupError(Exception):

@@ -6,12 +6,13 @@ that does not parse keeps the last good value, with a warning."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+from tierwise_sidecar.state import stop
 
 log = logging.getLogger("tierwise.sidecar")
 T = TypeVar("T")
@@ -60,10 +61,7 @@ class WatchedJson(Generic[T]):
             self._task = asyncio.create_task(self._poll(), name=f"watch {self.what}")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
 
     async def _poll(self) -> None:
         while True:

@@ -10,10 +10,9 @@ throttle healthy targets (and cutting their limit would not give it CPU back).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
-from tierwise_sidecar.state import Key
+from tierwise_sidecar.state import Key, stop
 
 INTERVAL = 0.05
 # Weight of the newest lateness in the moving average.
@@ -35,10 +34,7 @@ class LoopLag:
         self._task = asyncio.create_task(self._watch())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
 
     async def _watch(self) -> None:
         while True:

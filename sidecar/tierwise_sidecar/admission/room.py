@@ -135,10 +135,19 @@ class Room:
 
     def try_enter(self, rank: Rank) -> bool:
         self._seen(rank)
-        if self.in_flight < self.limit.slots and not any(w.rank >= rank for w in self.heap if not w.future.done()):
-            self._take()
-            return True
+        if self.in_flight < self.limit.slots:
+            top = self._top()
+            if top is None or top.rank < rank:
+                self._take()
+                return True
         return False
+
+    def _top(self) -> Waiter | None:
+        """The highest-ranked live waiter (refused and cancelled ones are dropped on the way)."""
+        heap = self.heap
+        while heap and heap[0].future.done():
+            heapq.heappop(heap)
+        return heap[0] if heap else None
 
     async def enter(self, ticket: Ticket, deadline: float, connected: Callable[[], bool]) -> float:
         """Take a slot, waiting if need be; the seconds waited. Raises RefusedError or GoneError."""

@@ -14,11 +14,11 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from tierwise.policy import Policy
 from tierwise_sidecar.admission.limit import Limit
 from tierwise_sidecar.admission.room import Room
+from tierwise_sidecar.endpoints import host_port
 from tierwise_sidecar.state import Key
 
 # Rooms of replicas that went away (pod IPs come and go) are forgotten past this many, idle ones first.
@@ -35,9 +35,7 @@ class Settings:
 
 def target_name(endpoint: str, model: str) -> str:
     """A target as metrics and logs show it: host:port and model, never a path or credentials."""
-    parts = urlsplit(endpoint)
-    host = parts.hostname or "?"
-    return f"{host}:{parts.port}/{model}" if parts.port else f"{host}/{model}"
+    return f"{host_port(endpoint)}/{model}"
 
 
 def settings_of(policy: Policy, pin_tier: bool) -> dict[str, Settings]:

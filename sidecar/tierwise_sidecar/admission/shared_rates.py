@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -31,6 +33,7 @@ from redis.exceptions import RedisError
 from tierwise_sidecar.admission.metrics import AdmissionMetrics
 from tierwise_sidecar.admission.rates import LocalRates, RateRule, Verdict
 from tierwise_sidecar.redis_conn import connection_class
+from tierwise_sidecar.state import stop
 
 log = logging.getLogger("tierwise.admission")
 
@@ -103,9 +106,7 @@ class SharedRates:
         self._tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._send_corrections())]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop(*self._tasks)
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await self._flush()
         await self._client.aclose()
@@ -129,7 +130,7 @@ class SharedRates:
                 return Verdict(bool(ok), float(wait), which.decode() if isinstance(which, bytes) else str(which))
             except (RedisError, OSError, TimeoutError) as e:
                 self._went_down(e)
-        return Verdict(*_fields(self.local.take(rule, key, cost, self.share(namespace), self.clock())), local=True)
+        return replace(self.local.take(rule, key, cost, self.share(namespace), self.clock()), local=True)
 
     def correct(self, rule: RateRule, namespace: str, key: str, amount: float, local: bool) -> None:
         if not amount or not rule.tokens_per_second:
@@ -210,9 +211,12 @@ def _key(key: str) -> str:
 
 
 def _args(rule: RateRule, mode: str, amount: float) -> list[Any]:
-    return [mode, repr(rule.rps), repr(rule.burst), repr(rule.tokens_per_second), repr(rule.tokens_size),
-            repr(amount), _ttl(rule)]  # fmt: skip
+    rr, rs, tr, ts, ttl = _rule_args(rule)
+    return [mode, rr, rs, tr, ts, repr(amount), ttl]
 
 
-def _fields(v: Verdict) -> tuple[bool, float, str]:
-    return v.allowed, v.retry_after, v.which
+@functools.lru_cache(maxsize=1024)
+def _rule_args(rule: RateRule) -> tuple[str, str, str, str, int]:
+    """A rule's part of the script's arguments, rendered once per rule (rules live as long as a
+    Policy), not once per request."""
+    return repr(rule.rps), repr(rule.burst), repr(rule.tokens_per_second), repr(rule.tokens_size), _ttl(rule)

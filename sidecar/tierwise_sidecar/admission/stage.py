@@ -14,7 +14,6 @@ a request within its tier (low), never raise it above the tier's (high counts as
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -27,7 +26,7 @@ from tierwise_sidecar.admission.metrics import ADMISSION_METRICS, AdmissionMetri
 from tierwise_sidecar.admission.rates import InProcessRates, RateRule, Rates
 from tierwise_sidecar.admission.room import GoneError, RefusedError, Room, Ticket
 from tierwise_sidecar.admission.rooms import ROOMS, Rooms, Settings, settings_of
-from tierwise_sidecar.errors import INVALID_REQUEST, RATE_LIMIT, SERVER, ApiError
+from tierwise_sidecar.errors import INVALID_REQUEST, RATE_LIMIT, SERVER, ApiError, retry_after
 from tierwise_sidecar.estimate import reserve_amount
 from tierwise_sidecar.route import CHEAP, Decision
 from tierwise_sidecar.runtime import HEALTH, Health
@@ -95,10 +94,6 @@ class AdmissionNote:
         if self.changes and self.admitted:
             h[H_DEGRADED] = f"load={self.level}%; " + ", ".join(self.changes)
         return h
-
-
-def retry_after(seconds: float) -> str:
-    return str(max(1, math.ceil(seconds)))
 
 
 def refusal(e: RefusedError) -> ApiError:

@@ -16,7 +16,6 @@ between a request's estimate and its actual cost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from tierwise.periods import Window, window
 from tierwise_sidecar.budgets.ledger import Booking, Line, MemoryLedger, Reservation, Totals, Verdict
 from tierwise_sidecar.budgets.redis_store import RedisLedgerClient, Settle, StoreUnavailableError
 from tierwise_sidecar.budgets.slices import Slice, Slices
+from tierwise_sidecar.state import stop
 
 log = logging.getLogger("tierwise.budgets")
 
@@ -68,10 +68,7 @@ class SharedLedger:
         self._task = asyncio.create_task(self._watch())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
         for task in list(self._growing):
             task.cancel()
         await asyncio.gather(*self._growing, return_exceptions=True)

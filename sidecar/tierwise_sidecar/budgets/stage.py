@@ -27,7 +27,7 @@ from tierwise.periods import Window, seconds_to_relief, window
 from tierwise_sidecar.budgets.ledger import Ledger, Line, MemoryLedger, Verdict
 from tierwise_sidecar.budgets.metrics import BUDGET_METRICS, BudgetMetrics
 from tierwise_sidecar.budgets.note import BudgetNote
-from tierwise_sidecar.errors import INVALID_REQUEST, RATE_LIMIT, ApiError
+from tierwise_sidecar.errors import INVALID_REQUEST, RATE_LIMIT, ApiError, retry_after
 from tierwise_sidecar.estimate import enter_tier, reserve_amount
 from tierwise_sidecar.state import Key, SharedState
 from tierwise_sidecar.tokens import TOKENS, TokenCounter
@@ -118,14 +118,13 @@ def _refusal(v: Verdict, now: float) -> ApiError:
             "budget_exceeded",
             headers={"Retry-After": str(relief), H_RESET: _iso(now + relief)},
         )
-    wait = max(1, int(-(-v.judgement.retry_after // 1)))
     return ApiError(
         429,
         f"budget {rule.key} is throttled: its traffic is limited to {rule.throttle_rate(v.committed):g} request(s) "
         "per second",
         RATE_LIMIT,
         "budget_throttled",
-        headers={"Retry-After": str(wait)},
+        headers={"Retry-After": retry_after(v.judgement.retry_after)},
     )
 
 
