@@ -41,13 +41,18 @@ GAVE_UP_SECONDS = 1.0
 Rank = tuple[int, int]
 
 
-class RefusedError(Exception):
-    """No slot: why, and when to try again."""
+# Why a room refused, as metrics count it.
+SATURATED, WAIT, FULL, DISPLACED, DRAINING = "saturated", "wait", "full", "displaced", "draining"
 
-    def __init__(self, reason: str, retry_after: float, status: int = 429) -> None:
+
+class RefusedError(Exception):
+    """No slot: why (for the caller, and as one of the kinds above), and when to try again."""
+
+    def __init__(self, reason: str, retry_after: float, kind: str = WAIT, status: int = 429) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.kind = kind
         self.status = status
 
 
@@ -158,7 +163,8 @@ class Room:
         expected = self.expected_wait(ahead)
         patience = min(ticket.max_wait, deadline - now)
         if ticket.sheddable:
-            raise RefusedError(f"target {self.name} is saturated and the request's tier is sheddable", expected)
+            raise RefusedError(f"target {self.name} is saturated and the request's tier is sheddable", expected,
+                               SATURATED)  # fmt: skip
         if self._outranked(ticket.rank):
             if expected > patience:
                 raise RefusedError(f"target {self.name} is saturated: the expected wait ({expected:.1f}s) is longer "
@@ -215,9 +221,10 @@ class Room:
         elif ticket.shed is ShedPolicy.OLDEST_FIRST:
             victim = min(live, key=lambda w: w.key[2])
         if victim is None:
-            raise RefusedError(f"the waiting room of target {self.name} is full", self.expected_wait(len(live)))
-        victim.future.set_exception(RefusedError(f"a request of higher priority took this request's place at target "
-                                            f"{self.name}", self.expected_wait(len(live))))  # fmt: skip
+            raise RefusedError(f"the waiting room of target {self.name} is full", self.expected_wait(len(live)), FULL)
+        who = "a request of higher priority" if ticket.shed is ShedPolicy.LOWEST_PRIORITY_FIRST else "a newer request"
+        victim.future.set_exception(RefusedError(f"{who} took this request's place at target {self.name}",
+                                                 self.expected_wait(len(live)), DISPLACED))  # fmt: skip
 
     def _take(self) -> None:
         self.in_flight += 1
@@ -266,6 +273,6 @@ class Room:
         refused = 0
         for i, w in enumerate(sorted(w for w in self.heap if not w.future.done())):
             if self.expected_wait(i) > seconds:
-                w.future.set_exception(RefusedError("the sidecar is shutting down", 1.0, 503))
+                w.future.set_exception(RefusedError("the sidecar is shutting down", 1.0, DRAINING, 503))
                 refused += 1
         return refused

@@ -102,15 +102,6 @@ def refusal(e: RefusedError) -> ApiError:
     return ApiError(429, e.reason, RATE_LIMIT, "tier_overloaded", headers={"Retry-After": retry_after(e.retry_after)})
 
 
-def _reason(e: RefusedError) -> str:
-    if e.status == 503:
-        return "draining"
-    for word, reason in (("sheddable", "saturated"), ("higher priority", "displaced"), ("full", "full")):
-        if word in e.reason:
-            return reason
-    return "wait"
-
-
 class Gate:
     """A request's way to the targets it is sent to: one slot held at a time."""
 
@@ -154,7 +145,7 @@ class Gate:
         try:
             return await room.enter(self.ticket, min(x.deadline, self.stage.rooms.drain_until), x.sink.connected)
         except RefusedError as e:
-            metrics.refusals.inc((x.identity.namespace, x.identity.tier, _reason(e)))
+            metrics.refusals.inc((x.identity.namespace, x.identity.tier, e.kind))
             if raising:
                 raise refusal(e) from None
             return -1.0
@@ -275,8 +266,8 @@ class AdmissionStage:
         if not changes:
             return
         if p.cheapest:
-            x.decision = Decision(tuple(sorted(decision.order, key=lambda b: (b.price, -b.strength))), CHEAP,
-                                  decision.score)  # fmt: skip
+            by_price = x.runtime.tiers[x.identity.tier].by_price
+            x.decision = Decision(tuple(b for b in by_price if b in decision.order), CHEAP, decision.score)
         if degrade.NO_STREAM in changes:
             x.stream, x.unstreamed = False, True
         x.body, x.altered = body, True
