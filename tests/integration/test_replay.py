@@ -43,6 +43,7 @@ def test_replay_reports_the_saving_by_cause_and_the_slo_per_tier(tmp_path: Path)
     doc = json.loads((out / "report.json").read_text())
     s = doc["strategies"]
     assert s["premium"]["requests"] == s["policy"]["requests"] == 45
+    assert doc["events"] == []  # no meta beside the trace: the requests alone
     assert s["policy"]["cost_usd"] < s["premium"]["cost_usd"]
     saving = doc["saving"]
     assert abs(sum(saving["byCause"].values()) - saving["usd"]) < 1e-9
@@ -74,3 +75,13 @@ def test_the_reference_trace_through_the_quickstart_costs_less_at_equal_gold_slo
     assert abs(sum(saving["byCause"].values()) - saving["usd"]) < 1e-9
     assert s["policy"]["cost_usd"] < s["premium"]["cost_usd"]
     assert s["policy"]["sloCompliance"]["gold"] >= s["premium"]["sloCompliance"]["gold"]
+    # The meta (written beside the trace) was applied: gpt-4o failed for 2 s, which every
+    # strategy sending to it saw, and tenant acme's budget counted the Policy's requests.
+    assert any("gpt-4o answers 503 from 15 s to 17 s" in e for e in doc["events"])
+    assert "upstream_unavailable" in s["premium"]["refusals"]
+    assert "upstream_unavailable" not in s["cheapest"]["refusals"]
+    states = " ".join(s["policy"]["budget_states"])
+    assert "default/trace-acme=" in states and "trace-acme" not in " ".join(s["premium"]["budget_states"])
+    # The trace's budget is a small share of what acme would spend on premium: the Policy's run
+    # crosses its thresholds (a Warning at least) before the end.
+    assert "default/trace-acme=Warning" in states or "default/trace-acme=Downgraded" in states

@@ -49,8 +49,10 @@ def test_every_figure_of_a_hand_computed_trace() -> None:
     assert s.by_tenant == pytest.approx({"b": 0.010, "a": 0.006})
     assert s.refusals == {"rate_limit_exceeded": 1}
     assert (s.cache_hits, s.degraded, s.fallbacks, s.downgraded) == (1, 1, 0, 0)
-    # gold: 0.9 and 0.01 within 1 s, 1.5 not; bronze has no objective: every answer complies.
-    assert s.slo == {"gold": (2, 3), "bronze": (2, 2)}
+    # gold: 0.9 and 0.01 within 1 s, 1.5 not; bronze has no objective: every answer complies, the
+    # refusal (#4) does not.
+    assert s.slo == {"gold": (2, 3), "bronze": (2, 3)}
+    assert s.compliance("bronze") == pytest.approx(2 / 3)
     assert s.compliance("gold") == pytest.approx(2 / 3)
     # Hard requests: #0 on big (strong), #3 on small (not).
     assert s.hard_on_strong == (1, 2)

@@ -14,10 +14,12 @@ from typing import Any
 
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
 from tierwise_sidecar.policy_source import CrFolder, PolicyLoadError
+from tierwise_sidecar.replay.events import NO_EVENTS, events_of
 from tierwise_sidecar.replay.plots import plot_all
 from tierwise_sidecar.replay.report import CAUSES, Catalog, Result, Summary, savings, summarize
 from tierwise_sidecar.replay.runner import POLICY, PREMIUM, STRATEGIES, catalog_of, replay_all
 from tierwise_sidecar.replay.trace import TraceError, read_trace
+from tierwise_sidecar.replay.tracegen import read_meta
 
 
 def add_command(sub: Any) -> None:
@@ -28,7 +30,19 @@ def add_command(sub: Any) -> None:
     r.add_argument("--platform-namespace", default=DEFAULT_PLATFORM_NAMESPACE)
     r.add_argument("--speed", type=float, default=10.0, help="replay this many times faster than the trace's clock")
     r.add_argument("--out", type=Path, default=Path("tierwise-replay"), help="folder for report.json and the plots")
+    r.add_argument("--meta", type=Path, help="the trace's meta: its outage and budget (default: TRACE's "
+                   "sibling NAME.meta.json when there is one)")  # fmt: skip
+    r.add_argument("--no-meta", action="store_true", help="replay the requests alone, without the meta's events")
     r.set_defaults(func=_cmd_replay)
+
+
+def meta_path(trace: Path, given: Path | None) -> Path | None:
+    """The meta to apply: the one given (it must exist), else the trace's sibling by tracegen's
+    convention (trace.jsonl -> trace.meta.json) when there is one."""
+    if given is not None:
+        return given
+    sibling = trace.with_name(trace.name.removesuffix(".jsonl") + ".meta.json")
+    return sibling if sibling.is_file() else None
 
 
 def report_of(results: Mapping[str, Sequence[Result]], catalog: Catalog) -> dict[str, Any]:
@@ -84,19 +98,25 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     try:
         trace = read_trace(args.trace, sort=True)
         policy = CrFolder(args.policy, args.namespace, args.platform_namespace).load().policy
+        meta = None if args.no_meta else meta_path(args.trace, args.meta)
+        events = events_of(read_meta(meta), policy) if meta is not None else NO_EVENTS
     except (TraceError, PolicyLoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not trace:
         print("error: the trace has no requests", file=sys.stderr)
         return 1
+    for line in events.describe():
+        print(f"from {meta}: {line}")
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
         tasks = {n: bar.add_task(f"replaying: {n}", total=len(trace)) for n in STRATEGIES}
-        results = replay_all(trace, policy, speed=args.speed, progress=lambda n, k: bar.advance(tasks[n], k))
+        results = replay_all(trace, policy, speed=args.speed, progress=lambda n, k: bar.advance(tasks[n], k),
+                             events=events)  # fmt: skip
     catalog = catalog_of(policy)
     doc = report_of(results, catalog)
+    doc["events"] = events.describe()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(table(doc))

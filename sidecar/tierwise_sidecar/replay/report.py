@@ -51,7 +51,8 @@ class Catalog:
     # model -> blended price (USD per million tokens, 3 input : 1 output) and strength (0-100)
     price: Mapping[str, float]
     strength: Mapping[str, int]
-    # tier -> the models its backends serve; tier -> total p95 objective in seconds (None: none)
+    # tier -> the models its backends serve; tier -> the total-latency objective in seconds, p95 or
+    # else p99 (None: none, where answering is enough)
     tier_models: Mapping[str, Sequence[str]]
     slo_s: Mapping[str, float | None]
     strong_at: int = 80  # a model at least this strong counts as strong for the quality proxy
@@ -71,7 +72,7 @@ class Summary:
     cache_hits: int = 0
     degraded: int = 0
     downgraded: int = 0
-    # tier -> (answered within its SLO, answered): compliance over the requests that got an answer
+    # tier -> (answered within its SLO, requests): a request refused or failed missed its SLO
     slo: dict[str, tuple[int, int]] = field(default_factory=dict)
     # hard requests served by a strong model, hard requests served
     hard_on_strong: tuple[int, int] = (0, 0)
@@ -94,9 +95,13 @@ def summarize(results: Sequence[Result], catalog: Catalog) -> Summary:
         s.cost_usd += r.cost_usd
         by_tier[r.served_tier or r.tier] += r.cost_usd
         by_tenant[r.tenant or "none"] += r.cost_usd
+        counts = slo[r.tier]
+        counts[1] += 1
         if r.status >= 400:
             refusals[r.code or str(r.status)] += 1
             continue
+        objective = catalog.slo_s.get(r.tier)
+        counts[0] += objective is None or r.latency_s <= objective
         s.served += 1
         s.fallbacks += r.fallback_from is not None
         s.cache_hits += r.cached
@@ -104,10 +109,6 @@ def summarize(results: Sequence[Result], catalog: Catalog) -> Summary:
         s.downgraded += r.downgraded_from is not None
         if r.budget_state:
             states[r.budget_state] += 1
-        objective = catalog.slo_s.get(r.tier)
-        counts = slo[r.tier]
-        counts[1] += 1
-        counts[0] += objective is None or r.latency_s <= objective
         if r.label == "hard":
             hard[1] += 1
             hard[0] += r.model is not None and catalog.strength.get(r.model, 0) >= catalog.strong_at

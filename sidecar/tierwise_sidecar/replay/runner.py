@@ -15,7 +15,7 @@ import asyncio
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from tierwise_sidecar.app import Gateway
 from tierwise_sidecar.config import GatewayConfig
 from tierwise_sidecar.fake_backend import FakeBackend, FakeConfig
 from tierwise_sidecar.policy_source import Loaded
+from tierwise_sidecar.replay.events import NO_EVENTS, Events, Outage, with_budget
 from tierwise_sidecar.replay.report import Catalog, Result
 from tierwise_sidecar.replay.trace import TraceRequest as Request
 from tierwise_sidecar.runtime import blended_price
@@ -78,8 +79,10 @@ def strategy(policy: Policy, name: str) -> Policy:
 
 def catalog_of(policy: Policy) -> Catalog:
     backends = [b for t in policy.tiers.values() for b in t.spec.backends]
-    slo = {n: (t.spec.slo.total_p95_milliseconds / 1000 if t.spec.slo.total_p95_milliseconds else None)
-           for n, t in policy.tiers.items()}  # fmt: skip
+    slo = {}
+    for n, t in policy.tiers.items():
+        ms = t.spec.slo.total_p95_milliseconds or t.spec.slo.total_p99_milliseconds
+        slo[n] = ms / 1000 if ms else None
     return Catalog(
         price={b.model: blended_price(b.pricing) for b in backends},
         strength={b.model: b.capabilities.strength for b in backends},
@@ -154,7 +157,12 @@ def _compressed(policy: Policy, speed: float) -> Policy:
             })  # fmt: skip
         spec = spec.model_copy(update={"slo": slo, "queue": queue, "rate_limit": rate})
         tiers[name] = t.model_copy(update={"spec": spec})
-    return policy.model_copy(update={"tiers": tiers})
+    budgets = []
+    for b in policy.budgets:
+        steps = [s.model_copy(update={"requests_per_second": s.requests_per_second * speed})
+                 if s.requests_per_second else s for s in b.spec.thresholds]  # fmt: skip
+        budgets.append(b.model_copy(update={"spec": b.spec.model_copy(update={"thresholds": steps})}))
+    return policy.model_copy(update={"tiers": tiers, "budgets": budgets})
 
 
 def _local_caches(policy: Policy, folder: Path) -> Policy:
@@ -192,20 +200,36 @@ def _result(i: int, r: Request, status: int, latency: float, *, headers: Any, bo
     )  # fmt: skip
 
 
+async def _outage(fake: FakeBackend, outage: Outage, t0: float, speed: float) -> None:
+    """The provider fails for the outage's window, then comes back as it was."""
+    await asyncio.sleep(max(0.0, t0 + outage.start_s / speed - time.monotonic()))
+    before = fake.config
+    fake.config = replace(before, error_rate=1.0, error_status=503)
+    try:
+        await asyncio.sleep(max(0.0, t0 + outage.end_s / speed - time.monotonic()))
+    finally:
+        fake.config = before
+
+
 async def replay(
     trace: Sequence[Request], policy: Policy, name: str, *, speed: float = 1.0,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, events: Events = NO_EVENTS,
 ) -> list[Result]:  # fmt: skip
-    """Every request of the trace through a gateway serving strategy `name`, on schedule."""
+    """Every request of the trace through a gateway serving strategy `name`, on schedule, with
+    the events' outage and (for the Policy) budget."""
     chosen = strategy(policy, name)
+    if name == POLICY and events.budget is not None:
+        chosen = with_budget(chosen, events.budget)
     models = {b.model: b for t in chosen.tiers.values() for b in t.spec.backends}
     dearest = max(blended_price(b.pricing) for b in models.values())
     runners: list[web.AppRunner] = []
     urls: dict[str, str] = {}
+    fakes: dict[str, FakeBackend] = {}
     for model, b in models.items():
         lat = latency_of(blended_price(b.pricing), dearest)
-        fake = FakeBackend(FakeConfig(first_byte_ms=lat.first_byte_ms / speed, per_token_ms=lat.per_token_ms / speed,
-                                      completion_tokens=200), name=model)  # fmt: skip
+        fake = fakes[model] = FakeBackend(FakeConfig(first_byte_ms=lat.first_byte_ms / speed,
+                                                     per_token_ms=lat.per_token_ms / speed, completion_tokens=200),
+                                          name=model)  # fmt: skip
         runner, url = await _serve(fake.app())
         runners.append(runner)
         urls[model] = url + "/v1"
@@ -218,14 +242,23 @@ async def replay(
                 raise RuntimeError(f"strategy {name}: the Policy did not load")
             runner, base = await _serve(gateway.app())
             runners.append(runner)
-            return await _send(trace, base, speed, progress)
+            t0 = time.monotonic()
+            outage = events.outage
+            failing = fakes.get(outage.model) if outage is not None else None
+            fail = asyncio.create_task(_outage(failing, outage, t0, speed)) if failing and outage else None
+            try:
+                return await _send(trace, base, speed, progress, t0)
+            finally:
+                if fail is not None:
+                    fail.cancel()
+                    await asyncio.gather(fail, return_exceptions=True)
         finally:
             for r in reversed(runners):
                 await r.cleanup()
 
 
 async def _send(
-    trace: Sequence[Request], base: str, speed: float, progress: Callable[[int], None] | None
+    trace: Sequence[Request], base: str, speed: float, progress: Callable[[int], None] | None, t0: float
 ) -> list[Result]:
     results: list[Result | None] = [None] * len(trace)
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S / speed)
@@ -251,7 +284,6 @@ async def _send(
             if progress is not None:
                 progress(1)
 
-        t0 = time.monotonic()
         tasks = []
         for i, r in enumerate(trace):
             await asyncio.sleep(max(0.0, t0 + r.t / speed - time.monotonic()))
@@ -262,11 +294,11 @@ async def _send(
 
 def replay_all(
     trace: Sequence[Request], policy: Policy, *, speed: float = 1.0, strategies: Iterable[str] = STRATEGIES,
-    progress: Callable[[str, int], None] | None = None,
+    progress: Callable[[str, int], None] | None = None, events: Events = NO_EVENTS,
 ) -> dict[str, list[Result]]:  # fmt: skip
     """Every strategy in turn, each on a fresh gateway and fresh fakes."""
     out = {}
     for name in strategies:
         tick = (lambda n, s=name: progress(s, n)) if progress is not None else None
-        out[name] = asyncio.run(replay(trace, policy, name, speed=speed, progress=tick))
+        out[name] = asyncio.run(replay(trace, policy, name, speed=speed, progress=tick, events=events))
     return out

@@ -58,8 +58,8 @@ class TraceParams:
     budget_tenant, budget_fraction, budget_usd_per_1k_tokens: a budget suggestion recorded in
       TraceMeta: the replay gives budget_tenant (default: the largest tenant) a budget of
       budget_fraction of what that tenant's requests would cost on the premium tier at
-      budget_usd_per_1k_tokens (prompt tokens estimated as characters / 4, answers as max_tokens),
-      so with everything sent to premium it runs out about budget_fraction of the way through.
+      budget_usd_per_1k_tokens (prompt tokens estimated as characters / 4, answers as max_tokens):
+      the default is small enough for a Policy that cuts cost ~75 % to cross its thresholds.
     session_share: the share of requests that are turns of multi-turn sessions (a conversation
       growing by one user turn and one assistant answer per request), session_turns the range of
       turns a session has.
@@ -83,7 +83,7 @@ class TraceParams:
     outage_len_s: float = 10.0
     outage_tier: str = "gold"
     budget_tenant: str | None = None
-    budget_fraction: float = 0.5
+    budget_fraction: float = 0.08
     budget_usd_per_1k_tokens: float = 0.01
     session_share: float = 0.1
     session_turns: tuple[int, int] = (2, 6)
