@@ -15,6 +15,10 @@ INJECTION_OPT_IN = "opt-in"
 INJECTION_VALUES = frozenset({INJECTION_ENABLED, INJECTION_OPT_IN})
 POLICY_CONFIGMAP = "tierwise-policy"
 POLICY_KEY = "policy.json"
+# Beside the Policy in the same ConfigMap: each budget's spend across the sidecars, and the SLO
+# steering of its tiers (lowered weights, traffic promoted or sent down the chain).
+BUDGETS_KEY = "budgets.json"
+STEERING_KEY = "steering.json"
 POLICY_HASH_ANNOTATION = f"{GROUP}/policy-hash"
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"

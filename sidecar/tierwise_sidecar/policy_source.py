@@ -45,19 +45,28 @@ def read_policy(path: Path) -> Policy:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise PolicyLoadError(f"{path}: cannot read: {e}") from None
+    return policy_of(data, str(path))
+
+
+def policy_of(data: object, where: str) -> Policy:
+    """A compiled Policy from a parsed document: the Policy itself or the ConfigMap holding it
+    (as `kubectl get configmap tierwise-policy -o yaml` prints it)."""
     if isinstance(data, dict) and data.get("kind") == "ConfigMap":
         raw = (data.get("data") or {}).get("policy.json") or (data.get("data") or {}).get("policy.yaml")
-        data = yaml.safe_load(raw) if isinstance(raw, str) else None
+        try:
+            data = yaml.safe_load(raw) if isinstance(raw, str) else None
+        except yaml.YAMLError as e:
+            raise PolicyLoadError(f"{where}: the ConfigMap's policy.json: cannot read: {e}") from None
     if not isinstance(data, dict):
-        raise PolicyLoadError(f"{path}: not a Policy document")
+        raise PolicyLoadError(f"{where}: not a Policy document")
     try:
         policy = Policy.model_validate(data)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise PolicyLoadError(f"{path}: {where}: {first['msg']} ({e.error_count()} problem(s))") from None
+        loc = ".".join(str(p) for p in first["loc"])
+        raise PolicyLoadError(f"{where}: {loc}: {first['msg']} ({e.error_count()} problem(s))") from None
     if policy.hash and policy.sealed().hash != policy.hash:
-        raise PolicyLoadError(f"{path}: content does not match its hash {policy.hash} (partly written or edited?)")
+        raise PolicyLoadError(f"{where}: content does not match its hash {policy.hash} (partly written or edited?)")
     return policy.sealed()
 
 

@@ -6,9 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import yaml
+
 from tests.conftest import TIERWISE
+from tierwise.api.budget import Period
+from tierwise.periods import window
+from tierwise_sidecar.policy_source import CrFolder
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = (
@@ -85,3 +91,52 @@ def test_the_reference_trace_through_the_quickstart_costs_less_at_equal_gold_slo
     # The trace's budget is a small share of what acme would spend on premium: the Policy's run
     # crosses its thresholds (a Warning at least) before the end.
     assert "default/trace-acme=Warning" in states or "default/trace-acme=Downgraded" in states
+
+
+def test_a_live_policy_from_its_configmap_starts_where_the_namespace_stands(tmp_path: Path) -> None:
+    """A dry run against the live Policy: the ConfigMap as `kubectl get configmap -o yaml` prints it,
+    on stdin, with the spend the operator published (tenant acme's daily budget used up) and its SLO
+    steering (gold diverted to silver): the Policy strategy starts from both."""
+    trace, out = tmp_path / "trace.jsonl", tmp_path / "out"
+    _trace(trace)
+    policy = CrFolder(ROOT / "examples" / "quickstart", None, "tierwise-system").load().policy
+    acme_daily = window(Period.DAILY, "UTC", time.time()).id
+    configmap = {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tierwise-policy", "namespace": "default"},
+        "data": {
+            "policy.json": json.dumps(policy.wire()),
+            "budgets.json": json.dumps({"budgets": {"default/tenant-acme-daily": {
+                "window": acme_daily, "spentMicros": 20_000_000, "spentTokens": 0}}}),
+            "steering.json": json.dumps({"tiers": {"gold": {"weights": {}, "divert": {
+                "to": "silver", "reason": "gold misses its SLO", "percent": 100}}}}),
+        },
+    }  # fmt: skip
+    run = subprocess.run(
+        [*TIERWISE, "replay", str(trace), "--policy", "-", "--speed", "5", "--out", str(out)],
+        input=yaml.safe_dump(configmap).encode(), capture_output=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    text = run.stdout.decode()
+    assert "policy: ConfigMap default/tierwise-policy (live Policy sha256:" in text
+    assert "with the budgets' spend, with the SLO steering" in text
+    doc = json.loads((out / "report.json").read_text())
+    s = doc["strategies"]
+    # acme's budget was spent before the trace began: what the cache did not answer was refused.
+    assert s["policy"]["refusals"].get("budget_exceeded", 0) > 0
+    assert s["policy"]["by_tenant"]["acme"] == 0 and s["policy"]["by_tenant"]["globex"] > 0
+    # Gold was steered to silver: nothing was served (or spent) as gold under the Policy.
+    assert s["policy"]["by_tier"].get("gold", 0) == 0 and s["premium"]["by_tier"]["gold"] > 0
+    # The premium and cheapest strategies keep no budgets and no steering.
+    assert "budget_exceeded" not in s["premium"]["refusals"]
+
+
+def test_a_bad_policy_input_is_refused_by_name(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    _trace(trace, 3)
+    bad = {"kind": "ConfigMap", "metadata": {"name": "tierwise-policy"}, "data": {"policy.json": '{"tiers": 3}'}}
+    run = subprocess.run(
+        [*TIERWISE, "replay", str(trace), "--policy", "-", "--out", str(tmp_path / "out")],
+        input=json.dumps(bad).encode(), capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.decode().startswith("error: stdin: ") and "Traceback" not in run.stderr.decode()

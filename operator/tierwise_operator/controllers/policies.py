@@ -13,6 +13,7 @@ from tierwise.api.resources import object_ref
 from tierwise.budgetrules import rule_of
 from tierwise.compiler import compile_world
 from tierwise.naming import (
+    BUDGETS_KEY,
     INJECTION_LABEL,
     INJECTION_VALUES,
     MANAGED_BY,
@@ -20,6 +21,7 @@ from tierwise.naming import (
     POLICY_CONFIGMAP,
     POLICY_HASH_ANNOTATION,
     POLICY_KEY,
+    STEERING_KEY,
 )
 from tierwise.policy import PolicyBudget, PolicyTier
 from tierwise_operator import children
@@ -33,10 +35,6 @@ log = logging.getLogger("tierwise.operator")
 NAME = "policies"
 KEY: Key = (NAME, "", "")
 SETTLE_SECONDS = 0.3
-# Beside the Policy in the same ConfigMap: each budget's spend across the sidecars.
-BUDGETS_KEY = "budgets.json"
-# And the SLO steering of its tiers: lowered weights, traffic promoted or sent down the chain.
-STEERING_KEY = "steering.json"
 INPUTS = frozenset({"InferenceTier", "CostBudget", "CachePolicy", "Namespace"})
 
 

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from tierwise.compiler import DEFAULT_PLATFORM_NAMESPACE
-from tierwise_sidecar.policy_source import CrFolder, PolicyLoadError
+from tierwise_sidecar.policy_source import PolicyLoadError
 from tierwise_sidecar.replay.events import NO_EVENTS, events_of
 from tierwise_sidecar.replay.plots import plot_all
 from tierwise_sidecar.replay.report import CAUSES, Catalog, Result, Summary, savings, summarize
 from tierwise_sidecar.replay.runner import POLICY, PREMIUM, STRATEGIES, catalog_of, replay_all
+from tierwise_sidecar.replay.source import load_input
 from tierwise_sidecar.replay.trace import TraceError, read_trace
 from tierwise_sidecar.replay.tracegen import read_meta
 
@@ -25,7 +26,9 @@ from tierwise_sidecar.replay.tracegen import read_meta
 def add_command(sub: Any) -> None:
     r = sub.add_parser("replay", help="replay a trace of OpenAI requests: what the Policy saves, and at what SLO")
     r.add_argument("trace", type=Path, help="JSONL trace (docs/replay-trace.md)")
-    r.add_argument("--policy", type=Path, required=True, help="folder (or file) of InferenceTier/... YAML")
+    r.add_argument("--policy", required=True, help="folder (or file) of InferenceTier/... YAML, a compiled "
+                   "Policy, or the namespace's Policy ConfigMap (a live Policy: `kubectl get configmap "
+                   "tierwise-policy -o yaml`; - reads stdin)")  # fmt: skip
     r.add_argument("-n", "--namespace", help="namespace to replay as (default: the one the files use)")
     r.add_argument("--platform-namespace", default=DEFAULT_PLATFORM_NAMESPACE)
     r.add_argument("--speed", type=float, default=10.0, help="replay this many times faster than the trace's clock")
@@ -97,7 +100,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR)  # the gateways' own log lines are not the report
     try:
         trace = read_trace(args.trace, sort=True)
-        policy = CrFolder(args.policy, args.namespace, args.platform_namespace).load().policy
+        given = load_input(args.policy, args.namespace, args.platform_namespace, sys.stdin)
+        policy = given.policy
         meta = None if args.no_meta else meta_path(args.trace, args.meta)
         events = events_of(read_meta(meta), policy) if meta is not None else NO_EVENTS
     except (TraceError, PolicyLoadError, OSError) as e:
@@ -106,16 +110,18 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if not trace:
         print("error: the trace has no requests", file=sys.stderr)
         return 1
+    print(f"policy: {given.described}")
     for line in events.describe():
         print(f"from {meta}: {line}")
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
         tasks = {n: bar.add_task(f"replaying: {n}", total=len(trace)) for n in STRATEGIES}
-        results = replay_all(trace, policy, speed=args.speed, progress=lambda n, k: bar.advance(tasks[n], k),
+        results = replay_all(trace, given, speed=args.speed, progress=lambda n, k: bar.advance(tasks[n], k),
                              events=events)  # fmt: skip
     catalog = catalog_of(policy)
     doc = report_of(results, catalog)
+    doc["policy"] = given.described
     doc["events"] = events.describe()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -32,6 +32,7 @@ from tierwise_sidecar.fake_backend import FakeBackend, FakeConfig
 from tierwise_sidecar.policy_source import Loaded
 from tierwise_sidecar.replay.events import NO_EVENTS, Events, Outage, with_budget
 from tierwise_sidecar.replay.report import Catalog, Result
+from tierwise_sidecar.replay.source import PolicyInput
 from tierwise_sidecar.replay.trace import TraceRequest as Request
 from tierwise_sidecar.runtime import blended_price
 from tierwise_sidecar.secrets import SecretSource
@@ -200,6 +201,14 @@ def _result(i: int, r: Request, status: int, latency: float, *, headers: Any, bo
     )  # fmt: skip
 
 
+def _written(folder: str, name: str, text: str | None) -> Path | None:
+    if text is None:
+        return None
+    path = Path(folder) / name
+    path.write_text(text)
+    return path
+
+
 async def _outage(fake: FakeBackend, outage: Outage, t0: float, speed: float) -> None:
     """The provider fails for the outage's window, then comes back as it was."""
     await asyncio.sleep(max(0.0, t0 + outage.start_s / speed - time.monotonic()))
@@ -212,12 +221,13 @@ async def _outage(fake: FakeBackend, outage: Outage, t0: float, speed: float) ->
 
 
 async def replay(
-    trace: Sequence[Request], policy: Policy, name: str, *, speed: float = 1.0,
+    trace: Sequence[Request], given: PolicyInput, name: str, *, speed: float = 1.0,
     progress: Callable[[int], None] | None = None, events: Events = NO_EVENTS,
 ) -> list[Result]:  # fmt: skip
     """Every request of the trace through a gateway serving strategy `name`, on schedule, with
-    the events' outage and (for the Policy) budget."""
-    chosen = strategy(policy, name)
+    the events' outage and, for the Policy, the events' budget and what a live Policy came with
+    (the budgets' spend so far, the SLO steering)."""
+    chosen = strategy(given.policy, name)
     if name == POLICY and events.budget is not None:
         chosen = with_budget(chosen, events.budget)
     models = {b.model: b for t in chosen.tiers.values() for b in t.spec.backends}
@@ -233,8 +243,11 @@ async def replay(
         runner, url = await _serve(fake.app())
         runners.append(runner)
         urls[model] = url + "/v1"
-    config = GatewayConfig(budget_store="memory", reload_interval=3600)
     with tempfile.TemporaryDirectory(prefix="tierwise-replay-") as folder:
+        config = GatewayConfig(budget_store="memory", reload_interval=3600)
+        if name == POLICY:
+            config = replace(config, published_budgets=_written(folder, "budgets.json", given.budgets),
+                             steering_file=_written(folder, "steering.json", given.steering))  # fmt: skip
         served = _pointed(_compressed(_local_caches(chosen, Path(folder)), speed), urls)
         gateway = Gateway(_Fixed(served), config, SecretSource(None, {}))
         try:
@@ -293,12 +306,12 @@ async def _send(
 
 
 def replay_all(
-    trace: Sequence[Request], policy: Policy, *, speed: float = 1.0, strategies: Iterable[str] = STRATEGIES,
+    trace: Sequence[Request], given: PolicyInput, *, speed: float = 1.0, strategies: Iterable[str] = STRATEGIES,
     progress: Callable[[str, int], None] | None = None, events: Events = NO_EVENTS,
 ) -> dict[str, list[Result]]:  # fmt: skip
     """Every strategy in turn, each on a fresh gateway and fresh fakes."""
     out = {}
     for name in strategies:
         tick = (lambda n, s=name: progress(s, n)) if progress is not None else None
-        out[name] = asyncio.run(replay(trace, policy, name, speed=speed, progress=tick, events=events))
+        out[name] = asyncio.run(replay(trace, given, name, speed=speed, progress=tick, events=events))
     return out
