@@ -27,6 +27,16 @@ export GOTOOLCHAIN="${GOTOOLCHAIN:-local}" GOFLAGS="-buildvcs=false -trimpath" C
 ldflags="-s -w"
 
 log() { printf 'build-tools: %s\n' "$*" >&2; }
+# A long compile says it is alive: the elapsed time every minute until the command ends.
+progress() {
+  local what=$1 pid s=0; shift
+  "$@" & pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1; s=$((s + 1))
+    if [ $((s % 60)) = 0 ]; then log "still compiling $what: $((s / 60)) min"; fi
+  done
+  wait "$pid"
+}
 
 # Runs go, dropping its per-module progress chatter but keeping its exit status.
 quiet_go() { go "$@" 2>&1 | { grep -v '^go: \(downloading\|added\|upgraded\|finding\)' || true; } >&2; }
@@ -71,9 +81,9 @@ GO
       && quiet_go mod tidy) && touch "$mod/.resolved"
   fi
   log "compiling kubernetes $K8S_VERSION binaries and etcd (several minutes on 2 cores)"
-  (cd "$mod" && go build -ldflags "$ldflags -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION" \
+  progress "kubernetes" bash -c 'cd "$1" && shift && exec "$@"' _ "$mod" go build -ldflags "$ldflags -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION" \
       -o "$bin/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl ./cmd/etcd)
+      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl ./cmd/etcd
 }
 
 build_simple() {  # name module-path package version binary
@@ -87,7 +97,7 @@ build_simple() {  # name module-path package version binary
        && quiet_go get -tool "$pkg@$version") && touch "$mod/.resolved"
   fi
   log "compiling $binary $version"
-  (cd "$mod" && go build -ldflags "$ldflags $6" -o "$bin/$binary" "$pkg")
+  progress "$binary" bash -c 'cd "$1" && shift && exec "$@"' _ "$mod" go build -ldflags "$ldflags $6" -o "$bin/$binary" "$pkg"
 }
 
 build_kubernetes

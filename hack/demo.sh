@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The demo, from a fresh clone: set-up, a local control plane, the CRDs, the operator, the quickstart
-# tiers, budgets and cache policy, what kubectl shows of them, the admission webhook injecting the
-# sidecar into a pod and refusing a fallback cycle, an invalid object the API server refuses, and
-# the Policy they compile to. KEEP=1 leaves the control plane running afterwards.
+# The demo, from a fresh clone: set-up, the reference trace replayed (the savings), a local control
+# plane, the CRDs, Prometheus and the operator reading it, the quickstart tiers, budgets and cache
+# policy, what kubectl shows of them, the admission webhook injecting the sidecar into a pod and
+# refusing a fallback cycle, an invalid object the API server refuses, then traffic through an
+# injected sidecar (hack/demo_cluster.py: an SLO breach steering it, a budget crossing its
+# thresholds, the dashboard's queries), and the Policy they compile to. KEEP=1 leaves the control
+# plane running afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -44,14 +47,20 @@ kubectl apply --server-side -f crds/
 kubectl wait --for=condition=Established --timeout=60s -f crds/ >/dev/null
 kubectl get crds -l app.kubernetes.io/part-of=tierwise
 
-step "starting the operator (tierwise operator, out of cluster, with the same kubeconfig)"
+step "starting Prometheus (scraping the sidecar the traffic act runs) and the operator reading it"
 export TIERWISE_HEALTH_HOST=127.0.0.1  # servers started here listen on loopback only
+metrics_port=$(python -c 'import localcluster; print(localcluster.free_port())')
+rm -rf "$out/prometheus"  # a fresh TSDB: an earlier run's spend must not count in this one
+eval "$(python hack/promserver.py "$out/prometheus" --target "127.0.0.1:$metrics_port")"
+echo "Prometheus at $PROM_URL"
 kubectl label namespace default tierwise.dev/injection=enabled --overwrite
-tierwise operator --kubeconfig "$KUBECONFIG" --health-port 18081 >"${TMPDIR:-/tmp}/tierwise-demo-operator.log" 2>&1 &
+# SLO and spend read every second (30 s by default) so the demo's steering and budget show quickly.
+tierwise operator --kubeconfig "$KUBECONFIG" --health-port 18081 --prometheus-url "$PROM_URL" \
+  --slo-interval 1 --spend-interval 1 >"${TMPDIR:-/tmp}/tierwise-demo-operator.log" 2>&1 &
 operator_pid=$!
 webhook_pid=
 cleanup() {
-  kill $operator_pid $webhook_pid 2>/dev/null; wait $operator_pid $webhook_pid 2>/dev/null
+  kill $operator_pid $webhook_pid $PROM_PID 2>/dev/null; wait $operator_pid $webhook_pid 2>/dev/null
   if [ "${KEEP:-0}" = 1 ]; then
     # The webhook stops with the demo: a configuration calling it (failurePolicy Fail) would
     # refuse every new pod of the kept cluster's labelled namespaces.
@@ -59,8 +68,8 @@ cleanup() {
       validatingwebhookconfiguration/tierwise-demo-validate --ignore-not-found >/dev/null
     printf '\n== KEEP=1: the control plane is still running, with everything the demo applied:\n'
     printf '   export KUBECONFIG=%s\n   kubectl get tierwise\n' "$KUBECONFIG"
-    printf 'The operator and the webhook stopped with the demo (their webhook configurations are removed, so new\n'
-    printf 'pods are created without a sidecar). Run the operator again with:\n'
+    printf 'The operator, the webhook and Prometheus stopped with the demo (the webhook configurations are removed,\n'
+    printf 'so new pods are created without a sidecar). Run the operator again with:\n'
     printf '   tierwise operator --kubeconfig "$KUBECONFIG" --health-port 18081\n'
     printf 'Stop the control plane with: python hack/localcluster.py down\n'
   else
@@ -163,6 +172,8 @@ YAML
 step "kubectl explain documents every field"
 kubectl explain inferencetier.spec.routing.costAware
 
+python hack/demo_cluster.py --prometheus "$PROM_URL" --metrics-port "$metrics_port" --workdir "$out/cluster"
+
 step "the Policy the sidecars of namespace default will enforce, compiled from what the cluster holds"
 compiled="${TMPDIR:-/tmp}/tierwise-demo-policy.yaml"
 kubectl get tierwise -o yaml | tierwise compile - --namespace default >"$compiled"
@@ -171,4 +182,6 @@ echo "the whole Policy: $compiled (tierwise compile examples/quickstart prints t
 
 step "summary"
 echo "replay: the table above; report $out/replay/report.json; plots $out/replay/*.png"
-echo "cluster: CRDs, operator, quickstart objects and their status, sidecar injection and cross-object validation shown above"
+echo "cluster: CRDs, operator, quickstart objects and their status, sidecar injection and cross-object validation;"
+echo "  namespace shop: traffic through the injected sidecar, openai-4o drained on an SLO breach, tenant promo-bot's"
+echo "  budget through Notify, Downgrade and Reject, the dashboard's queries answered (logs: $out/cluster)"

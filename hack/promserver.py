@@ -1,7 +1,11 @@
-"""A real Prometheus on loopback with a temporary data dir, scraping the given targets."""
+"""A real Prometheus on loopback with a temporary data dir, scraping the given targets.
+
+`python hack/promserver.py DIR --target HOST:PORT [--port N]` starts one and prints
+`PROM_URL=... PROM_PID=...` for a shell to eval (the demo); it keeps running after this exits."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -25,13 +29,18 @@ class Prometheus:
     config: Path
 
     def query(self, expr: str) -> list[dict[str, Any]]:
-        q = urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(f"{self.url}/api/v1/query?{q}", timeout=10) as r:
-            data = json.loads(r.read())
-        return list(data["data"]["result"])
+        return query(self.url, expr)
 
     def stop(self) -> None:
         stop_process(self.process)
+
+
+def query(url: str, expr: str) -> list[dict[str, Any]]:
+    """An instant query's result (urllib.error.HTTPError when Prometheus refuses it)."""
+    q = urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=10) as r:
+        data = json.loads(r.read())
+    return list(data["data"]["result"])
 
 
 def start_prometheus(
@@ -76,3 +85,19 @@ def start_prometheus(
                 raise RuntimeError(f"prometheus did not start; see {workdir / 'prometheus.log'}") from None
             time.sleep(0.2)
     return Prometheus(url, proc, config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workdir", type=Path)
+    p.add_argument("--target", action="append", default=[], help="HOST:PORT to scrape (repeatable)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--interval", default="1s")
+    args = p.parse_args(argv)
+    prom = start_prometheus(args.workdir, args.target, args.interval, args.port)
+    print(f"PROM_URL={prom.url} PROM_PID={prom.process.pid}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -42,7 +42,8 @@ def _serve_args(p: argparse.ArgumentParser, host_help: str) -> None:
     p.add_argument(
         "--health-port",
         type=int,
-        help="also serve /healthz, /readyz and /metrics on this port, on every interface (for probes and scrapes)",
+        help="also serve /healthz, /readyz and /metrics on this port, on every interface (for probes and scrapes; "
+        "$TIERWISE_HEALTH_HOST narrows it)",
     )
     p.add_argument(
         "--secrets-dir",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from collections.abc import Callable
 
@@ -51,7 +52,9 @@ async def run(
     if health_port is not None:
         health = web.AppRunner(gateway.health_app(), access_log=None)
         await health.setup()
-        await web.TCPSite(health, "", health_port).start()
+        # Every interface by default (probes and scrapes reach the pod IP); TIERWISE_HEALTH_HOST
+        # narrows it, as for the operator's health port (a sidecar run outside a pod, on loopback).
+        await web.TCPSite(health, os.environ.get("TIERWISE_HEALTH_HOST", ""), health_port).start()
     bound = runner.addresses[0][1] if runner.addresses else port
     log.info("serving on %s:%d", host or "*", bound)
     if ready is not None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from configmirror import PolicyMirror
 from localcluster import Cluster, free_port, stop_process
 from promserver import Prometheus, start_prometheus
 from tests.conftest import TIERWISE, Net, _ready, wait_for
@@ -71,36 +72,6 @@ def objects(ns: str, fake: Fake) -> list[dict[str, Any]]:
     ]
 
 
-class Kubelet:
-    """Brings the namespace's Policy ConfigMap to a folder the way the kubelet does: every key a
-    file, the whole set swapped in at once when the ConfigMap changes."""
-
-    def __init__(self, cluster: Cluster, ns: str, folder: Path) -> None:
-        self.cluster, self.ns, self.folder = cluster, ns, folder
-        self.stop = threading.Event()
-        self.version = ""
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def sync(self) -> None:
-        cm = get(self.cluster, "configmap", "tierwise-policy", "-n", self.ns)
-        if cm is None or cm["metadata"]["resourceVersion"] == self.version:
-            return
-        data = cm.get("data") or {}
-        for name in ("policy.json", "budgets.json", "steering.json"):
-            target = self.folder / name
-            if name not in data:
-                target.unlink(missing_ok=True)
-                continue
-            tmp = self.folder / f".{name}.tmp"
-            tmp.write_text(data[name])
-            tmp.replace(target)
-        self.version = cm["metadata"]["resourceVersion"]
-
-    def _run(self) -> None:
-        while not self.stop.wait(0.5):
-            self.sync()
-
-
 @dataclass
 class World:
     cluster: Cluster
@@ -110,7 +81,7 @@ class World:
     prom_port: int
     op: OperatorProcess
     sidecars: list[str]
-    kubelet: Kubelet
+    kubelet: PolicyMirror
     workdir: Path
 
 
@@ -132,7 +103,7 @@ def world(crds: Cluster, tmp_path_factory: pytest.TempPathFactory, aio: Any) -> 
     ).start()
     procs: list[subprocess.Popen[bytes]] = []
     world: World | None = None
-    kubelet = Kubelet(crds, ns, tmp / "mount")
+    kubelet = PolicyMirror(crds, ns, tmp / "mount")
     kubelet.folder.mkdir()
     try:
         apply(crds, ns, *objects(ns, fake))

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
+from configmirror import PolicyMirror
 from localcluster import Cluster, free_port, stop_process
 from redisserver import Redis, start_redis
 from tests.conftest import TIERWISE, Net, _ready, wait_for
 from tests.integration.test_budget_controller import (
-    Kubelet,
     _condition,
     _post,
     _spent,
@@ -53,7 +53,7 @@ def world(crds: Cluster, tmp_path_factory: pytest.TempPathFactory, aio: Any) -> 
     fake = net.fake("gold", completion_tokens=16)
     redis = start_redis(tmp / "redis")
     op = OperatorProcess(crds, tmp / "op", "--redis-url", redis.url, "--spend-interval", "1").start()
-    kubelet = Kubelet(crds, ns, tmp / "mount")
+    kubelet = PolicyMirror(crds, ns, tmp / "mount")
     kubelet.folder.mkdir()
     proc = None
     world: World | None = None

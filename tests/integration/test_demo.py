@@ -1,5 +1,7 @@
 """The README's demo, in a bounded form (a 10-second trace), checking what it prints: the savings
-table before the cluster part, the cluster part, a summary; no terminal escape codes in a file."""
+table before the cluster part, the cluster part with traffic through the injected sidecar (the
+SLO breach drained, the budget's thresholds crossed, the dashboard's queries answered), a summary;
+no terminal escape codes in a file."""
 
 from __future__ import annotations
 
@@ -26,4 +28,13 @@ def test_the_demo_shows_the_savings_first_then_the_cluster(tmp_path: Path) -> No
     )
     assert -1 < saves < cluster < summary, out[-3000:]
     assert "fallback cycle" in out and "tier gold: priority 100" in out
+    traffic = out[out.find("traffic through the injected sidecar") :]
+    assert "the injected container runs: tierwise sidecar --policy-file=" in out
+    assert "gold   web       -> 200 served by gold/" in traffic
+    assert "the operator drained openai-4o after" in traffic and "openai-4o 0\n" in traffic
+    for state in ("=Warning: served by ", "=Downgraded, downgraded from gold: served by silver",
+                  "429 budget_exceeded"):  # fmt: skip
+        assert state in traffic, traffic[-3000:]
+    assert "costbudget.tierwise.dev/promo-bot-daily" in traffic  # kubectl get tierwise: spend and state
+    assert "Requests by tier and status" in traffic and " series" in traffic
     assert (tmp_path / "tierwise-demo" / "replay" / "report.json").exists()

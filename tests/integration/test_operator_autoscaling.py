@@ -5,7 +5,6 @@ window; with Prometheus gone it scales nothing down and the tier's status says w
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from demo_traffic import Workers
 from localcluster import Cluster
 from promserver import Prometheus, start_prometheus
 from tests.conftest import Net, wait_for
@@ -52,29 +52,17 @@ def chat_tier(namespace: str) -> dict[str, Any]:
     }
 
 
-class Load:
+class Load(Workers):
     """CONCURRENCY callers, each sending one slow request after another, until stopped."""
 
     def __init__(self, gw: GatewayServer) -> None:
+        super().__init__(self._one, CONCURRENCY)
         self.gw = gw
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(CONCURRENCY)]
         self.statuses: list[int] = []
 
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            status, _, _ = self.gw.post("/v1/chat/completions", CHAT)
-            self.statuses.append(status)
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
+    def _one(self, _: int) -> None:
+        status, _, _ = self.gw.post("/v1/chat/completions", CHAT)
+        self.statuses.append(status)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import http.client
 import itertools
 import json
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,10 +17,11 @@ from typing import Any
 
 import pytest
 
+from configmirror import PolicyMirror
+from demo_traffic import Workers
 from localcluster import Cluster, free_port, stop_process
 from promserver import Prometheus, start_prometheus
 from tests.conftest import TIERWISE, Net, _ready, wait_for
-from tests.integration.test_budget_controller import Kubelet
 from tests.integration.test_operator import apply, get
 from tests.operatorproc import OperatorProcess
 from tests.servers import Fake
@@ -62,7 +62,6 @@ class Load:
 
     url: str
     threads: int = 4
-    stop: threading.Event = field(default_factory=threading.Event)
     statuses: list[int] = field(default_factory=list)
     promoted: int = 0
 
@@ -80,22 +79,12 @@ class Load:
         finally:
             conn.close()
 
-    def _run(self) -> None:
-        n = 0
-        while not self.stop.is_set():
-            self._one(stream=n % 2 == 1)
-            n += 1
-
     def __enter__(self) -> Load:
-        self.workers = [threading.Thread(target=self._run, daemon=True) for _ in range(self.threads)]
-        for t in self.workers:
-            t.start()
+        self.workers = Workers(lambda n: self._one(stream=n % 2 == 1), self.threads).__enter__()
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for t in self.workers:
-            t.join(30)
+        self.workers.__exit__()
 
 
 @dataclass
@@ -124,7 +113,7 @@ def world(crds: Cluster, tmp_path_factory: pytest.TempPathFactory, aio: Any) -> 
     op = OperatorProcess(
         crds, tmp / "op", "--prometheus-url", prom.url, "--slo-interval", "1", "--steering-hold", str(HOLD)
     ).start()
-    kubelet = Kubelet(crds, ns, tmp / "mount")
+    kubelet = PolicyMirror(crds, ns, tmp / "mount")
     kubelet.folder.mkdir()
     proc = None
     world: World | None = None

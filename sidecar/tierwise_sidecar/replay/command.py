@@ -92,7 +92,7 @@ def table(doc: Mapping[str, Any]) -> str:
     saving = doc.get("saving")
     if saving is not None:
         lines.append(f"\nThe Policy saves {saving['usd']:.4f} USD ({saving['percent']:.1f} %) against all-premium:")
-        lines += [f"  {cause:<22} {saving['byCause'][cause]:.4f}" for cause in CAUSES if saving["byCause"][cause]]
+        lines += [f"  {cause:<22} {saving['byCause'][cause]:.6f}" for cause in CAUSES if saving["byCause"][cause]]
     return "\n".join(lines)
 
 
