@@ -306,3 +306,20 @@ def test_while_the_sidecar_itself_lags_latency_is_not_held_against_the_target() 
     clock.now += 1.0
     limit.observe("busy", 0.01, busy=True, over_slo=False, now=clock.now, lagging=True)
     assert limit.value < 16.0  # what the target says still counts
+
+
+def test_an_outage_costs_the_limit_one_cut_a_rate_limit_every_signal() -> None:
+    clock = Clock()
+    room = Room("t", Limit(64.0), clock=clock)
+    room.answered(clock.now - 0.2)  # it answered; then it went down
+    assert room.congested(explicit=False, now=clock.now)  # the first 503 tells the limit
+    for _ in range(20):  # the tries still in flight (begun before it) fail too: they do not
+        clock.now += 0.01
+        assert not room.congested(explicit=False, now=clock.now)
+    room.answered(clock.now - 0.5)  # an answer to a try begun before the last signal: still down
+    assert not room.congested(explicit=False, now=clock.now)
+    clock.now += 0.3
+    room.answered(clock.now - 0.1)  # a try begun since was answered: it is back, so the next counts
+    assert room.congested(explicit=False, now=clock.now)
+    assert room.congested(explicit=True, now=clock.now)  # a 429 is at capacity whatever came before
+    assert room.congested(explicit=True, now=clock.now)

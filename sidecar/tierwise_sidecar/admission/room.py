@@ -92,6 +92,10 @@ class Room:
         self.heap: list[Waiter] = []
         self.waiting = 0
         self.hold = 0.0  # seconds a slot is held, on average lately
+        # When the latest answered try had started, and when a try turned away last told the
+        # limit (monotonic): see congested().
+        self.answered_started = -math.inf
+        self.busy_at = -math.inf
         # The highest rank that asked for a slot lately, and when: it is never refused on an estimate.
         self.top: Rank = (-(2**31), 0)
         self.top_at = -math.inf
@@ -105,6 +109,19 @@ class Room:
         self._seq = itertools.count()
 
     # ------------------------------------------------------------ reading
+
+    def answered(self, started: float) -> None:
+        """The target answered a try begun at `started`."""
+        self.answered_started = max(self.answered_started, started)
+
+    def congested(self, explicit: bool, now: float) -> bool:
+        """Whether a try the target turned away should tell its limit. An explicit capacity signal
+        (a 429) always does. An ambiguous one (a 503, a timeout: at capacity, or down) does when
+        the target answered a try begun since the last one that did: an outage costs one cut."""
+        if explicit or self.answered_started > self.busy_at:
+            self.busy_at = now
+            return True
+        return False
 
     @property
     def load_percent(self) -> float:

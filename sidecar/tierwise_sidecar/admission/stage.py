@@ -172,12 +172,18 @@ class Gate:
     def observe(self, cand: Candidate, seconds: float, started: Started | None, failure: FailureKind | None) -> None:
         """What a try tells the target's limit."""
         room = self.room
-        if room is None or not room.limit.adaptive:
+        if room is None:
             return
-        rules = self.stage.tiers.get(cand.tier.name)
+        if not room.limit.adaptive:
+            return
         now = time.monotonic()
+        if failure is None and started is not None:
+            room.answered(now - seconds)
+        rules = self.stage.tiers.get(cand.tier.name)
         if failure is not None:
-            if failure in BUSY:
+            # Cutting the limit at every failed try of an outage (its breaker's business) would
+            # throttle the tier for long after the target is back.
+            if failure in BUSY and room.congested(failure is FailureKind.RATE_LIMITED, now):
                 room.limit.observe("busy", seconds, busy=True, over_slo=False, now=now)
             return
         if started is None:

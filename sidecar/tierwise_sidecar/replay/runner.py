@@ -244,7 +244,10 @@ async def replay(
         runners.append(runner)
         urls[model] = url + "/v1"
     with tempfile.TemporaryDirectory(prefix="tierwise-replay-") as folder:
-        config = GatewayConfig(budget_store="memory", reload_interval=3600)
+        # The breakers' cooldown is time too: a provider back after an outage is tried again as
+        # soon, on the trace's clock, as it would be in real time.
+        config = GatewayConfig(budget_store="memory", reload_interval=3600,
+                               breaker_cooldown=GatewayConfig.breaker_cooldown / speed)  # fmt: skip
         if name == POLICY:
             config = replace(config, published_budgets=_written(folder, "budgets.json", given.budgets),
                              steering_file=_written(folder, "steering.json", given.steering))  # fmt: skip
