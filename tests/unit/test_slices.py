@@ -7,7 +7,7 @@ from tests.budgetcases import rule
 from tierwise.budgetrules import ZERO, Amount
 from tierwise.periods import window
 from tierwise_sidecar.budgets.ledger import Line, Reservation
-from tierwise_sidecar.budgets.slices import IDLE_SECONDS, SLICE_REQUESTS, Slices
+from tierwise_sidecar.budgets.slices import IDLE_SECONDS, ROUND_TRIPS, SLICE_REQUESTS, Slices
 
 NOW = 1_800_000_000.0
 ASK = Amount(1_000, 10)
@@ -108,3 +108,25 @@ def test_what_lands_for_a_slice_given_back_meanwhile_is_given_back_too() -> None
     assert book.refused(asks) and len(book) == 0
     granted = Reservation("g", (line,), NOW + LEASE, remote=True, leases=tuple(lease for lease, _ in asks))
     assert book.granted(granted, asks, [Amount(7, 7)], NOW, LEASE) == [(line.rule, asks[0][0], Amount(7, 7))]
+
+
+def test_a_busy_slice_covers_its_takes_over_several_round_trips_to_redis() -> None:
+    book = Slices()
+    line = _line()
+    big = Amount(ASK.micros * 1000, ASK.tokens * 1000)
+    _granted(book, [line], big)
+    # 400 requests a second for a second, each reserved from the slice and settled at once.
+    for i in range(400):
+        taken = book.take([line], NOW + i / 400, LEASE)
+        assert taken is not None
+        book.settled(taken)
+    book.timed(0.05)  # a round trip to Redis takes 50 ms under this load
+    book.asks([line], NOW + 1, LEASE)
+    (s,) = list(book)
+    # 400/s x 50 ms = 20 takes per round trip: ROUND_TRIPS of them, not SLICE_REQUESTS.
+    assert ROUND_TRIPS * 20 * 0.9 <= s.target.micros / ASK.micros <= ROUND_TRIPS * 20 * 1.1
+    assert s.target.micros / ASK.micros > SLICE_REQUESTS
+    # A quiet slice aims no higher than before.
+    quiet = Slices()
+    _granted(quiet, [line], ZERO)
+    assert quiet.asks([line], NOW + 5, LEASE)[0][1].micros <= ASK.micros * SLICE_REQUESTS

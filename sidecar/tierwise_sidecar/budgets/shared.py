@@ -109,11 +109,13 @@ class SharedLedger:
                 verdicts = tuple(Verdict(ln, _GRANTED, self._last_known(ln.rule, ln.window)) for ln in lines)
                 return Booking(taken, verdicts)
             asks = self.slices.asks(lines, now, lease_seconds)
+            sent = time.monotonic()
             try:
                 booking = await self.client.reserve(lines, now, lease_seconds, asks)
             except StoreUnavailableError as e:
                 self._degrade(str(e))
             else:
+                self.slices.timed(time.monotonic() - sent)
                 self._remember(booking)
                 if booking.reservation is None:
                     self._give_back(self.slices.refused(asks))
@@ -152,6 +154,7 @@ class SharedLedger:
             task.add_done_callback(self._growing.discard)
 
     async def _top_up(self, s: Slice, line: Line, now: float, lease_seconds: float) -> None:
+        sent = time.monotonic()
         try:
             booking = await self.client.reserve([Line(line.rule, line.window, ZERO)], now, lease_seconds,
                                                 [(s.lease, self.slices.want(s))])  # fmt: skip
@@ -159,6 +162,7 @@ class SharedLedger:
             self.slices.topped(s, ZERO, now, lease_seconds)
             self._degrade(str(e))
             return
+        self.slices.timed(time.monotonic() - sent)
         self._remember(booking)
         extra = booking.extras[0] if booking.reservation is not None else ZERO
         back = self.slices.topped(s, extra, now, lease_seconds)

@@ -2,8 +2,9 @@
 
 A reservation in Redis is a round trip before the backend is called. To keep it off the hot path,
 when a request has to go to Redis it also asks for a slice: up to SLICE_REQUESTS times its own
-worst case more (or twice as many as the sidecar has in flight on that budget, when that is
-more), held under one lease of this sidecar's per budget. Later requests whose every
+worst case more (or twice as many as the sidecar has in flight on that budget, or what its
+requests take in ROUND_TRIPS round trips to Redis, when that is more), held under one lease of
+this sidecar's per budget. Later requests whose every
 budget has enough left in its slice are reserved here, at once, and a slice running low is topped
 up in the background before it runs out. Everything a slice holds is held in Redis, so the limit
 is never loosened: the overshoot bound stays that of a reservation per request. Redis grants at
@@ -22,6 +23,7 @@ This module is the sidecar's book of its slices: pure bookkeeping, no I/O.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +32,12 @@ from tierwise_sidecar.budgets.ledger import Line, Reservation, new_id
 
 # A slice aims to cover this many more requests like the one that asked; topped up at half.
 SLICE_REQUESTS = 8
+# And, on a busy budget, what its requests take in this many round trips to Redis: topped up at
+# half, a slice then lasts two round trips more, so the top-up lands before it runs dry.
+ROUND_TRIPS = 4
+# How often a slice's take rate is re-estimated (seconds), and the weight of the newest estimate.
+RATE_EVERY = 0.25
+RATE_WEIGHT = 0.5
 IDLE_SECONDS = 2.0
 
 
@@ -46,11 +54,16 @@ class Slice:
     holding: Amount
     expires: float
     used: float
-    # What it is topped up to: SLICE_REQUESTS times the last ask, or twice what its requests in
-    # flight asked when more are (a busy sidecar would drain a small slice at once).
+    # What it is topped up to, in asks like the last: SLICE_REQUESTS, twice its requests in flight,
+    # or ROUND_TRIPS round trips' worth of its takes, whichever is most (a busy sidecar would
+    # drain a small slice before its top-up lands, and its requests would queue for Redis).
     target: Amount
     topping: bool = False
     in_flight: int = 0
+    # Requests reserved under its lease per second (slice or round trip), lately; counting since.
+    rate: float = 0.0
+    counted: int = 0
+    since: float = 0.0
 
 
 def _covers(have: Amount, ask: Amount) -> bool:
@@ -61,10 +74,28 @@ def _minus(a: Amount, b: Amount) -> Amount:
     return Amount(max(a.micros - b.micros, 0), max(a.tokens - b.tokens, 0))
 
 
+def _count(s: Slice, now: float) -> None:
+    s.counted += 1
+    elapsed = now - s.since
+    if elapsed >= RATE_EVERY:
+        s.rate = s.rate + RATE_WEIGHT * (s.counted / elapsed - s.rate) if s.rate else s.counted / elapsed
+        s.counted, s.since = 0, now
+
+
 class Slices:
     def __init__(self) -> None:
         self._by_budget: dict[tuple[str, str], Slice] = {}
         self._by_lease: dict[str, Slice] = {}
+        # A reservation's round trip to Redis lately (seconds): how long a top-up takes to land.
+        self.round_trip = 0.0
+
+    def timed(self, seconds: float) -> None:
+        """A round trip to Redis took `seconds`."""
+        self.round_trip = self.round_trip + RATE_WEIGHT * (seconds - self.round_trip) if self.round_trip else seconds
+
+    def _aim(self, s: Slice, ask: Amount) -> None:
+        n = max(SLICE_REQUESTS, 2 * (s.in_flight + 1), math.ceil(ROUND_TRIPS * s.rate * self.round_trip))
+        s.target = Amount(ask.micros * n, ask.tokens * n)
 
     def __iter__(self) -> Iterator[Slice]:
         return iter(list(self._by_budget.values()))
@@ -101,6 +132,7 @@ class Slices:
             s.holding = s.holding + line.ask
             s.in_flight += 1
             s.used = now
+            _count(s, now)
         return Reservation(new_id(), tuple(lines), now + lease_seconds, remote=True,
                            leases=tuple(s.lease for s in slices))  # fmt: skip
 
@@ -114,11 +146,11 @@ class Slices:
             if s is None:
                 lease = new_id()
                 # Expiring when its first grant's lease would (the grant may still be on its way).
-                s = Slice(lease, line.rule, line.window.id, lease_seconds, ZERO, ZERO, now + lease_seconds, now, ZERO)
+                s = Slice(lease, line.rule, line.window.id, lease_seconds, ZERO, ZERO, now + lease_seconds, now, ZERO,
+                          since=now)  # fmt: skip
                 self._by_budget[(line.rule.key, line.window.id)] = s
                 self._by_lease[lease] = s
-            n = max(SLICE_REQUESTS, 2 * (s.in_flight + 1))
-            s.target = Amount(line.ask.micros * n, line.ask.tokens * n)
+            self._aim(s, line.ask)
             want = ZERO if s.topping else _minus(s.target, s.free)
             s.topping = s.topping or want != ZERO
             out.append((s.lease, want))
@@ -146,6 +178,7 @@ class Slices:
             s.expires = max(s.expires, now + lease_seconds)
             s.length = lease_seconds
             s.used = now
+            _count(s, now)
         return orphaned
 
     def low(self, r: Reservation) -> list[tuple[Slice, Line]]:
@@ -156,6 +189,7 @@ class Slices:
             s = self._by_lease.get(lease)
             if s is None or s.topping:
                 continue
+            self._aim(s, line.ask)
             half = Amount(s.target.micros // 2, s.target.tokens // 2)
             if not _covers(s.free, half):
                 s.topping = True
