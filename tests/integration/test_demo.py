@@ -35,6 +35,6 @@ def test_the_demo_shows_the_savings_first_then_the_cluster(tmp_path: Path) -> No
     for state in ("=Warning: served by ", "=Downgraded, downgraded from gold: served by silver",
                   "429 budget_exceeded"):  # fmt: skip
         assert state in traffic, traffic[-3000:]
-    assert "costbudget.tierwise.dev/promo-bot-daily" in traffic  # kubectl get tierwise: spend and state
+    assert "costbudget.tierwise.dev/promo-bot" in traffic  # kubectl get tierwise: spend and state
     assert "Requests by tier and status" in traffic and " series" in traffic
     assert (tmp_path / "tierwise-demo" / "replay" / "report.json").exists()
