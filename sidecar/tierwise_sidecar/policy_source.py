@@ -43,8 +43,10 @@ def read_policy(path: Path) -> Policy:
     """A compiled Policy (YAML or JSON), whose content must match its hash when it has one."""
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise PolicyLoadError(f"{path}: cannot read: {e}") from None
+    except RecursionError:
+        raise PolicyLoadError(f"{path}: nested too deeply to be a Policy") from None
     return policy_of(data, str(path))
 
 
@@ -57,6 +59,8 @@ def policy_of(data: object, where: str) -> Policy:
             data = yaml.safe_load(raw) if isinstance(raw, str) else None
         except yaml.YAMLError as e:
             raise PolicyLoadError(f"{where}: the ConfigMap's policy.json: cannot read: {e}") from None
+        except RecursionError:
+            raise PolicyLoadError(f"{where}: the ConfigMap's policy.json: nested too deeply") from None
     if not isinstance(data, dict):
         raise PolicyLoadError(f"{where}: not a Policy document")
     try:

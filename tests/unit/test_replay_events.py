@@ -5,6 +5,7 @@ budget's Throttle rate with the rest."""
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,10 +16,11 @@ import pytest
 from tierwise.api.budget import Period, ThresholdAction
 from tierwise.policy import Policy
 from tierwise_sidecar.fake_backend import FakeBackend, FakeConfig
-from tierwise_sidecar.policy_source import CrFolder
+from tierwise_sidecar.policy_source import CrFolder, PolicyLoadError
 from tierwise_sidecar.replay.command import meta_path
 from tierwise_sidecar.replay.events import DEFAULT_THRESHOLDS, Outage, events_of, with_budget
 from tierwise_sidecar.replay.runner import _compressed, _outage
+from tierwise_sidecar.replay.source import load_input
 from tierwise_sidecar.replay.trace import TraceError
 from tierwise_sidecar.replay.tracegen import TraceMeta, TraceParams, generate, trace_meta
 
@@ -107,3 +109,23 @@ def test_meta_path_by_convention(tmp_path: Path) -> None:
     (tmp_path / "ref.meta.json").write_text("{}")
     assert meta_path(trace, None) == tmp_path / "ref.meta.json"
     assert meta_path(trace, tmp_path / "other.json") == tmp_path / "other.json"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[" * 5000 + "]" * 5000, "nested too deeply to be a Policy"),
+        ('{"kind": "ConfigMap", "data": {"policy.json": "' + "[" * 5000 + "]" * 5000 + '"}}', "nested too deeply"),
+        ('{"kind": "ConfigMap", "data": {"policy.json": "{\\"tiers\\": 3}"}}', "Field required"),
+    ],
+)
+def test_a_policy_input_that_is_not_one_is_refused_by_name(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(content)
+    with pytest.raises(PolicyLoadError, match=message):
+        load_input(str(path), None, "tierwise-system", io.StringIO())
+    with pytest.raises(PolicyLoadError, match=message):
+        load_input("-", None, "tierwise-system", io.StringIO(content))
+    path.write_bytes(b"\xb2\xff" * 10)
+    with pytest.raises(PolicyLoadError, match="not UTF-8"):
+        load_input(str(path), None, "tierwise-system", io.StringIO())

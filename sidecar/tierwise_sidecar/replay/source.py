@@ -64,9 +64,12 @@ def load_input(arg: str, namespace: str | None, platform: str, stdin: IO[str]) -
     path = Path(arg)
     if path.is_file():
         try:
-            data = _parse(path.read_text(), arg)
+            text = path.read_text()
         except OSError as e:
             raise PolicyLoadError(f"{arg}: cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise PolicyLoadError(f"{arg}: not UTF-8 text") from None
+        data = _parse(text, arg)
         if isinstance(data, dict) and data.get("kind") in COMPILED_KINDS:
             return from_document(data, arg)
     return PolicyInput(CrFolder(path, namespace, platform).load().policy, f"{arg} (objects)")
@@ -77,4 +80,6 @@ def _parse(text: str, where: str) -> object:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
         raise PolicyLoadError(f"{where}: not YAML or JSON: {e}") from None
+    except RecursionError:
+        raise PolicyLoadError(f"{where}: nested too deeply to be a Policy") from None
     return docs[0] if docs else None
