@@ -24,21 +24,18 @@ class PolicyMirror:
     def sync(self) -> bool:
         """Bring the folder up to date; True when it holds a Policy."""
         out = self.cluster.kubectl("get", "configmap", "tierwise-policy", "-n", self.ns, "-o", "json", check=False)
-        if out.returncode != 0:
-            return (self.folder / "policy.json").exists()
-        cm = json.loads(out.stdout)
-        if cm["metadata"]["resourceVersion"] == self.version:
-            return (self.folder / "policy.json").exists()
-        data = cm.get("data") or {}
-        for name in KEYS:
-            target = self.folder / name
-            if name not in data:
-                target.unlink(missing_ok=True)
-                continue
-            tmp = self.folder / f".{name}.tmp"
-            tmp.write_text(data[name])
-            tmp.replace(target)
-        self.version = cm["metadata"]["resourceVersion"]
+        cm = json.loads(out.stdout) if out.returncode == 0 else None
+        if cm is not None and cm["metadata"]["resourceVersion"] != self.version:
+            data = cm.get("data") or {}
+            for name in KEYS:
+                target = self.folder / name
+                if name not in data:
+                    target.unlink(missing_ok=True)
+                    continue
+                tmp = self.folder / f".{name}.tmp"
+                tmp.write_text(data[name])
+                tmp.replace(target)
+            self.version = cm["metadata"]["resourceVersion"]
         return (self.folder / "policy.json").exists()
 
     def _run(self) -> None:

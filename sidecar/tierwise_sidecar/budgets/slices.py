@@ -74,12 +74,15 @@ def _minus(a: Amount, b: Amount) -> Amount:
     return Amount(max(a.micros - b.micros, 0), max(a.tokens - b.tokens, 0))
 
 
-def _count(s: Slice, now: float) -> None:
+def _count(s: Slice, now: float) -> bool:
+    """Count a request reserved under the slice's lease; True when its rate was re-estimated."""
     s.counted += 1
     elapsed = now - s.since
-    if elapsed >= RATE_EVERY:
-        s.rate = s.rate + RATE_WEIGHT * (s.counted / elapsed - s.rate) if s.rate else s.counted / elapsed
-        s.counted, s.since = 0, now
+    if elapsed < RATE_EVERY:
+        return False
+    s.rate = s.rate + RATE_WEIGHT * (s.counted / elapsed - s.rate) if s.rate else s.counted / elapsed
+    s.counted, s.since = 0, now
+    return True
 
 
 class Slices:
@@ -132,7 +135,8 @@ class Slices:
             s.holding = s.holding + line.ask
             s.in_flight += 1
             s.used = now
-            _count(s, now)
+            if _count(s, now):
+                self._aim(s, line.ask)
         return Reservation(new_id(), tuple(lines), now + lease_seconds, remote=True,
                            leases=tuple(s.lease for s in slices))  # fmt: skip
 
@@ -189,7 +193,6 @@ class Slices:
             s = self._by_lease.get(lease)
             if s is None or s.topping:
                 continue
-            self._aim(s, line.ask)
             half = Amount(s.target.micros // 2, s.target.tokens // 2)
             if not _covers(s.free, half):
                 s.topping = True
