@@ -55,7 +55,10 @@ class Chain:
                 try:
                     reply = await stage.enter(x)
                 except ApiError as e:
-                    x.error = e
+                    # Kept for the way out, without the frames it came through: they hold the
+                    # exchange, and the cycle would keep the request alive until a cyclic collection.
+                    e.__context__ = e.__cause__ = None
+                    x.error = e.with_traceback(None)
                     reply = Reply.of_error(e)
                 if reply is not None:
                     if not x.answered:
