@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Net
+from tests.conftest import Net, wait_for
 from tests.servers import CHAT, backend, tier
 from tierwise_sidecar.secrets import SecretSource
 
@@ -79,8 +79,14 @@ def test_a_request_failing_upstream_leaves_one_line_with_no_key_and_no_prompt(
         status, _, _ = gw.post(
             "/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": prompt}]}
         )
-    assert status == 502
-    lines = [r.getMessage() for r in caplog.records if "request failed upstream" in r.getMessage()]
+        assert status == 502
+
+        # The line is written on the request's way out, which may end just after the caller has its answer.
+        def logged() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "request failed upstream" in r.getMessage()]
+
+        wait_for("the failed request's log line", logged, timeout=10, interval=0.05)
+    lines = logged()
     assert len(lines) == 1
     line = lines[0]
     assert "status=502" in line and "tier=gold" in line and "gold/g@127.0.0.1:" in line and "silver/s@" in line
