@@ -43,7 +43,8 @@ _CODE_WORDS = frozenset(
     }
 )
 _CODE_MARKS = ("```", "=>", "();", "){", ") {", "#include", "SELECT ", "</")
-_LINE_CODE = re.compile(r"[;{}]\s*$", re.MULTILINE)
+# The marks and a line ending like code, in one search rather than a scan per mark.
+_CODE = re.compile("|".join([*map(re.escape, _CODE_MARKS), r"[;{}]\s*$"]), re.MULTILINE)
 _MATH_WORDS = frozenset(
     {
         "integral",
@@ -62,8 +63,8 @@ _MATH_WORDS = frozenset(
         "compute",
     }
 )
-_ARITHMETIC = re.compile(r"\d\s*[-+*/^=<>]\s*\d")
 _LATEX = ("\\frac", "\\sum", "\\int", "\\sqrt", "$$")
+_MATH = re.compile("|".join([*map(re.escape, _LATEX), r"\d\s*[-+*/^=<>]\s*\d"]))
 _REASONING_WORDS = frozenset(
     {
         "why",
@@ -92,6 +93,9 @@ W_LENGTH, W_CODE, W_MATH, W_REASONING, W_DEPTH = 0.4, 0.35, 0.35, 0.45, 0.25
 PRIORITY_SHIFT = 0.15
 
 
+Features = tuple[float, float, float, float, float]  # length, code, maths, reasoning, depth
+
+
 class Difficulty(NamedTuple):
     score: float
     length: float
@@ -116,15 +120,20 @@ def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
     return ""
 
 
-def score(text: str, input_tokens: int, user_turns: int, priority: Priority) -> Difficulty:
+def _features(text: str, input_tokens: int, user_turns: int) -> Features:
     length = min(math.log2(1 + input_tokens / 64) / 6, 1.0)
     lower = text.lower()
     words = set(_WORD.findall(lower))
-    code = 1.0 if (words & _CODE_WORDS or any(m in text for m in _CODE_MARKS) or _LINE_CODE.search(text)) else 0.0
-    maths = 1.0 if (words & _MATH_WORDS or any(m in text for m in _LATEX) or _ARITHMETIC.search(text)) else 0.0
+    code = 1.0 if (words & _CODE_WORDS or _CODE.search(text)) else 0.0
+    maths = 1.0 if (words & _MATH_WORDS or _MATH.search(text)) else 0.0
     cues = len(words & _REASONING_WORDS) + sum(1 for p in _REASONING_PHRASES if p in lower)
     reasoning = min(cues / 2, 1.0)
     depth = min(max(user_turns - 1, 0) / 8, 1.0)
+    return length, code, maths, reasoning, depth
+
+
+def _combine(f: Features, priority: Priority) -> float:
+    length, code, maths, reasoning, depth = f
     easy = (
         (1 - W_LENGTH * length)
         * (1 - W_CODE * code)
@@ -132,24 +141,41 @@ def score(text: str, input_tokens: int, user_turns: int, priority: Priority) -> 
         * (1 - W_REASONING * reasoning)
         * (1 - W_DEPTH * depth)
     )
-    raw = 1 - easy + PRIORITY_SHIFT * priority.value
-    return Difficulty(round(min(max(raw, 0.0), 1.0), 3), length, code, maths, reasoning, depth)
+    # Priority is an IntEnum: its int value, without the enum's slower `.value` lookup.
+    raw = 1 - easy + PRIORITY_SHIFT * int(priority)
+    return round(min(max(raw, 0.0), 1.0), 3)
+
+
+def score(text: str, input_tokens: int, user_turns: int, priority: Priority) -> Difficulty:
+    f = _features(text, input_tokens, user_turns)
+    return Difficulty(_combine(f, priority), *f)
+
+
+def _chat_features(messages: Sequence[Mapping[str, Any]], input_tokens: int) -> Features:
+    turns = sum(1 for m in messages if m.get("role") == "user")
+    return _features(last_user_text(messages), input_tokens, turns)
+
+
+def _prompt_features(prompt: Any, input_tokens: int) -> Features:
+    text = prompt if isinstance(prompt, str) else " ".join(p for p in prompt if isinstance(p, str))
+    return _features(text[-SCAN_CHARS:], input_tokens, 1)
 
 
 def chat_difficulty(messages: Sequence[Mapping[str, Any]], input_tokens: int, priority: Priority) -> Difficulty:
-    turns = sum(1 for m in messages if m.get("role") == "user")
-    return score(last_user_text(messages), input_tokens, turns, priority)
+    f = _chat_features(messages, input_tokens)
+    return Difficulty(_combine(f, priority), *f)
 
 
 def prompt_difficulty(prompt: Any, input_tokens: int, priority: Priority) -> Difficulty:
-    text = prompt if isinstance(prompt, str) else " ".join(p for p in prompt if isinstance(p, str))
-    return score(text[-SCAN_CHARS:], input_tokens, 1, priority)
+    f = _prompt_features(prompt, input_tokens)
+    return Difficulty(_combine(f, priority), *f)
 
 
 def difficulty_of(kind: str, body: Mapping[str, Any], input_tokens: int, priority: Priority) -> float | None:
-    """The score of a validated request body; embeddings have none."""
+    """The score of a validated request body; embeddings have none. Routing needs the score alone,
+    so the explained form (Difficulty) is not built here."""
     if kind == "chat":
-        return chat_difficulty(body["messages"], input_tokens, priority).score
+        return _combine(_chat_features(body["messages"], input_tokens), priority)
     if kind == "completions":
-        return prompt_difficulty(body["prompt"], input_tokens, priority).score
+        return _combine(_prompt_features(body["prompt"], input_tokens), priority)
     return None
