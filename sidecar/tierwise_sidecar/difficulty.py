@@ -146,11 +146,6 @@ def _combine(f: Features, priority: Priority) -> float:
     return round(min(max(raw, 0.0), 1.0), 3)
 
 
-def score(text: str, input_tokens: int, user_turns: int, priority: Priority) -> Difficulty:
-    f = _features(text, input_tokens, user_turns)
-    return Difficulty(_combine(f, priority), *f)
-
-
 def _chat_features(messages: Sequence[Mapping[str, Any]], input_tokens: int) -> Features:
     turns = sum(1 for m in messages if m.get("role") == "user")
     return _features(last_user_text(messages), input_tokens, turns)
@@ -162,12 +157,8 @@ def _prompt_features(prompt: Any, input_tokens: int) -> Features:
 
 
 def chat_difficulty(messages: Sequence[Mapping[str, Any]], input_tokens: int, priority: Priority) -> Difficulty:
+    """The score of a chat request with the features that made it, to explain a decision."""
     f = _chat_features(messages, input_tokens)
-    return Difficulty(_combine(f, priority), *f)
-
-
-def prompt_difficulty(prompt: Any, input_tokens: int, priority: Priority) -> Difficulty:
-    f = _prompt_features(prompt, input_tokens)
     return Difficulty(_combine(f, priority), *f)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import Net
+from tests.conftest import Net, wait_for
 from tests.servers import CHAT, backend, tier
 from tierwise_sidecar.app import Gateway
 from tierwise_sidecar.config import GatewayConfig
@@ -152,8 +152,8 @@ def test_a_finished_request_is_freed_at_once_not_left_for_the_cycle_collector(ne
         fake.configure(error_rate=1.0, error_status=503)
         statuses.append(gw.post("/v1/chat/completions", ask)[0])
         assert statuses[:6] == [200, 200, 200, 200, 400, 400] and statuses[6] >= 500, statuses
-        # Every stage's way out has run once the caller has its answer, but for the last bytes.
-        time.sleep(0.2)
+        # The stages' way out may end just after the caller has its answer.
+        wait_for("every request's way out", lambda: gw.gateway.in_flight == 0, timeout=10, interval=0.02)
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
         left = _kinds(gc.garbage)
