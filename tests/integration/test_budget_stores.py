@@ -14,10 +14,12 @@ import redis
 from redisserver import Redis
 from tests.budgetcases import CASES, Case, rule
 from tests.budgetcases import line as _line
-from tierwise.budgetrules import OK, OVER_LIMIT, THROTTLED, Amount, BudgetRule, judge
+from tierwise.budgetkeys import applied_key
+from tierwise.budgetrules import OK, OVER_LIMIT, THROTTLED, ZERO, Amount, BudgetRule, judge
 from tierwise.periods import window
 from tierwise_sidecar.budgets.ledger import MemoryLedger
-from tierwise_sidecar.budgets.redis_store import RedisLedgerClient, Settle, StoreUnavailableError
+from tierwise_sidecar.budgets.redis_store import RedisLedgerClient, StoreUnavailableError
+from tierwise_sidecar.budgets.settles import Settle
 from tierwise_sidecar.budgets.sqlite import LedgerInUseError, SqliteJournal
 
 NOW = 1_800_000_000.0
@@ -111,6 +113,51 @@ def test_a_settle_sent_twice_counts_once(store: Redis) -> None:
             await c.send([s, s])
             (t,) = await c.read([(r, window(r.period, r.time_zone, NOW))])
             assert (t.spent, t.held) == (Amount(70_000, 12), Amount(0))
+        finally:
+            await c.close()
+
+    asyncio.run(go())
+
+
+def test_settles_from_the_same_lease_go_as_one_and_count_as_each(store: Redis) -> None:
+    """A flush sums the settles of the requests one slice served into one op (one sequence number
+    in the applied bitmap), and the ledger ends as if each had been sent alone; one handed back
+    unsent (the client closed) is still one settle, counted once however often it is sent."""
+
+    async def go() -> None:
+        r = rule(limit={"usd": 10.0})
+        c = await _client(store.url)
+        try:
+            ln = _line(r, Amount(100_000, 100))
+            slice_served = [await c.reserve([ln], NOW, 60, [("slice-a", ZERO)]) for _ in range(5)]
+            own = await c.reserve([ln], NOW, 60)
+            trips = c.round_trips
+            for i, b in enumerate(slice_served):
+                assert b.reservation is not None
+                c.settle(b.reservation, Amount(60_000 + i, 10))
+            assert own.reservation is not None
+            c.settle(own.reservation, Amount(1, 1))
+            await c.drain()
+            assert (c.round_trips - trips, c.sent, c.queued()) == (1, 6, 0)
+            assert redis.Redis.from_url(store.url).bitcount(applied_key(c.instance)) == 2
+            (t,) = await c.read([(r, ln.window)])
+            assert (t.spent, t.held) == (Amount(5 * 60_000 + 10 + 1, 51), Amount(0))
+        finally:
+            await c.close()
+        failed: list[Settle] = []
+        c = await _client(store.url, failed)
+        held = [await c.reserve([ln], NOW, 60, [("slice-b", ZERO)]) for _ in range(3)]
+        for b in held:
+            assert b.reservation is not None
+            c.settle(b.reservation, Amount(1_000, 1))
+        await c.close()
+        assert [s.requests for s in failed] == [3]
+        c = await _client(store.url)
+        try:
+            await c.send(failed)
+            await c.send(failed)
+            (t,) = await c.read([(r, ln.window)])
+            assert (t.spent, t.held) == (Amount(5 * 60_000 + 10 + 1 + 3_000, 54), Amount(0))
         finally:
             await c.close()
 

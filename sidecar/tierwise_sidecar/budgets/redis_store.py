@@ -8,7 +8,8 @@ a sidecar's allowance slice to which the script adds what it can spare for later
 (slices.py). Settling takes what the request held out of its lease and adds the actual cost; it
 carries this sidecar's instance id and a sequence number, recorded in a bitmap, so a settle that
 is sent again (its reply was lost, or it was owed while Redis was away) counts once. All of them,
-with slices given back and renewed, go through one outbox, one script call a flush.
+with slices given back and renewed, go through one outbox, one script call a flush. The settles
+of a flush that take from the same leases (the requests a slice served) go as one (settles.py).
 
 All keys share one hash tag, so the scripts also run on Redis Cluster, where every key of one
 script must live in one slot. Amounts are integers (micro-dollars, tokens) passed as decimal
@@ -23,7 +24,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -31,11 +31,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from tierwise.budgetkeys import applied_key, held_of, hold_keys, spend_key, spend_of
+from tierwise.budgetkeys import held_of, hold_keys, spend_key, spend_of
 from tierwise.budgetrules import OK, OVER_LIMIT, THROTTLED, ZERO, Amount, BudgetRule, Judgement
-from tierwise.periods import ROLLING_SECONDS, Window
+from tierwise.periods import Window
 from tierwise_sidecar.budgets.ledger import Booking, Line, Reservation, Totals, Verdict, new_id
 from tierwise_sidecar.budgets.lua import BATCH
+from tierwise_sidecar.budgets.settles import KEYS_CACHE_MAX, Settle, SettleOps, Summed, same_leases
 from tierwise_sidecar.redis_conn import connection_class
 
 log = logging.getLogger("tierwise.budgets")
@@ -44,16 +45,6 @@ log = logging.getLogger("tierwise.budgets")
 # when a hold is released and its spend lands (both in the safe direction for others' decisions);
 # a sidecar killed in that window leaves its lease to expire.
 SETTLE_DELAY = 0.05
-# Keys of a finished calendar period are kept a while for whoever reports on them, then expire.
-KEEP_AFTER_PERIOD = 35 * 24 * 3600
-APPLIED_TTL = 7 * 24 * 3600
-# Entries of the per-(budget, window) key caches; cleared when full (windows moved on).
-KEYS_CACHE_MAX = 256
-
-
-def _ttl(w: Window) -> int:
-    length = ROLLING_SECONDS.get(w.period)
-    return int(length + 24 * 3600) if length else int(w.end - w.start) + KEEP_AFTER_PERIOD
 
 
 def _throttle_spec(rule: BudgetRule) -> str:
@@ -68,15 +59,6 @@ def _caps(rule: BudgetRule) -> tuple[int, int]:
     if cap is None:
         return -1, -1
     return -1 if cap.micros is None else cap.micros, -1 if cap.tokens is None else cap.tokens
-
-
-@dataclass(frozen=True, slots=True)
-class Settle:
-    """A settle to send: idempotent by (instance, seq)."""
-
-    seq: int
-    reservation: Reservation
-    actual: Amount
 
 
 class StoreUnavailableError(Exception):
@@ -133,7 +115,8 @@ class RedisLedgerClient:
         self._in_flight = False
         self._timer: asyncio.TimerHandle | None = None
         self._settles_pending = 0
-        self._settle_cache: dict[tuple[str, Window], tuple[tuple[str, str, str, str], str, int]] = {}
+        self._summing: dict[tuple[object, ...], Summed] = {}
+        self._settle_op = SettleOps(self.instance).op
         self._reserve_cache: dict[tuple[str, Window], tuple[BudgetRule, _ReserveParts]] = {}
         self.sent = 0
         self.round_trips = 0
@@ -143,12 +126,12 @@ class RedisLedgerClient:
 
     async def drain(self, seconds: float = 5.0) -> None:
         """Wait (bounded) until everything issued was sent, a settle that failed handed back."""
-        if self._outbox and not self._scheduled:
+        if (self._outbox or self._summing) and not self._scheduled:
             self._flush()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                while self._settles_pending or self._outbox or self._in_flight:
-                    if self._outbox and not self._scheduled and not self._in_flight:
+                while self._settles_pending or self._outbox or self._summing or self._in_flight:
+                    if (self._outbox or self._summing) and not self._scheduled and not self._in_flight:
                         self._flush()
                     await asyncio.sleep(0.005)
 
@@ -160,9 +143,11 @@ class RedisLedgerClient:
             task.cancel()
         await asyncio.gather(*self._flushing, return_exceptions=True)
         rest = [item for _, _, item in self._outbox if isinstance(item, Settle)]
+        rest += [summed.settle(self.next_seq()) for summed in self._summing.values()]
         self._outbox.clear()
+        self._summing.clear()
         if rest:
-            self._settles_pending -= len(rest)
+            self._settles_pending -= sum(s.requests for s in rest)
             self._on_failed(rest)
         await self._conn.disconnect()
         await self._client.aclose()
@@ -177,10 +162,14 @@ class RedisLedgerClient:
 
     def _post(self, keys: list[Any], args: list[Any], item: Waiter) -> None:
         self._outbox.append((keys, args, item))
+        self._wake(isinstance(item, asyncio.Future))
+
+    def _wake(self, waited_for: bool) -> None:
+        """A flush at the loop's next turn for what a request waits for; within SETTLE_DELAY else."""
         if self._scheduled or self._in_flight:
             return
         loop = asyncio.get_running_loop()
-        if not isinstance(item, asyncio.Future):
+        if not waited_for:
             if self._timer is None:
                 self._timer = loop.call_later(SETTLE_DELAY, self._flush)
             return
@@ -195,6 +184,10 @@ class RedisLedgerClient:
         if self._in_flight:
             return  # the flush in flight sends what waits when it is done
         batch, self._outbox = self._outbox, []
+        if self._summing:
+            # Settles first: what finished before a reservation in the same flush is counted for it.
+            batch[:0] = [(*self._settle_op(s), s) for s in (m.settle(self.next_seq()) for m in self._summing.values())]
+            self._summing.clear()
         if batch:
             self._in_flight = True
             task = asyncio.create_task(self._send(batch))
@@ -206,7 +199,7 @@ class RedisLedgerClient:
         self._in_flight = False
         if any(isinstance(item, asyncio.Future) for _, _, item in self._outbox):
             self._flush()  # reservations waited for this round trip
-        elif self._outbox and self._timer is None and not task.cancelled():
+        elif (self._outbox or self._summing) and self._timer is None and not task.cancelled():
             self._timer = asyncio.get_running_loop().call_later(SETTLE_DELAY, self._flush)
 
     async def _send(self, batch: list[Op]) -> None:
@@ -220,8 +213,8 @@ class RedisLedgerClient:
             return
         for (_, _, item), result in zip(batch, results, strict=True):
             if isinstance(item, Settle):
-                self._settles_pending -= 1
-                self.sent += 1
+                self._settles_pending -= item.requests
+                self.sent += item.requests
             elif item is not None and not item.done():
                 item.set_result(result)
 
@@ -231,9 +224,10 @@ class RedisLedgerClient:
             if isinstance(item, asyncio.Future) and not item.done():
                 item.set_exception(error)
         if settles:
-            self._settles_pending -= len(settles)
+            n = sum(s.requests for s in settles)
+            self._settles_pending -= n
             log.warning("budget store %s: %d settle(s) not sent (%s); kept to send when it returns",
-                        self.redacted, len(settles), error)  # fmt: skip
+                        self.redacted, n, error)  # fmt: skip
             self._on_failed(settles)
 
     async def _call(self, batch: list[Op]) -> list[Any]:
@@ -329,31 +323,16 @@ class RedisLedgerClient:
         return self._seq
 
     def settle(self, reservation: Reservation, actual: Amount) -> None:
-        s = Settle(self.next_seq(), reservation, actual)
+        """Sent with the next flush, summed with the other settles from the same leases."""
         self._settles_pending += 1
-        self._post(*self._settle_op(s), s)
-
-    def _settle_op(self, s: Settle) -> tuple[list[Any], list[Any]]:
-        keys = [applied_key(self.instance)]
-        r = s.reservation
-        args: list[Any] = ["S", s.seq, APPLIED_TTL, len(r.lines), str(s.actual.micros), str(s.actual.tokens)]
-        for i, line in enumerate(r.lines):
-            budget_keys, bucket, ttl = self._settle_keys(line.rule.key, line.window)
-            keys += budget_keys
-            args += [bucket, ttl, r.leases[i] if r.leases else "", str(line.ask.micros), str(line.ask.tokens)]
-        return keys, args
-
-    def _settle_keys(self, budget: str, w: Window) -> tuple[tuple[str, str, str, str], str, int]:
-        """A settle's keys, bucket field prefix and TTL for one budget in one window: the same for
-        every request settled in that window, so they are formatted once (a dict lookup instead)."""
-        cached = self._settle_cache.get((budget, w))
-        if cached is None:
-            held, leases, lease, _ = hold_keys(budget)
-            cached = (spend_key(budget, w), held, leases, lease), f"{w.last_bucket}:" if w.rolling else "", _ttl(w)
-            if len(self._settle_cache) >= KEYS_CACHE_MAX:
-                self._settle_cache.clear()  # windows moved on: the old ones are not asked for again
-            self._settle_cache[(budget, w)] = cached
-        return cached
+        same = same_leases(reservation)
+        summed = self._summing.get(same)
+        if summed is None:
+            asks = [[ln.ask.micros, ln.ask.tokens] for ln in reservation.lines]
+            self._summing[same] = Summed(reservation, asks, actual.micros, actual.tokens)
+        else:
+            summed.add(reservation, actual)
+        self._wake(False)
 
     def give_back(self, rule: BudgetRule, lease: str, amount: Amount) -> None:
         """Release part of a slice, sent with the next flush; lost if that flush fails (the
@@ -378,7 +357,7 @@ class RedisLedgerClient:
             await self._call([(*self._settle_op(s), s) for s in batch])
         except RedisError as e:
             raise StoreUnavailableError(f"{type(e).__name__}: {e}") from None
-        self.sent += len(batch)
+        self.sent += sum(s.requests for s in batch)
 
     def queued(self) -> int:
         return self._settles_pending

@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from tierwise.budgetrules import OK, ZERO, Amount, BudgetRule, Judgement
 from tierwise.periods import Window, window
 from tierwise_sidecar.budgets.ledger import Booking, Line, MemoryLedger, Reservation, Totals, Verdict
-from tierwise_sidecar.budgets.redis_store import RedisLedgerClient, Settle, StoreUnavailableError
+from tierwise_sidecar.budgets.redis_store import RedisLedgerClient, StoreUnavailableError
+from tierwise_sidecar.budgets.settles import Settle
 from tierwise_sidecar.budgets.slices import Slice, Slices
 from tierwise_sidecar.state import stop
 
