@@ -7,7 +7,7 @@ State that must outlive a reload (breakers, session pins, in-flight counts) live
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from tierwise.api.tier import SLO, Backend, FailureKind, InferenceTierSpec, Pricing, RoutingStrategy
@@ -79,9 +79,18 @@ class BackendRoute:
     url: str | None
     spec: Backend = field(repr=False)
     api_key: str | None = field(repr=False)
+    # The request headers of every try on it (the second for a low-priority request to a
+    # self-hosted replica, whose ingress orders its waiting room by it): built once per Policy.
+    headers: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
+    low_headers: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
     def of(cls, tier: str, b: Backend, secrets: SecretSource) -> BackendRoute:
+        api_key = secrets.get(b.api_key_secret_ref) if b.api_key_secret_ref else None
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        low = {**headers, "x-tierwise-priority": "low"} if b.deployment is not None else headers
         return cls(
             tier=tier,
             name=b.name,
@@ -95,7 +104,9 @@ class BackendRoute:
             weight=b.weight,
             url=b.url.rstrip("/") if b.url else None,
             spec=b,
-            api_key=secrets.get(b.api_key_secret_ref) if b.api_key_secret_ref else None,
+            api_key=api_key,
+            headers=headers,
+            low_headers=low,
         )
 
 

@@ -137,21 +137,34 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
     return bytes(out)
 
 
+# aiohttp's timeouts for the tiers' own (an attrs instance is some microseconds to build): one per
+# distinct triple; a Policy has a few, and a reload may bring others (cleared when full).
+_TIMEOUTS: dict[tuple[float | None, float, float | None], aiohttp.ClientTimeout] = {}
+_TIMEOUTS_MAX = 256
+
+
+def _client_timeout(total: float | None, connect: float, sock_read: float | None) -> aiohttp.ClientTimeout:
+    key = (total, connect, sock_read)
+    timeout = _TIMEOUTS.get(key)
+    if timeout is None:
+        if len(_TIMEOUTS) >= _TIMEOUTS_MAX:
+            _TIMEOUTS.clear()
+        timeout = _TIMEOUTS[key] = aiohttp.ClientTimeout(total=total, connect=connect, sock_read=sock_read)
+    return timeout
+
+
 async def attempt(
     session: aiohttp.ClientSession, cand: Candidate, x: Exchange, payload: bytes, remaining: float
 ) -> Started:
     """Send the request to one target and wait for its answer to start."""
     t = cand.tier.timeouts
-    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-    if cand.backend.api_key:
-        headers["Authorization"] = f"Bearer {cand.backend.api_key}"
-    if x.identity.priority < 0 and cand.backend.spec.deployment is not None:
-        # The ingress in front of a self-hosted replica orders its waiting room by it too.
-        headers["x-tierwise-priority"] = "low"
+    headers = cand.backend.low_headers if x.identity.priority < 0 else cand.backend.headers
     if x.stream:
-        timeout = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_read=t.first_byte)
+        timeout = _client_timeout(None, t.connect, t.first_byte)
+    elif t.attempt <= remaining:
+        timeout = _client_timeout(t.attempt, t.connect, None)
     else:
-        timeout = aiohttp.ClientTimeout(total=min(t.attempt, remaining), connect=t.connect)
+        timeout = aiohttp.ClientTimeout(total=remaining, connect=t.connect)
     url = cand.endpoint + PATHS[x.kind]
     # A whole answer is bounded by aiohttp's total timeout; a stream's wait for its first byte
     # (aiohttp only bounds each read) by this one.
