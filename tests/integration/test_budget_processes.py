@@ -112,9 +112,12 @@ async def _client_loop(
         await client.close()
 
 
-async def _load(urls: list[str], clients: int, seconds: float, until_refused: int = 0) -> list[tuple[int, str]]:
+async def _load(
+    urls: list[str], clients: int, seconds: float, until_refused: int = 0, until_answered: int = 0
+) -> list[tuple[int, str]]:
     """`clients` concurrent clients spread over `urls`, half of them streaming, for at most `seconds`
-    or until `until_refused` refusals said the budget is spent. (A refusal may also say that only
+    or until `until_refused` refusals said the budget is spent, or `until_answered` requests were
+    answered (then at most that many plus `clients` are). (A refusal may also say that only
     what is held stands in the way, requests in flight or another sidecar's slice, with Retry-After
     one second: that is not the end of the budget.)"""
     results: list[tuple[int, str]] = []
@@ -125,6 +128,8 @@ async def _load(urls: list[str], clients: int, seconds: float, until_refused: in
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if until_refused and len(spent) >= until_refused:
+            break
+        if until_answered and len(results) >= until_answered:
             break
         await asyncio.sleep(0.05)
     stop.set()
@@ -194,7 +199,8 @@ def test_the_standalone_gateway_keeps_spend_in_sqlite_across_a_restart(
     policy = _policy(tmp_path / "policy", fake)
     store = ["--budget-store", f"sqlite:{tmp_path / 'ledger' / 'budgets.sqlite'}"]
     proc, url = launch("gateway", "--policy", str(policy), *store)
-    first = asyncio.run(_load([url], clients=16, seconds=1.0))
+    # A part of the budget: at most 12 + 16 requests of about 40 it takes (however fast they go).
+    first = asyncio.run(_load([url], clients=16, seconds=30, until_answered=12))
     assert first and not [r for r in first if r[0] != 200]
     before = _metric(url, 'tierwise_budget_spent_usd{budget="hard",budget_namespace="apps"}')
     assert 0 < before < LIMIT
@@ -267,7 +273,7 @@ def test_a_killed_sidecars_reservations_expire_and_settled_spend_stays(
     stuck_proc, stuck = launch(
         "gateway", "--policy", str(_policy(tmp_path / "p2", slow, slo={"totalP99Milliseconds": 3000})), *store
     )
-    asyncio.run(_load([healthy], clients=2, seconds=0.3))
+    asyncio.run(_load([healthy], clients=2, seconds=30, until_answered=8))  # a part of the budget
     # Settles ride along with the next reservation, or go on their own within 50 ms.
     wait_for("settled spend in Redis", lambda: _redis_spend(redis_server.url)[1] > 0, timeout=5)
     settled = _redis_spend(redis_server.url)
@@ -290,7 +296,8 @@ def test_a_killed_sidecars_reservations_expire_and_settled_spend_stays(
     assert _redis_held(redis_server.url)[0] > 0
     time.sleep(3 + 1 + 0.5)  # the tier's total timeout, the lease margin, a little more
     before = _redis_spend(redis_server.url)
-    asyncio.run(_load([healthy], clients=1, seconds=0.2))  # its reservation sweeps expired leases
+    # Its reservations sweep expired leases.
+    asyncio.run(_load([healthy], clients=1, seconds=30, until_answered=3))
     wait_for("holds freed", lambda: _redis_held(redis_server.url) == (0, 0), timeout=10)
     after = _redis_spend(redis_server.url)
     assert before[1] >= settled[1] and after[1] > before[1], "settled spend stays, new spend adds"
