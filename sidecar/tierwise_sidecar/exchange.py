@@ -142,6 +142,8 @@ class Exchange:
     # Before serving from a backend costlier than what was reserved (a fallback tier, a resumed
     # stream), the forward stage asks for more; None: nothing to ask (no budget counts it).
     extend: Callable[[Exchange, int, int], Awaitable[bool]] | None = None
+    # What the budgets hold for the request (micro-dollars, tokens): `extend` is asked only above it.
+    held: tuple[int, int] = (0, 0)
     error: ApiError | None = None
     answered: bool = False
     resume_text: str = ""

@@ -154,11 +154,12 @@ class ForwardStage:
 
     # ------------------------------------------------------------ failing over
 
-    async def _covered(self, x: Exchange, backend: BackendRoute) -> bool:
-        """Can the budgets counting the request cover it on this backend (with what it used so far,
-        and a resume's longer prompt)? Only asked when a budget holds something for it."""
+    def _beyond_held(self, x: Exchange, backend: BackendRoute) -> tuple[int, int] | None:
+        """What the request may cost in all on this backend (with what it used so far, and a
+        resume's longer prompt) when that is more than its budgets hold; None when they hold enough
+        or none counts it. Only then is a budget asked for more."""
         if x.extend is None:
-            return True
+            return None
         est = estimate_on(x, backend, self.counter)
         micros, tokens = est.micros, est.tokens
         if x.resume_text:
@@ -166,14 +167,17 @@ class ForwardStage:
             micros += -(-extra * backend.rates.input // 1_000_000)
             tokens += extra
         o = x.outcome
-        return await x.extend(x, o.micros + micros, o.tokens + tokens)
+        micros, tokens = o.micros + micros, o.tokens + tokens
+        held_micros, held_tokens = x.held
+        return None if micros <= held_micros and tokens <= held_tokens else (micros, tokens)
 
     async def first_success(self, flight: Flight) -> Started:
         cfg = self.config
         x, state = flight.x, flight.state
         outcome = x.outcome
         for cand in flight.plan:
-            if not await self._covered(x, cand.backend):
+            more = self._beyond_held(x, cand.backend)
+            if more is not None and x.extend is not None and not await x.extend(x, *more):
                 state.last, state.detail = FailureKind.SERVER_ERROR, f"{cand.backend.key} is over the budget left"
                 outcome.failures.append((cand.backend.key, cand.endpoint, OVER_BUDGET))
                 continue

@@ -286,3 +286,34 @@ def test_a_budget_removed_by_a_reload_is_no_longer_enforced_or_reported(net: Net
     status, h, _ = gw.post("/v1/chat/completions", ASK)
     assert status == 200 and "x-tierwise-budget-state" not in h
     assert "tierwise_budget_limit_usd{" not in gw.get("/metrics")[1].decode()
+
+
+def test_a_fallback_to_a_costlier_tier_holds_more_or_is_not_tried(net: Net) -> None:
+    """The hold covers the tier asked for; falling back to a costlier one first holds the
+    difference, and when the budget cannot take it that tier is not called."""
+    cheap_fake, gold_fake = net.fake("cheap", error_rate=1.0, error_status=500), net.fake("gold", completion_tokens=16)
+
+    def gateway(limit: float):  # type: ignore[no-untyped-def]
+        return net.gateway(
+            tier("cheap", [backend("c", cheap_fake.v1, "gpt-4o-mini", SILVER_PRICE)], access=DEFAULT,
+                 fallback={"tier": "gold"}),
+            tier("gold", [backend("g", gold_fake.v1, "gpt-4o", GOLD_PRICE)]),
+            budget("b", limit={"usd": limit}),
+            namespace="apps",
+        )  # fmt: skip
+
+    # $0.00074 at most on the cheap tier, $0.0074 on gold: a $0.005 budget takes the one only.
+    status, _, body = gateway(0.005).post("/v1/chat/completions", {**ASK, "model": "cheap"})
+    assert status == 502 and b"over the budget left" in body, body
+    assert gold_fake.requests == 0
+    gw = gateway(1.0)
+    status, h, body = gw.post("/v1/chat/completions", {**ASK, "model": "cheap"})
+    assert status == 200 and h["x-tierwise-tier"] == "gold", body
+    assert gold_fake.requests == 1
+    metrics = gw.get("/metrics")[1].decode()
+    labels = '{budget="b",budget_namespace="apps"}'
+    assert f"tierwise_budget_reserved_usd{labels} 0.0" in metrics, "both holds released"
+    spent = next(
+        float(ln.split()[-1]) for ln in metrics.splitlines() if ln.startswith(f"tierwise_budget_spent_usd{labels}")
+    )
+    assert spent > 0.00074, "gold's cost counted, above anything the cheap tier could have cost"

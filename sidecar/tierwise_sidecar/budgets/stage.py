@@ -217,6 +217,7 @@ class BudgetStage:
                 note.notices.append(f"{v.line.rule.key} passed {pct}%")
                 self.metrics.action(v.line.rule, "notify")
         x.extend = self._extend
+        x.held = (ask.micros, ask.tokens)
         return None
 
     def _downgrade(self, x: Exchange, note: BudgetNote, pairs: list[tuple[BudgetRule, Window]]) -> None:
@@ -259,6 +260,7 @@ class BudgetStage:
             return False
         note.held.append(booking.reservation)
         note.holding = note.holding + more
+        x.held = (note.holding.micros, note.holding.tokens)
         return True
 
     async def leave(self, x: Exchange) -> None:
