@@ -57,6 +57,8 @@ class FakeStats:
     queued: int = 0
     # The last completion request's body as received: what a test checks the sidecar sent.
     last_request: dict[str, Any] = field(default_factory=dict)
+    # And the headers it came with (a provider's key, who is calling).
+    last_headers: dict[str, str] = field(default_factory=dict)
     models: dict[str, int] = field(default_factory=dict)
     # Usage reported in answers that went out whole (a stream cut or dropped on purpose is not in it).
     prompt_tokens: dict[str, int] = field(default_factory=dict)
@@ -123,6 +125,7 @@ class FakeBackend:
             return _error(400, "model is required", "invalid_request_error", "missing_model")
         model = self.config.model or str(body["model"])
         self.stats.last_request = body
+        self.stats.last_headers = dict(request.headers)
         self.stats.models[model] = self.stats.models.get(model, 0) + 1
         cap = self.config.capacity
         if cap is not None and self.stats.in_flight >= cap:

@@ -21,6 +21,8 @@ from tierwise_sidecar.secrets import SecretSource
 from tierwise_sidecar.state import Key, SharedState
 from tierwise_sidecar.sticky import SessionPins
 
+USER_AGENT = "tierwise-sidecar"
+
 log = logging.getLogger("tierwise.sidecar")
 
 CONNECT_SECONDS = 3.0
@@ -87,7 +89,9 @@ class BackendRoute:
     @classmethod
     def of(cls, tier: str, b: Backend, secrets: SecretSource) -> BackendRoute:
         api_key = secrets.get(b.api_key_secret_ref) if b.api_key_secret_ref else None
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        # Named, not aiohttp's default; set here rather than skipped per session (aiohttp copies the
+        # headers of every request to skip one).
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", "User-Agent": USER_AGENT}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         low = {**headers, "x-tierwise-priority": "low"} if b.deployment is not None else headers

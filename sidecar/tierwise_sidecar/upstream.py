@@ -216,7 +216,7 @@ class HttpClient:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=10, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+        self._session = aiohttp.ClientSession(connector=connector)
 
     async def close(self) -> None:
         if self._session is not None:

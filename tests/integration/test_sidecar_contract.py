@@ -61,6 +61,24 @@ def test_a_namespace_can_refuse_unknown_models(net: Net) -> None:
     assert gw.post("/v1/chat/completions", {**CHAT, "model": "gpt-5-ultra"}, {"x-tierwise-tier": "bronze"})[0] == 200
 
 
+def test_the_backends_key_from_its_secret_is_what_the_provider_gets(net: Net) -> None:
+    """The key goes to the provider (and only to the backend it belongs to); the gateway says who
+    calls; a caller's own Authorization never reaches a provider."""
+    keyed, open_ = net.fake("keyed"), net.fake("open")
+    gw = net.gateway(
+        tier("gold", [backend("g", keyed.v1, apiKeySecretRef={"name": "openai", "key": "k"})], access=DEFAULT),
+        tier("silver", [backend("s", open_.v1)]),
+        namespace="apps",
+        secrets=SecretSource(Path("/nonexistent"), {"TIERWISE_SECRET_OPENAI_K": SECRET}),
+    )
+    caller = {"Authorization": "Bearer caller-own-token"}
+    for model, fake in (("gold", keyed), ("silver", open_)):
+        assert gw.post("/v1/chat/completions", {**CHAT, "model": model}, caller)[0] == 200
+        seen = {k.lower(): v for k, v in fake.backend.stats.last_headers.items()}
+        assert seen.get("authorization") == (f"Bearer {SECRET}" if fake is keyed else None), model
+        assert seen["user-agent"] == "tierwise-sidecar" and seen["content-type"] == "application/json"
+
+
 def test_a_request_failing_upstream_leaves_one_line_with_no_key_and_no_prompt(
     net: Net, caplog: pytest.LogCaptureFixture
 ) -> None:
