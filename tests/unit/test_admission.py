@@ -9,6 +9,7 @@ import pytest
 
 from tierwise.api.tier import DegradationStep, ShedPolicy
 from tierwise_sidecar.admission import degrade
+from tierwise_sidecar.admission import room as room_module
 from tierwise_sidecar.admission.limit import DECREASE, MIN_WINDOW_SAMPLES, Limit
 from tierwise_sidecar.admission.room import GoneError, RefusedError, Room, Ticket
 
@@ -235,6 +236,30 @@ def test_a_caller_that_hangs_up_leaves_the_queue_and_a_slot_reaches_the_next() -
         room.leave(0.1)
         await asyncio.wait_for(after, 1)
         assert room.in_flight == 1
+
+    _run(main())
+
+
+def test_waiters_keep_their_places_across_their_looks_at_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Looking whether a caller is still there (every GONE_POLL_SECONDS) puts the waiter back
+    where it was, once: slots still go first come, first served, one each."""
+    monkeypatch.setattr(room_module, "GONE_POLL_SECONDS", 0.01)
+
+    async def main() -> None:
+        room = Room("t", Limit(1.0, adaptive=False))
+        room.try_enter((0, 0))
+        first = asyncio.create_task(room.enter(_ticket(0), float("inf"), lambda: True))
+        await asyncio.sleep(0.005)
+        second = asyncio.create_task(room.enter(_ticket(0), float("inf"), lambda: True))
+        await asyncio.sleep(0.1)  # several looks each
+        assert room.waiting == 2 and sum(1 for w in room.heap if not w.future.done()) == 2
+        room.leave(0.1)
+        await asyncio.wait_for(first, 1)
+        assert not second.done() and room.in_flight == 1
+        await asyncio.sleep(0.05)
+        room.leave(0.1)
+        await asyncio.wait_for(second, 1)
+        assert room.in_flight == 1 and room.waiting == 0
 
     _run(main())
 
