@@ -42,7 +42,7 @@ from run_proxy import (
     tierwise_policy,
 )
 
-CONFIGS = ("minimal", "tierwise", "sqlite", "redis", "before", "before-redis")
+CONFIGS = ("minimal", "tierwise", "memory", "sqlite", "redis", "before", "before-redis")
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 16}
 
 
@@ -208,6 +208,7 @@ def build_configs(
                  redis_url], env,
             )  # fmt: skip
     for key, name, store in (("tierwise", "tierwise", None),
+                             ("memory", "tierwise + budget (in memory)", "memory"),
                              ("sqlite", "tierwise + budget (SQLite)", f"sqlite:{tmp / 'l.sqlite'}"),
                              ("redis", "tierwise + budget (Redis)", redis_url)):  # fmt: skip
         if key not in wanted:

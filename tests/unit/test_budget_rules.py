@@ -12,7 +12,7 @@ from tierwise.api.budget import BudgetState, Period
 from tierwise.budgetrules import OK, OVER_LIMIT, THROTTLED, ZERO, Amount, BudgetRule, judge, take
 from tierwise.money import Rates, cost_micros, micros_usd
 from tierwise.periods import window
-from tierwise_sidecar.budgets.ledger import Line, MemoryLedger
+from tierwise_sidecar.budgets.ledger import COMPACT_SLACK, Line, MemoryLedger
 
 NOW = 1_800_000_000.0
 STAGED = {
@@ -126,6 +126,30 @@ def test_an_unsettled_lease_expires_and_a_late_settle_still_counts() -> None:
         assert (await ledger.reserve([_line(r, Amount(200_000))], NOW + 31, 30)).reservation is not None
         ledger.settle(held.reservation, Amount(50_000), NOW + 40)  # after expiry: spend is never lost
         assert ledger.totals(r, window(r.period, r.time_zone, NOW)).spent == Amount(50_000)
+
+    asyncio.run(go())
+
+
+def test_settled_leases_do_not_pile_up_and_an_unsettled_one_still_expires() -> None:
+    """The expiry heap keeps a settled lease's entry only until it is rebuilt: its size stays
+    bounded by the leases held, whatever the traffic; a lease never settled still expires."""
+
+    async def go() -> None:
+        r = rule(limit={"usd": 1_000.0})
+        ledger = MemoryLedger()
+        stuck = await ledger.reserve([_line(r, Amount(1_000))], NOW, 30)
+        assert stuck.reservation is not None
+        for i in range(10 * COMPACT_SLACK):
+            got = await ledger.reserve([_line(r, Amount(1_000))], NOW + i / 1e4, 90)
+            assert got.reservation is not None
+            ledger.settle(got.reservation, Amount(10), NOW + i / 1e4)
+            assert len(ledger._expiry) <= 2 * ledger.leases() + COMPACT_SLACK + 1
+        assert ledger.leases() == 1
+        w = window(r.period, r.time_zone, NOW)
+        assert ledger.totals(r, w).held == Amount(1_000)
+        assert ledger.sweep(NOW + 31) == 1
+        assert (ledger.leases(), ledger.totals(r, w).held) == (0, ZERO)
+        assert ledger.totals(r, w).spent == Amount(10 * 10 * COMPACT_SLACK)
 
     asyncio.run(go())
 

@@ -148,6 +148,10 @@ def judge_all(
     return verdicts, refused
 
 
+# Settled leases' entries the expiry heap may keep before it is rebuilt from the live ones.
+COMPACT_SLACK = 1024
+
+
 class MemoryLedger:
     """One process's ledger. `base`: spend this process does not hold itself but must count (the
     shared store's last known totals, while it is away)."""
@@ -158,7 +162,10 @@ class MemoryLedger:
         self._spent: dict[str, list[int]] = {}
         self._reserved: dict[str, list[int]] = {}
         self._leases: dict[str, Reservation] = {}
-        # (expiry, id) of every lease, soonest first: a sweep looks at the expired ones only.
+        # (expiry, id) of every lease, soonest first: a sweep looks at the expired ones only. A
+        # settled lease's entry stays until it comes up or the heap is rebuilt from the leases left
+        # (when it holds COMPACT_SLACK entries more than twice those): without that, every request
+        # of the last lease length (90 s at a time) would sit here, for memory and the collector.
         self._expiry: list[tuple[float, str]] = []
         self._buckets: dict[str, Bucket] = {}
 
@@ -230,9 +237,8 @@ class MemoryLedger:
     def sweep(self, now: float) -> int:
         """Free the leases of requests that never settled (their holder died); how many."""
         freed = 0
-        expiry = self._expiry
-        while expiry and expiry[0][0] <= now:
-            _, rid = heapq.heappop(expiry)
+        while self._expiry and self._expiry[0][0] <= now:  # (release may rebuild the heap)
+            _, rid = heapq.heappop(self._expiry)
             r = self._leases.get(rid)
             if r is not None and self.release(r):
                 freed += 1
@@ -244,6 +250,9 @@ class MemoryLedger:
             return False
         for line in r.lines:
             self._hold(line.rule, line.ask, -1)
+        if len(self._expiry) > 2 * len(self._leases) + COMPACT_SLACK:
+            self._expiry = [(lease.expires, lease.id) for lease in self._leases.values()]
+            heapq.heapify(self._expiry)
         return True
 
     async def reserve(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking:
