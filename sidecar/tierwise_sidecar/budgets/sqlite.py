@@ -2,11 +2,11 @@
 
 The process's MemoryLedger decides (on the event loop, atomically, no I/O on a request's path);
 this journal writes each settled amount behind it, in order, from one writer thread that commits
-whatever has queued up in one transaction (sqlite3 from the standard library: a queue put is all a
-request pays, where a call through aiosqlite costs two hops to its thread per commit). WAL with
-synchronous=NORMAL: a commit survives the process being killed (not the machine losing power).
-What was settled but not yet committed when the process was killed, at most one commit's worth
-(a few milliseconds), is the loss bound of this mode. One process per file: a second process on
+whatever has queued up in one transaction, at most every COMMIT_SECONDS (sqlite3 from the standard
+library: a queue put is all a request pays, where a call through aiosqlite costs two hops to its
+thread per commit). WAL with synchronous=NORMAL: a commit survives the process being killed (not
+the machine losing power). What was settled but not yet committed when the process was killed,
+at most COMMIT_SECONDS and one commit's worth, is the loss bound of this mode. One process per file: a second process on
 the same file is refused at start, since two memory ledgers would each think they hold the budget.
 """
 
@@ -46,6 +46,10 @@ ON CONFLICT(key) DO UPDATE SET micros = micros + excluded.micros, tokens = token
 # Spend of windows nobody can count any more (the longest window is a month; kept a year for
 # whoever reads the file) is removed at start.
 KEEP_SECONDS = 400 * 24 * 3600
+# The writer commits what queued up at most this often. Woken by every settle, it committed a
+# handful at a time, and each commit took the interpreter's lock from the event loop's thread:
+# at 2000 settles a second, the SQLite ledger cost a request a third more CPU than Redis.
+COMMIT_SECONDS = 0.02
 _STOP = ("", Amount())
 
 
@@ -114,6 +118,7 @@ class SqliteJournal:
         try:
             while True:
                 item = self._queue.get()
+                time.sleep(COMMIT_SECONDS)  # let a batch gather (the lock is released meanwhile)
                 batch: dict[str, list[int]] = {}
                 taken = 0
                 stop = False
