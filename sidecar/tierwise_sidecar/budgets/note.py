@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tierwise.budgetrules import Amount, BudgetRule
+from tierwise.budgetrules import ZERO, Amount, BudgetRule
 from tierwise.money import micros_usd
 from tierwise_sidecar.budgets.ledger import Reservation, Verdict
 
@@ -49,7 +49,7 @@ class BudgetNote:
     degraded: bool = False
     # What is held for the request: the first reservation, then any top-up (a costlier fallback).
     held: list[Reservation] = field(default_factory=list)
-    holding: Amount = field(default_factory=Amount)
+    holding: Amount = ZERO
 
     def headers(self) -> dict[str, str]:
         h: dict[str, str] = {}

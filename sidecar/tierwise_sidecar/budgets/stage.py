@@ -152,6 +152,10 @@ class BudgetStage:
         # Policy, so the selectors are matched once. Bounded: tenants come from the Policy's keys,
         # but a cap keeps an unexpected spread of them from growing it.
         self._counting: dict[tuple[str | None, str], tuple[BudgetRule, ...]] = {}
+        # Whether any budget can run dry or notify: their loops over a request's verdicts are
+        # skipped for a Policy that has neither.
+        self._any_dry_run = any(r.dry_run for r in self.rules)
+        self._any_notices = any(r.notices for r in self.rules)
 
     def _rules_for(self, tenant: str | None, tier: str) -> tuple[BudgetRule, ...]:
         rules = self._counting.get((tenant, tier))
@@ -199,7 +203,7 @@ class BudgetStage:
         lease = tier.timeouts.total + self.lease_margin
         booking = await self.ledger.reserve([Line(r, w, ask) for r, w in pairs], now, lease)
         note.verdicts, note.degraded = booking.verdicts, booking.degraded
-        for v in booking.verdicts:
+        for v in booking.verdicts if self._any_dry_run else ():
             if v.refused and v.line.rule.dry_run:
                 note.notices.append(f"{v.line.rule.key} (dry run) would refuse: {v.judgement.outcome}")
                 self.metrics.action(v.line.rule, "dry_run_refusal")
@@ -209,7 +213,7 @@ class BudgetStage:
             raise _refusal(first, now)
         note.held.append(booking.reservation)
         note.holding = ask
-        for v in booking.verdicts:
+        for v in booking.verdicts if self._any_notices else ():
             if not v.line.rule.notices:
                 continue
             pct = v.line.rule.notice(v.committed)
