@@ -60,15 +60,6 @@ class GoneError(Exception):
     """The caller hung up while waiting."""
 
 
-class _LookError(Exception):
-    """A waiter's future completed by its timer: time to see whether the caller is still there."""
-
-
-def _look(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_exception(_LookError())
-
-
 @dataclass(order=True, slots=True)
 class Waiter:
     # heapq pops the smallest: the highest rank first, then the earliest.
@@ -216,12 +207,6 @@ class Room:
         return self.clock() - now
 
     async def _wait(self, waiter: Waiter, until: float, connected: Callable[[], bool]) -> None:
-        """Await the waiter's future (a slot, or a refusal), looking every GONE_POLL_SECONDS whether
-        the caller is still there. A look does not cancel the future (a slot may be handed to it
-        in the same turn): a timer completes it with _LookError when nothing else has, and the
-        waiter is put back in its place with a new one. Cheaper than wait_for over shield, which
-        every request that waits would pay for the rare look."""
-        loop = asyncio.get_running_loop()
         while True:
             now = self.clock()
             left = until - now
@@ -229,20 +214,18 @@ class Room:
                 self.gave_up[waiter.rank] = now
                 raise RefusedError(f"target {self.name} had no free slot within the request's maximum wait",
                               self.expected_wait(self.ahead_of(waiter.rank)))  # fmt: skip
-            look = loop.call_later(min(left, GONE_POLL_SECONDS), _look, waiter.future)
             try:
-                await waiter.future
+                # shield: a timeout must not cancel a future a slot may be handed to meanwhile (nor
+                # may the look at the caller make the waiter look gone to a slot handed out: a
+                # timer completing its future instead let a lower rank take the slot in that turn).
+                await asyncio.wait_for(asyncio.shield(waiter.future), min(left, GONE_POLL_SECONDS))
                 return
-            except _LookError:
+            except TimeoutError:
+                if waiter.future.done():
+                    waiter.future.result()  # a slot (return) or a refusal (raise) just arrived
+                    return
                 if not connected():
                     raise GoneError() from None
-                # Back in line where it was (same key); its done future may have been dropped
-                # from the heap meanwhile.
-                waiter.future = loop.create_future()
-                if not any(w is waiter for w in self.heap):
-                    heapq.heappush(self.heap, waiter)
-            finally:
-                look.cancel()
 
     def _make_room(self, ticket: Ticket) -> None:
         """A full room sheds by the newcomer's tier's policy, or refuses the newcomer."""
