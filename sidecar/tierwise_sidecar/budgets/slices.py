@@ -58,8 +58,6 @@ class Slice:
     # or ROUND_TRIPS round trips' worth of its takes, whichever is most (a busy sidecar would
     # drain a small slice before its top-up lands, and its requests would queue for Redis).
     target: Amount
-    # Half the target: below it, the slice is topped up.
-    half: Amount = ZERO
     topping: bool = False
     in_flight: int = 0
     # Requests reserved under its lease per second (slice or round trip), lately; counting since.
@@ -101,7 +99,6 @@ class Slices:
     def _aim(self, s: Slice, ask: Amount) -> None:
         n = max(SLICE_REQUESTS, 2 * (s.in_flight + 1), math.ceil(ROUND_TRIPS * s.rate * self.round_trip))
         s.target = Amount(ask.micros * n, ask.tokens * n)
-        s.half = Amount(ask.micros * n // 2, ask.tokens * n // 2)
 
     def __iter__(self) -> Iterator[Slice]:
         return iter(list(self._by_budget.values()))
@@ -196,7 +193,8 @@ class Slices:
             s = self._by_lease.get(lease)
             if s is None or s.topping:
                 continue
-            if not _covers(s.free, s.half):
+            half = Amount(s.target.micros // 2, s.target.tokens // 2)
+            if not _covers(s.free, half):
                 s.topping = True
                 out.append((s, line))
         return out
