@@ -252,7 +252,7 @@ def test_waiters_keep_their_places_across_their_looks_at_the_caller(monkeypatch:
         await asyncio.sleep(0.005)
         second = asyncio.create_task(room.enter(_ticket(0), float("inf"), lambda: True))
         await asyncio.sleep(0.1)  # several looks each
-        assert room.waiting == 2 and sum(1 for w in room.heap if not w.future.done()) == 2
+        assert room.waiting == 2 and sum(1 for _, w in room.heap if not w.future.done()) == 2
         room.leave(0.1)
         await asyncio.wait_for(first, 1)
         assert not second.done() and room.in_flight == 1
@@ -260,6 +260,27 @@ def test_waiters_keep_their_places_across_their_looks_at_the_caller(monkeypatch:
         room.leave(0.1)
         await asyncio.wait_for(second, 1)
         assert room.in_flight == 1 and room.waiting == 0
+
+    _run(main())
+
+
+def test_a_look_at_a_connected_caller_keeps_the_slot_in_the_same_turn_for_its_rank() -> None:
+    """The look at a waiter's caller decides only when it has to: a connected caller's waiter is
+    left pending, so a slot freed in the same loop turn still goes to it, not to a lower rank."""
+
+    async def main() -> None:
+        room = Room("t", Limit(1.0, adaptive=False))
+        room.try_enter((0, 0))
+        high = asyncio.create_task(room.enter(_ticket(5), float("inf"), lambda: True))
+        low = asyncio.create_task(room.enter(_ticket(0), float("inf"), lambda: True))
+        await asyncio.sleep(0.01)
+        waiter = next(w for _, w in room.heap if w.rank == (5, 0))
+        room._look(waiter)  # the timer's look, then a slot freed before the waiter's task runs
+        room.leave(0.1)
+        await asyncio.wait_for(high, 1)
+        assert not low.done() and room.in_flight == 1
+        room.leave(0.1)
+        await asyncio.wait_for(low, 1)
 
     _run(main())
 

@@ -24,7 +24,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tierwise.api.tier import ShedPolicy
 from tierwise_sidecar.admission.limit import Limit
@@ -60,13 +60,22 @@ class GoneError(Exception):
     """The caller hung up while waiting."""
 
 
-@dataclass(order=True, slots=True)
+@dataclass(slots=True)
 class Waiter:
-    # heapq pops the smallest: the highest rank first, then the earliest.
-    key: tuple[int, int, int]
-    rank: Rank = field(compare=False)
-    future: asyncio.Future[None] = field(compare=False)
-    shed: ShedPolicy = field(compare=False)
+    rank: Rank
+    future: asyncio.Future[None]
+    shed: ShedPolicy
+    seq: int
+    # Monotonic time (the room's clock) when it has waited as long as it may.
+    until: float
+    connected: Callable[[], bool]
+    # The next look at the waiter: its deadline, or whether its caller is still there.
+    look: asyncio.TimerHandle | None = None
+
+
+# heapq pops the smallest key: the highest rank first, then the earliest. Keys are unique (the
+# sequence number), so tuples compare in C and never reach the waiter.
+Entry = tuple[tuple[int, int, int], Waiter]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +98,7 @@ class Room:
         self.limit = limit
         self.clock = clock
         self.in_flight = 0
-        self.heap: list[Waiter] = []
+        self.heap: list[Entry] = []
         self.waiting = 0
         self.hold = 0.0  # seconds a slot is held, on average lately
         # When the latest answered try had started, and when a try turned away last told the
@@ -146,7 +155,7 @@ class Room:
             self.top, self.top_at = rank, now
 
     def ahead_of(self, rank: Rank) -> int:
-        return sum(1 for w in self.heap if w.rank >= rank and not w.future.done())
+        return sum(1 for _, w in self.heap if w.rank >= rank and not w.future.done())
 
     def expected_wait(self, ahead: int) -> float:
         """Seconds until a request with `ahead` waiters before it would get a slot."""
@@ -167,9 +176,9 @@ class Room:
     def _top(self) -> Waiter | None:
         """The highest-ranked live waiter (refused and cancelled ones are dropped on the way)."""
         heap = self.heap
-        while heap and heap[0].future.done():
+        while heap and heap[0][1].future.done():
             heapq.heappop(heap)
-        return heap[0] if heap else None
+        return heap[0][1] if heap else None
 
     async def enter(self, ticket: Ticket, deadline: float, connected: Callable[[], bool]) -> float:
         """Take a slot, waiting if need be; the seconds waited. Raises RefusedError or GoneError."""
@@ -188,15 +197,21 @@ class Room:
             if now - self.gave_up.get(ticket.rank, -math.inf) < GAVE_UP_SECONDS:
                 why = f"requests of this priority waited out their maximum wait ({ticket.max_wait:.1f}s) lately"
                 raise RefusedError(f"target {self.name} is saturated: {why}", max(expected, ticket.max_wait))
+        if patience <= 0:
+            raise self._waited_out(ticket.rank, now)
         self._make_room(ticket)
-        waiter = Waiter((-ticket.rank[0], -ticket.rank[1], next(self._seq)), ticket.rank,
-                        asyncio.get_running_loop().create_future(), ticket.shed)  # fmt: skip
-        heapq.heappush(self.heap, waiter)
+        seq = next(self._seq)
+        loop = asyncio.get_running_loop()
+        w = Waiter(ticket.rank, loop.create_future(), ticket.shed, seq, now + patience, connected)
+        heapq.heappush(self.heap, ((-ticket.rank[0], -ticket.rank[1], seq), w))
         self.waiting += 1
+        # The waiter awaits its future alone: a slot (dispatch), a refusal (a full room, draining)
+        # or its own look (deadline, caller gone) completes it, each only with a final answer.
+        w.look = loop.call_later(min(patience, GONE_POLL_SECONDS), self._look, w)
         try:
-            await self._wait(waiter, now + patience, connected)
+            await w.future
         except BaseException:
-            f = waiter.future
+            f = w.future
             if f.done() and not f.cancelled() and f.exception() is None:
                 self.leave(0.0)  # a slot arrived just as the caller left: hand it on
             else:
@@ -204,42 +219,41 @@ class Room:
             raise
         finally:
             self.waiting -= 1
+            w.look.cancel()
         return self.clock() - now
 
-    async def _wait(self, waiter: Waiter, until: float, connected: Callable[[], bool]) -> None:
-        while True:
-            now = self.clock()
-            left = until - now
-            if left <= 0:
-                self.gave_up[waiter.rank] = now
-                raise RefusedError(f"target {self.name} had no free slot within the request's maximum wait",
-                              self.expected_wait(self.ahead_of(waiter.rank)))  # fmt: skip
-            try:
-                # shield: a timeout must not cancel a future a slot may be handed to meanwhile (nor
-                # may the look at the caller make the waiter look gone to a slot handed out: a
-                # timer completing its future instead let a lower rank take the slot in that turn).
-                await asyncio.wait_for(asyncio.shield(waiter.future), min(left, GONE_POLL_SECONDS))
-                return
-            except TimeoutError:
-                if waiter.future.done():
-                    waiter.future.result()  # a slot (return) or a refusal (raise) just arrived
-                    return
-                if not connected():
-                    raise GoneError() from None
+    def _look(self, w: Waiter) -> None:
+        """A timer's look at a waiter: refused at its deadline, dropped when its caller is gone,
+        else looked at again later. It stays in its place meanwhile."""
+        if w.future.done():
+            return
+        now = self.clock()
+        left = w.until - now
+        if left <= 0:
+            w.future.set_exception(self._waited_out(w.rank, now))
+        elif not w.connected():
+            w.future.set_exception(GoneError())
+        else:
+            w.look = asyncio.get_running_loop().call_later(min(left, GONE_POLL_SECONDS), self._look, w)
+
+    def _waited_out(self, rank: Rank, now: float) -> RefusedError:
+        self.gave_up[rank] = now
+        return RefusedError(f"target {self.name} had no free slot within the request's maximum wait",
+                            self.expected_wait(self.ahead_of(rank)))  # fmt: skip
 
     def _make_room(self, ticket: Ticket) -> None:
         """A full room sheds by the newcomer's tier's policy, or refuses the newcomer."""
         if self.waiting < ticket.max_length:
             return  # waiters counted include every live one (and some a slot or refusal just reached)
-        live = [w for w in self.heap if not w.future.done()]
+        live = [e for e in self.heap if not e[1].future.done()]
         if len(live) < ticket.max_length:
             return
         victim: Waiter | None = None
         if ticket.shed is ShedPolicy.LOWEST_PRIORITY_FIRST:
-            lowest = max(live)  # the last to be served
+            lowest = max(live)[1]  # the last to be served
             victim = lowest if lowest.rank < ticket.rank else None
         elif ticket.shed is ShedPolicy.OLDEST_FIRST:
-            victim = min(live, key=lambda w: w.key[2])
+            victim = min(live, key=lambda e: e[1].seq)[1]
         if victim is None:
             raise RefusedError(f"the waiting room of target {self.name} is full", self.expected_wait(len(live)), FULL)
         who = "a request of higher priority" if ticket.shed is ShedPolicy.LOWEST_PRIORITY_FIRST else "a newer request"
@@ -268,7 +282,7 @@ class Room:
             self._slots = slots
         while self.heap and self.in_flight < slots:
             probe = self._probe_owed and self.in_flight + 1 > self.limit.safe
-            w = self._lowest() if probe else heapq.heappop(self.heap)
+            w = self._lowest() if probe else heapq.heappop(self.heap)[1]
             if w.future.done():
                 continue
             self._probe_owed = self._probe_owed and not probe
@@ -276,22 +290,22 @@ class Room:
             w.future.set_result(None)
         # Cancelled and refused waiters left in the heap are dropped when they reach the top; a
         # heap of only those is emptied here so it does not grow while nothing is dispatched.
-        if self.heap and all(w.future.done() for w in self.heap):
+        if self.heap and all(w.future.done() for _, w in self.heap):
             self.heap.clear()
 
     def _lowest(self) -> Waiter:
-        live = [w for w in self.heap if not w.future.done()]
+        live = [e for e in self.heap if not e[1].future.done()]
         if not live:
-            return heapq.heappop(self.heap)
-        w = max(live)
-        self.heap.remove(w)
+            return heapq.heappop(self.heap)[1]
+        e = max(live)
+        self.heap.remove(e)
         heapq.heapify(self.heap)
-        return w
+        return e[1]
 
     def drain(self, seconds: float) -> int:
         """Refuse (503) every waiter that cannot expect to start within `seconds`; how many."""
         refused = 0
-        for i, w in enumerate(sorted(w for w in self.heap if not w.future.done())):
+        for i, (_, w) in enumerate(sorted(e for e in self.heap if not e[1].future.done())):
             if self.expected_wait(i) > seconds:
                 w.future.set_exception(RefusedError("the sidecar is shutting down", 1.0, DRAINING, 503))
                 refused += 1
