@@ -65,6 +65,21 @@ def test_queueing_inside_the_target_lowers_the_limit() -> None:
     assert limit.value == pytest.approx(16 * DECREASE)
 
 
+def test_latency_a_few_milliseconds_over_a_fast_targets_best_is_not_queueing() -> None:
+    """Tripled, but by 2 ms: the sidecar's own lateness or the node's scheduling, not a queue in the
+    target. The same ratio over a whole answer of 16 tokens (32 ms more in all) is one."""
+    clock = Clock()
+    limit = Limit(16.0, ceiling=64.0)
+    _window(limit, clock, 0.001)
+    _window(limit, clock, 0.003)
+    assert not limit.congested and limit.value == 16.0
+    for seconds in (0.001, 0.003):
+        for _ in range(MIN_WINDOW_SAMPLES):
+            clock.now += 0.05
+            limit.observe("whole", seconds, busy=False, over_slo=False, now=clock.now, scale=16)
+    assert limit.congested and limit.value == pytest.approx(16 * DECREASE)
+
+
 def test_answers_over_the_slo_lower_the_limit() -> None:
     clock = Clock()
     limit = Limit(16.0)

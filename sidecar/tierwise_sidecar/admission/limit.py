@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 
 DECREASE = 0.8
 QUEUE_TOLERANCE = 2.0
+# Latency above the target's best by less than this (seconds, of the whole answer or first byte)
+# is not queueing in it: at that scale it is the sidecar's own lateness (lag.TOLERANCE) or the
+# scheduling of a busy node. Queueing inside a model server costs a generation step or more.
+QUEUE_FLOOR_SECONDS = 0.005
 OVER_SLO_SHARE = 0.05
 MIN_WINDOW_SECONDS = 0.25
 MIN_WINDOW_SAMPLES = 8
@@ -88,9 +92,10 @@ class Limit:
             self.window.reached = True
 
     def observe(self, kind: str, seconds: float, *, busy: bool, over_slo: bool, now: float,
-                lagging: bool = False) -> None:  # fmt: skip
+                lagging: bool = False, scale: float = 1.0) -> None:  # fmt: skip
         """One attempt's answer (or failure) from the target. `lagging`: the sidecar's own loop runs
-        late, so the latency measured is partly its own: only what the target says counts."""
+        late, so the latency measured is partly its own: only what the target says counts. `scale`:
+        how many of `seconds` make the answer's whole latency (its tokens, for a time per token)."""
         if not self.adaptive or now - seconds < self.cut_at:
             return
         if lagging and not busy:
@@ -109,7 +114,7 @@ class Limit:
                 baseline = self.baselines[kind] = Baseline(since=now)
             best = baseline.see(seconds, now)
             if len(w.ratios) < MAX_RATIOS and best > 0:
-                w.ratios.append(seconds / best)
+                w.ratios.append(seconds / best if (seconds - best) * scale > QUEUE_FLOOR_SECONDS else 1.0)
         elapsed = now - w.start
         if (elapsed >= MIN_WINDOW_SECONDS and w.samples >= MIN_WINDOW_SAMPLES) or elapsed >= MAX_WINDOW_SECONDS or busy:
             self._judge(now)

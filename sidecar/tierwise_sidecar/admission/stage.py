@@ -196,9 +196,9 @@ class Gate:
         slo = rules.total_slo if rules else None
         usage = started.data.get("usage")
         generated = usage.get("completion_tokens") if isinstance(usage, dict) else None
-        per_token = seconds / max(generated if isinstance(generated, int) else 1, 1)
-        room.limit.observe("whole", per_token, busy=False, over_slo=slo is not None and seconds > slo, now=now,
-                           lagging=self.stage.lag.lagging)  # fmt: skip
+        tokens = max(generated if isinstance(generated, int) else 1, 1)
+        room.limit.observe("whole", seconds / tokens, busy=False, over_slo=slo is not None and seconds > slo, now=now,
+                           lagging=self.stage.lag.lagging, scale=tokens)  # fmt: skip
 
     def release(self) -> None:
         room = self.room
