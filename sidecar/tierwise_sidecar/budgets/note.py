@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from tierwise.budgetrules import ZERO, Amount, BudgetRule
 from tierwise.money import micros_usd
-from tierwise_sidecar.budgets.ledger import Reservation, Verdict
+from tierwise_sidecar.budgets.ledger import Reservation, Totals, Verdict
 
 H_REMAINING_USD = "x-tierwise-budget-remaining-usd"
 H_REMAINING_TOKENS = "x-tierwise-budget-remaining-tokens"
@@ -17,23 +17,25 @@ H_DEGRADED = "x-tierwise-budget-degraded"
 
 # One budget's header parts (remaining USD, remaining tokens, state) are a pure function of the
 # rule and its committed spend. Requests served from an allowance slice all see the same snapshot
-# of that spend until the next refresh, so the parts are rendered once per (rule, committed)
-# instead of once per request. Keyed by the rule's key, and checked to be the same rule object
-# (a reload may change a budget under the same key); cleared when full, so it stays small.
-_Parts = tuple[BudgetRule, str | None, str | None, str]
-_PARTS: dict[tuple[str, Amount], _Parts] = {}
+# of that spend (one Totals object) until the next refresh, so the parts are rendered once per
+# snapshot instead of once per request: keyed by the rule's key and the snapshot's identity, and
+# checked to be the same rule and the same Totals (the entry keeps it, so its id is not reused
+# while cached; a reload may change a budget under the same key); cleared when full.
+_Parts = tuple[BudgetRule, Totals, str | None, str | None, str]
+_PARTS: dict[tuple[str, int], _Parts] = {}
 _PARTS_MAX = 1024
 
 
-def budget_parts(rule: BudgetRule, committed: Amount) -> _Parts:
-    key = (rule.key, committed)
+def budget_parts(rule: BudgetRule, totals: Totals) -> _Parts:
+    key = (rule.key, id(totals))
     hit = _PARTS.get(key)
-    if hit is not None and hit[0] is rule:
+    if hit is not None and hit[0] is rule and hit[1] is totals:
         return hit
+    committed = totals.committed
     left = rule.remaining(committed)
     usd = f"{rule.key}={micros_usd(left.micros)}" if rule.has_usd else None
     tokens = f"{rule.key}={left.tokens}" if rule.has_tokens else None
-    parts = (rule, usd, tokens, f"{rule.key}={rule.state(committed).value}")
+    parts = (rule, totals, usd, tokens, f"{rule.key}={rule.state(committed).value}")
     if len(_PARTS) >= _PARTS_MAX:
         _PARTS.clear()
     _PARTS[key] = parts
@@ -55,7 +57,7 @@ class BudgetNote:
         h: dict[str, str] = {}
         usd, tokens, states = [], [], []
         for v in self.verdicts:
-            _, left_usd, left_tokens, state = budget_parts(v.line.rule, v.committed)
+            _, _, left_usd, left_tokens, state = budget_parts(v.line.rule, v.totals)
             if left_usd is not None:
                 usd.append(left_usd)
             if left_tokens is not None:

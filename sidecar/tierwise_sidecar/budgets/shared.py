@@ -107,7 +107,7 @@ class SharedLedger:
             taken = self.slices.take(lines, now, lease_seconds)
             if taken is not None:
                 self._grow(taken, now, lease_seconds)
-                verdicts = tuple(Verdict(ln, _GRANTED, self._last_known(ln.rule, ln.window)) for ln in lines)
+                verdicts = tuple([Verdict(ln, _GRANTED, self._last_known(ln.rule, ln.window)) for ln in lines])
                 return Booking(taken, verdicts)
             asks = self.slices.asks(lines, now, lease_seconds)
             sent = time.monotonic()

@@ -138,7 +138,7 @@ class Slices:
             if _count(s, now):
                 self._aim(s, line.ask)
         return Reservation(new_id(), tuple(lines), now + lease_seconds, remote=True,
-                           leases=tuple(s.lease for s in slices))  # fmt: skip
+                           leases=tuple([s.lease for s in slices]))  # fmt: skip
 
     def asks(self, lines: Sequence[Line], now: float, lease_seconds: float) -> list[tuple[str, Amount]]:
         """For a reservation that goes to Redis: per line, the lease to hold under and how much

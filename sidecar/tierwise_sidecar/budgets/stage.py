@@ -156,6 +156,7 @@ class BudgetStage:
         # skipped for a Policy that has neither.
         self._any_dry_run = any(r.dry_run for r in self.rules)
         self._any_notices = any(r.notices for r in self.rules)
+        self._any_downgrades = any(r.downgrades for r in self.rules)
 
     def _rules_for(self, tenant: str | None, tier: str) -> tuple[BudgetRule, ...]:
         rules = self._counting.get((tenant, tier))
@@ -179,7 +180,8 @@ class BudgetStage:
         now = self.clock()
         note = x.budget = BudgetNote()
         pairs = [(r, self.windows(r, now)) for r in rules]
-        self._downgrade(x, note, pairs)
+        if self._any_downgrades:
+            self._downgrade(x, note, pairs)
         tier = x.runtime.tiers[x.identity.tier]
         est = reserve_amount(x, tier)
         ask = Amount(est.micros, est.tokens)
@@ -274,9 +276,10 @@ class BudgetStage:
         o = x.outcome
         actual = Amount(o.micros, o.tokens)
         now = self.clock()
-        self.ledger.settle(note.held[0], actual, now)
-        for extra in note.held[1:]:
-            self.ledger.settle(extra, ZERO, now)
+        held = note.held
+        self.ledger.settle(held[0], actual, now)
+        for i in range(1, len(held)):
+            self.ledger.settle(held[i], ZERO, now)
 
 
 class NoBudgets:
