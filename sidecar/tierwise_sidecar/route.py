@@ -56,9 +56,9 @@ def order_backends(
     """The usable backends of `tier`, best first, and why."""
     if tier.strategy is RoutingStrategy.COST_AWARE and score is not None:
         if score < tier.cheap_below:
-            return Decision(tuple(b for b in tier.by_price if usable(b)), CHEAP, score)
+            return Decision(tuple([b for b in tier.by_price if usable(b)]), CHEAP, score)
         if score >= tier.strong_at:
-            return Decision(tuple(b for b in tier.by_strength if usable(b)), STRONG, score)
+            return Decision(tuple([b for b in tier.by_strength if usable(b)]), STRONG, score)
         return Decision(_weighted([b for b in tier.by_price if usable(b)], rng), WEIGHTED, score)
     candidates = [b for b in tier.backends if usable(b)]
     if tier.strategy is RoutingStrategy.LEAST_LOADED:
