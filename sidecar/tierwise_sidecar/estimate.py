@@ -144,12 +144,8 @@ def enter_tier(x: Exchange, tier: TierRoute, counter: TokenCounter) -> None:
 def reserve_amount(x: Exchange, tier: TierRoute) -> Estimate:
     """What a budget holds for the request: the most it may cost on any backend of its tier that can
     take its prompt (the one that serves is chosen later, by routing and failover)."""
-    most: Estimate | None = None
-    for b in tier.backends:
-        e = x.estimates[b.key]
-        if e.input_tokens < b.max_context and (most is None or (e.micros, e.tokens) > (most.micros, most.tokens)):
-            most = e
-    return most or max(x.estimates.values(), key=lambda e: (e.micros, e.tokens))
+    fits = [x.estimates[b.key] for b in tier.backends if x.estimates[b.key].input_tokens < b.max_context]
+    return max(fits or x.estimates.values(), key=lambda e: (e.micros, e.tokens))
 
 
 class EstimateStage:

@@ -64,8 +64,6 @@ class GoneError(Exception):
 class Waiter:
     rank: Rank
     future: asyncio.Future[None]
-    shed: ShedPolicy
-    seq: int
     # Monotonic time (the room's clock) when it has waited as long as it may.
     until: float
     connected: Callable[[], bool]
@@ -200,10 +198,9 @@ class Room:
         if patience <= 0:
             raise self._waited_out(ticket.rank, now)
         self._make_room(ticket)
-        seq = next(self._seq)
         loop = asyncio.get_running_loop()
-        w = Waiter(ticket.rank, loop.create_future(), ticket.shed, seq, now + patience, connected)
-        heapq.heappush(self.heap, ((-ticket.rank[0], -ticket.rank[1], seq), w))
+        w = Waiter(ticket.rank, loop.create_future(), now + patience, connected)
+        heapq.heappush(self.heap, ((-ticket.rank[0], -ticket.rank[1], next(self._seq)), w))
         self.waiting += 1
         # The waiter awaits its future alone: a slot (dispatch), a refusal (a full room, draining)
         # or its own look (deadline, caller gone) completes it, each only with a final answer.
@@ -253,7 +250,7 @@ class Room:
             lowest = max(live)[1]  # the last to be served
             victim = lowest if lowest.rank < ticket.rank else None
         elif ticket.shed is ShedPolicy.OLDEST_FIRST:
-            victim = min(live, key=lambda e: e[1].seq)[1]
+            victim = min(live, key=lambda e: e[0][2])[1]  # the first come
         if victim is None:
             raise RefusedError(f"the waiting room of target {self.name} is full", self.expected_wait(len(live)), FULL)
         who = "a request of higher priority" if ticket.shed is ShedPolicy.LOWEST_PRIORITY_FIRST else "a newer request"

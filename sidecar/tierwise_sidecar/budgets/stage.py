@@ -276,10 +276,9 @@ class BudgetStage:
         o = x.outcome
         actual = Amount(o.micros, o.tokens)
         now = self.clock()
-        held = note.held
-        self.ledger.settle(held[0], actual, now)
-        for i in range(1, len(held)):
-            self.ledger.settle(held[i], ZERO, now)
+        self.ledger.settle(note.held[0], actual, now)
+        for extra in note.held[1:]:
+            self.ledger.settle(extra, ZERO, now)
 
 
 class NoBudgets:
