@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +81,11 @@ def _one_request_worst(fake: Fake) -> float:
 
 
 async def _client_loop(
-    url: str, stream: bool, results: list[tuple[int, str]], stop: asyncio.Event, spent: list[int]
+    url: str, stream: bool, results: list[tuple[int, str]], stop: Callable[[], bool], spent: list[int]
 ) -> None:
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
     try:
-        while not stop.is_set():
+        while not stop():
             try:
                 if stream:
                     s = await client.chat.completions.create(
@@ -122,18 +122,20 @@ async def _load(
     one second: that is not the end of the budget.)"""
     results: list[tuple[int, str]] = []
     spent: list[int] = []
-    stop = asyncio.Event()
+    deadline = time.monotonic() + seconds
+
+    def stop() -> bool:
+        # Asked by each client before each request: a poll from here every few tens of
+        # milliseconds let a fast gateway answer dozens more than `until_answered`.
+        return (
+            time.monotonic() >= deadline
+            or bool(until_refused and len(spent) >= until_refused)
+            or bool(until_answered and len(results) >= until_answered)
+        )
+
     tasks = [asyncio.create_task(_client_loop(urls[i % len(urls)], i % 2 == 1, results, stop, spent))
              for i in range(clients)]  # fmt: skip
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if until_refused and len(spent) >= until_refused:
-            break
-        if until_answered and len(results) >= until_answered:
-            break
-        await asyncio.sleep(0.05)
-    stop.set()
-    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    await asyncio.wait_for(asyncio.gather(*tasks), seconds + 60)
     return results
 
 
