@@ -48,10 +48,14 @@ class Slice:
     window: str
     # The lease's length: that of the requests it serves.
     length: float
-    # Granted and not yet taken by a request.
-    free: Amount
+    # Granted and not yet taken by a request (micro-dollars, tokens). Plain integers rather than
+    # Amounts: they change on every request's way in and out, and an Amount a change was the
+    # slice path's largest cost.
+    free_micros: int
+    free_tokens: int
     # Taken by requests that have not settled (still held under the lease in Redis).
-    holding: Amount
+    held_micros: int
+    held_tokens: int
     expires: float
     used: float
     # What it is topped up to, in asks like the last: SLICE_REQUESTS, twice its requests in flight,
@@ -65,13 +69,20 @@ class Slice:
     counted: int = 0
     since: float = 0.0
 
+    @property
+    def free(self) -> Amount:
+        return Amount(self.free_micros, self.free_tokens)
 
-def _covers(have: Amount, ask: Amount) -> bool:
-    return have.micros >= ask.micros and have.tokens >= ask.tokens
+    @property
+    def holding(self) -> Amount:
+        return Amount(self.held_micros, self.held_tokens)
 
+    def add_free(self, extra: Amount) -> None:
+        self.free_micros += extra.micros
+        self.free_tokens += extra.tokens
 
-def _minus(a: Amount, b: Amount) -> Amount:
-    return Amount(max(a.micros - b.micros, 0), max(a.tokens - b.tokens, 0))
+    def busy(self) -> bool:
+        return bool(self.free_micros or self.free_tokens or self.held_micros or self.held_tokens)
 
 
 def _count(s: Slice, now: float) -> bool:
@@ -127,16 +138,25 @@ class Slices:
         slices = []
         for line in lines:
             s = self._slice(line, now)
-            if s is None or s.expires - now < lease_seconds / 2 or not _covers(s.free, line.ask):
+            ask = line.ask
+            if (
+                s is None
+                or s.expires - now < lease_seconds / 2
+                or s.free_micros < ask.micros
+                or s.free_tokens < ask.tokens
+            ):
                 return None
             slices.append(s)
         for s, line in zip(slices, lines, strict=True):
-            s.free = s.free - line.ask
-            s.holding = s.holding + line.ask
+            ask = line.ask
+            s.free_micros -= ask.micros
+            s.free_tokens -= ask.tokens
+            s.held_micros += ask.micros
+            s.held_tokens += ask.tokens
             s.in_flight += 1
             s.used = now
             if _count(s, now):
-                self._aim(s, line.ask)
+                self._aim(s, ask)
         return Reservation(new_id(), tuple(lines), now + lease_seconds, remote=True,
                            leases=tuple([s.lease for s in slices]))  # fmt: skip
 
@@ -150,12 +170,12 @@ class Slices:
             if s is None:
                 lease = new_id()
                 # Expiring when its first grant's lease would (the grant may still be on its way).
-                s = Slice(lease, line.rule, line.window.id, lease_seconds, ZERO, ZERO, now + lease_seconds, now, ZERO,
+                s = Slice(lease, line.rule, line.window.id, lease_seconds, 0, 0, 0, 0, now + lease_seconds, now, ZERO,
                           since=now)  # fmt: skip
                 self._by_budget[(line.rule.key, line.window.id)] = s
                 self._by_lease[lease] = s
             self._aim(s, line.ask)
-            want = ZERO if s.topping else _minus(s.target, s.free)
+            want = ZERO if s.topping else self.want(s)
             s.topping = s.topping or want != ZERO
             out.append((s.lease, want))
         return out
@@ -176,8 +196,9 @@ class Slices:
                 continue
             if want != ZERO:
                 s.topping = False
-            s.free = s.free + extra
-            s.holding = s.holding + line.ask
+            s.add_free(extra)
+            s.held_micros += line.ask.micros
+            s.held_tokens += line.ask.tokens
             s.in_flight += 1
             s.expires = max(s.expires, now + lease_seconds)
             s.length = lease_seconds
@@ -193,14 +214,13 @@ class Slices:
             s = self._by_lease.get(lease)
             if s is None or s.topping:
                 continue
-            half = Amount(s.target.micros // 2, s.target.tokens // 2)
-            if not _covers(s.free, half):
+            if s.free_micros < s.target.micros // 2 or s.free_tokens < s.target.tokens // 2:
                 s.topping = True
                 out.append((s, line))
         return out
 
     def want(self, s: Slice) -> Amount:
-        return _minus(s.target, s.free)
+        return Amount(max(s.target.micros - s.free_micros, 0), max(s.target.tokens - s.free_tokens, 0))
 
     def topped(self, s: Slice, extra: Amount, now: float, lease_seconds: float) -> Amount:
         """A top-up landed; what to give back (all of it when the slice went from the book
@@ -208,7 +228,7 @@ class Slices:
         s.topping = False
         if self._by_lease.get(s.lease) is not s:
             return extra
-        s.free = s.free + extra
+        s.add_free(extra)
         if extra != ZERO:
             s.expires = max(s.expires, now + lease_seconds)
         return ZERO
@@ -219,13 +239,16 @@ class Slices:
         for line, lease in zip(r.lines, r.leases, strict=True):
             s = self._by_lease.get(lease)
             if s is not None:
-                s.holding = _minus(s.holding, line.ask)
+                ask = line.ask
+                s.held_micros = max(s.held_micros - ask.micros, 0)
+                s.held_tokens = max(s.held_tokens - ask.tokens, 0)
                 s.in_flight = max(s.in_flight - 1, 0)
 
     def release(self, s: Slice) -> Amount:
         """Empty a slice's free part (to be given back); what it gave up."""
-        free, s.free = s.free, ZERO
-        if s.holding == ZERO:
+        free = s.free
+        s.free_micros = s.free_tokens = 0
+        if not (s.held_micros or s.held_tokens):
             self._drop(s)
         return free
 
@@ -238,7 +261,7 @@ class Slices:
                 continue
             if want != ZERO:
                 s.topping = False
-            if s.free != ZERO:
+            if s.free_micros or s.free_tokens:
                 out.append((s, self.release(s)))
         return out
 
@@ -248,19 +271,19 @@ class Slices:
         for s in self:
             if now - s.used < IDLE_SECONDS:
                 continue
-            if s.free != ZERO:
+            if s.free_micros or s.free_tokens:
                 out.append((s, self.release(s)))
-            elif s.holding == ZERO:
+            elif not (s.held_micros or s.held_tokens):
                 self._drop(s)
         return out
 
     def to_renew(self, now: float) -> list[Slice]:
         """Slices in use whose lease has less than three quarters of its length left."""
-        return [s for s in self if (s.free != ZERO or s.holding != ZERO) and s.expires - now < 0.75 * s.length]
+        return [s for s in self if s.busy() and s.expires - now < 0.75 * s.length]
 
     def clear(self) -> list[tuple[Slice, Amount]]:
         """Every slice's free part, to give back (the book starts afresh)."""
-        out = [(s, s.free) for s in self if s.free != ZERO]
+        out = [(s, s.free) for s in self if s.free_micros or s.free_tokens]
         self._by_budget.clear()
         self._by_lease.clear()
         return out
