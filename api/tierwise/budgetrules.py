@@ -18,11 +18,12 @@ from tierwise.api.budget import BudgetState, Period, ThresholdAction
 from tierwise.buckets import Bucket
 from tierwise.money import micros_usd, usd_micros
 from tierwise.policy import PolicyBudget
+from tierwise.values import value
 
 OK, OVER_LIMIT, THROTTLED = "ok", "over_limit", "throttled"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Amount:
     micros: int = 0
     tokens: int = 0
@@ -188,7 +189,7 @@ def take(bucket: Bucket | None, rate: float, now: float) -> tuple[bool, Bucket, 
 # ------------------------------------------------------------------ judging a reservation
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Judgement:
     outcome: str  # OK, OVER_LIMIT or THROTTLED
     bucket: Bucket | None = None  # the throttle bucket after taking, when throttled traffic passes

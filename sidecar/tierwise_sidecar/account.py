@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from tierwise.money import cost_micros, cost_usd, usd
+from tierwise.values import value
 from tierwise_sidecar.endpoints import host_port
 from tierwise_sidecar.estimate import Estimate
 from tierwise_sidecar.metrics import METRICS, Metrics
@@ -52,7 +53,7 @@ H_DOWNGRADED = "x-tierwise-downgraded-from"
 H_CACHE = "x-tierwise-cache"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Segment:
     backend: BackendRoute
     input_tokens: int

@@ -9,11 +9,11 @@ and the account stage reports.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tierwise.api.tier import Backend
 from tierwise.money import Rates, cost_micros, cost_usd
+from tierwise.values import value
 from tierwise_sidecar.errors import ApiError
 from tierwise_sidecar.runtime import BackendRoute, TierRoute
 from tierwise_sidecar.tokens import TOKENS, TokenCounter
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["Estimate", "EstimateStage", "cost_usd", "count_input", "estimate_request", "worst_case"]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Estimate:
     """Tokens and cost of a request before it is sent; output is the most the request may produce."""
 

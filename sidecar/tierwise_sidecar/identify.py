@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
+from tierwise.values import value
 from tierwise_sidecar.errors import NOT_FOUND, PERMISSION, ApiError, bad_request
 from tierwise_sidecar.metrics import METRICS, Metrics
 
@@ -42,7 +43,7 @@ class Priority(IntEnum):
     HIGH = 1
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Identity:
     namespace: str
     tenant: str | None

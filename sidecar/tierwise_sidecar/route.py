@@ -12,10 +12,10 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tierwise.api.tier import RoutingStrategy
+from tierwise.values import value
 from tierwise_sidecar.difficulty import difficulty_of
 from tierwise_sidecar.metrics import METRICS, Metrics
 from tierwise_sidecar.runtime import HEALTH, BackendRoute, Health, TierRoute
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 CHEAP, STRONG, WEIGHTED, LEAST_LOADED, PINNED = "cheap", "strong", "weighted", "least_loaded", "pinned"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Decision:
     order: tuple[BackendRoute, ...]
     decision: str

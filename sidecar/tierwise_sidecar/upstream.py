@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 
 from tierwise.api.tier import FailureKind
+from tierwise.values import value
 from tierwise_sidecar.runtime import BackendRoute, TierRoute
 from tierwise_sidecar.state import Key
 from tierwise_sidecar.tokens import TokenCounter
@@ -51,7 +52,7 @@ class UpstreamRefusalError(Exception):
         self.content_type = content_type
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Candidate:
     tier: TierRoute
     backend: BackendRoute

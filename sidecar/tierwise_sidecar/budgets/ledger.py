@@ -22,9 +22,10 @@ from typing import Protocol
 from tierwise.buckets import Bucket
 from tierwise.budgetrules import OK, ZERO, Amount, BudgetRule, Judgement, judge
 from tierwise.periods import Window
+from tierwise.values import value
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Line:
     """One budget's part of a reservation: the window it counts in, and the amount asked."""
 
@@ -45,7 +46,7 @@ class Reservation:
     leases: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Totals:
     """A budget's spend in its window: settled, and held by requests in flight."""
 
@@ -57,7 +58,7 @@ class Totals:
         return self.spent + self.held
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Verdict:
     line: Line
     judgement: Judgement
@@ -73,7 +74,7 @@ class Verdict:
         return self.totals.committed
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Booking:
     reservation: Reservation | None  # None: refused, nothing held
     verdicts: tuple[Verdict, ...]

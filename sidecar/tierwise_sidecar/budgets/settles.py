@@ -14,6 +14,7 @@ from typing import Any
 from tierwise.budgetkeys import applied_key, hold_keys, spend_key
 from tierwise.budgetrules import Amount
 from tierwise.periods import ROLLING_SECONDS, Window
+from tierwise.values import value
 from tierwise_sidecar.budgets.ledger import Line, Reservation
 
 # Keys of a finished calendar period are kept a while for whoever reports on them, then expire.
@@ -23,7 +24,7 @@ APPLIED_TTL = 7 * 24 * 3600
 KEYS_CACHE_MAX = 256
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Settle:
     """A settle to send: idempotent by (instance, seq). `requests` settles summed into one when
     they took from the same leases (`reservation` then holds the summed asks)."""
