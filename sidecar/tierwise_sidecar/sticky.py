@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from tierwise.values import value
 
 
 def _weight(key: str, endpoint: str) -> int:
@@ -24,7 +25,7 @@ def rendezvous(key: str, endpoints: Sequence[str]) -> list[str]:
     return sorted(endpoints, key=lambda e: _weight(key, e), reverse=True)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Pin:
     backend: str
     endpoint: str

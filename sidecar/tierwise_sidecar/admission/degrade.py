@@ -10,17 +10,17 @@ request already within a cap is left as it is; the changes actually made are wha
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from tierwise.api.tier import DegradationStep
+from tierwise.values import value
 
 MAX_TOKENS, TEMPERATURE, CHEAPEST, NO_STREAM = "max_tokens", "temperature", "cheapest_backend", "no_stream"
 # A request that names no temperature is sampled at the provider's default.
 DEFAULT_TEMPERATURE = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Plan:
     level: int  # the highest step level reached, in percent
     max_tokens: int | None = None

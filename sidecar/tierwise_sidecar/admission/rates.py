@@ -18,6 +18,7 @@ from typing import Protocol
 
 from tierwise.api.tier import RateLimit, RateLimitScope
 from tierwise.buckets import Bucket, give, take
+from tierwise.values import value
 
 REQUESTS, TOKENS = "requests", "tokens"
 # Buckets kept for callers not seen lately are dropped once full (a full bucket is a new one).
@@ -54,7 +55,7 @@ class RateRule:
         return min(float(tokens), self.tokens_size) if self.tokens_per_second else 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Verdict:
     allowed: bool
     retry_after: float = 0.0

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tierwise.api.tier import ShedPolicy
+from tierwise.values import value
 from tierwise_sidecar.admission.limit import Limit
 
 # How often a waiter looks whether its caller is still connected.
@@ -76,7 +77,7 @@ class Waiter:
 Entry = tuple[tuple[int, int, int], Waiter]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Ticket:
     """What a request asks of a room."""
 
