@@ -111,17 +111,28 @@ class Outcome:
     # Answered from the cache: no backend, nothing spent.
     cached: bool = False
 
+    # Sums by plain loops: a request has one segment or a few, and these are read several times
+    # per request, where a generator costs more than the sum itself.
     @property
     def usd(self) -> float:
-        return sum(s.usd for s in self.segments)
+        total = 0.0
+        for s in self.segments:
+            total += s.usd
+        return total
 
     @property
     def micros(self) -> int:
-        return sum(s.micros for s in self.segments)
+        total = 0
+        for s in self.segments:
+            total += s.micros
+        return total
 
     @property
     def tokens(self) -> int:
-        return sum(s.input_tokens + s.output_tokens for s in self.segments)
+        total = 0
+        for s in self.segments:
+            total += s.input_tokens + s.output_tokens
+        return total
 
 
 def render_headers(x: Exchange, final: bool) -> dict[str, str]:
@@ -157,7 +168,11 @@ def render_headers(x: Exchange, final: bool) -> dict[str, str]:
         h[H_COST] = usd(0.0)
     if final and o.segments:
         h[H_COST] = usd(o.usd)
-        h[H_TOKENS] = f"{sum(s.input_tokens for s in o.segments)}/{sum(s.output_tokens for s in o.segments)}"
+        prompt = completion = 0
+        for s in o.segments:
+            prompt += s.input_tokens
+            completion += s.output_tokens
+        h[H_TOKENS] = f"{prompt}/{completion}"
     return h
 
 

@@ -126,7 +126,7 @@ def _features(text: str, input_tokens: int, user_turns: int) -> Features:
     words = set(_WORD.findall(lower))
     code = 1.0 if (words & _CODE_WORDS or _CODE.search(text)) else 0.0
     maths = 1.0 if (words & _MATH_WORDS or _MATH.search(text)) else 0.0
-    cues = len(words & _REASONING_WORDS) + sum(1 for p in _REASONING_PHRASES if p in lower)
+    cues = len(words & _REASONING_WORDS) + len([p for p in _REASONING_PHRASES if p in lower])
     reasoning = min(cues / 2, 1.0)
     depth = min(max(user_turns - 1, 0) / 8, 1.0)
     return length, code, maths, reasoning, depth
@@ -147,7 +147,7 @@ def _combine(f: Features, priority: Priority) -> float:
 
 
 def _chat_features(messages: Sequence[Mapping[str, Any]], input_tokens: int) -> Features:
-    turns = sum(1 for m in messages if m.get("role") == "user")
+    turns = len([m for m in messages if m.get("role") == "user"])
     return _features(last_user_text(messages), input_tokens, turns)
 
 

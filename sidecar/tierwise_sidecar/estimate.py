@@ -127,7 +127,7 @@ def enter_tier(x: Exchange, tier: TierRoute, counter: TokenCounter) -> None:
     x.counted_with = first.model
     x.prompt_counts.clear()
     x.input_tokens = count_input(counter, x.kind, first.model, x.body)
-    if not any(x.input_tokens < b.max_context for b in tier.backends):
+    if x.input_tokens >= tier.max_context:
         raise ApiError(
             400,
             f"the prompt has {x.input_tokens} tokens, more than any model of tier {tier.name} accepts",

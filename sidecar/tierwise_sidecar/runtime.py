@@ -127,6 +127,8 @@ class TierRoute:
     cheap_below: float
     strong_at: float
     sticky_ttl: float | None
+    # The largest context among its backends: a prompt at or above it fits none of them.
+    max_context: int
     # Whether a request entering this tier needs a difficulty score (this tier or a fallback
     # routes by cost): scoring is skipped for everyone else.
     needs_score: bool = False
@@ -146,6 +148,7 @@ class TierRoute:
             cheap_below=spec.routing.cost_aware.cheap_below,
             strong_at=spec.routing.cost_aware.strong_at_or_above,
             sticky_ttl=float(spec.routing.stickiness.ttl_seconds) if spec.routing.stickiness.enabled else None,
+            max_context=max((b.max_context for b in backends), default=0),
         )
 
 
@@ -232,7 +235,10 @@ class Health:
 
     def usable(self, backend: BackendRoute, now: float) -> bool:
         """Has the backend an endpoint whose breaker would let a request through?"""
-        return any(self.breaker(backend, e).available(now) for e in self.targets(backend))
+        targets = self.targets(backend)
+        if len(targets) == 1:  # a provider URL, or one replica: no generator for the usual case
+            return self.breaker(backend, targets[0]).available(now)
+        return any(self.breaker(backend, e).available(now) for e in targets)
 
     def prune(self) -> None:
         """Forget breakers of replicas that are gone (pod IPs come and go)."""

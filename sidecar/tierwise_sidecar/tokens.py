@@ -149,7 +149,9 @@ class TokenCounter:
 
     def count_chat(self, model: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()) -> int:
         """Prompt tokens of a chat request, as the provider's usage block reports them."""
-        n = REPLY_PRIMING + sum(self.count_message(model, m) for m in messages)
+        n = REPLY_PRIMING
+        for m in messages:
+            n += self.count_message(model, m)
         if tools:
             n += self._cached(self.encoding(model), json.dumps(list(tools), sort_keys=True, separators=(",", ":")))
         return n
