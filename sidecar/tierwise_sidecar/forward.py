@@ -15,7 +15,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -70,8 +70,8 @@ class Flight:
     """A request being forwarded: what happened so far, and the targets left to try."""
 
     x: Exchange
-    state: PlanState = field(default_factory=PlanState)
-    plan: Iterator[Candidate] = field(default_factory=lambda: iter(()))
+    state: PlanState
+    plan: Iterator[Candidate]
 
 
 def exhausted(state: PlanState, attempts: int) -> ApiError:
@@ -298,8 +298,8 @@ class ForwardStage:
 
     async def enter(self, x: Exchange) -> Reply | None:
         self.metrics.in_flight.inc((x.identity.tier,))
-        flight = Flight(x)
-        flight.plan = self.plan(x, flight.state)
+        state = PlanState()
+        flight = Flight(x, state, self.plan(x, state))
         try:
             started = await self.first_success(flight)
         except UpstreamRefusalError as p:
