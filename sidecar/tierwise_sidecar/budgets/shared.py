@@ -107,8 +107,7 @@ class SharedLedger:
             taken = self.slices.take(lines, now, lease_seconds)
             if taken is not None:
                 self._grow(taken, now, lease_seconds)
-                verdicts = tuple([Verdict(ln, _GRANTED, self._last_known(ln.rule, ln.window)) for ln in lines])
-                return Booking(taken, verdicts)
+                return Booking(taken, tuple(map(self._granted, lines)))
             asks = self.slices.asks(lines, now, lease_seconds)
             sent = time.monotonic()
             try:
@@ -127,6 +126,10 @@ class SharedLedger:
                 return booking
         booking = self.local.reserve_now(lines, now, lease_seconds)
         return Booking(booking.reservation, booking.verdicts, degraded=True)
+
+    def _granted(self, line: Line) -> Verdict:
+        """A line taken from a slice: granted, against the budget's spend as last seen."""
+        return Verdict(line, _GRANTED, self._last_known(line.rule, line.window))
 
     def _remember(self, booking: Booking) -> None:
         for v in booking.verdicts:

@@ -157,8 +157,9 @@ class Slices:
             s.used = now
             if _count(s, now):
                 self._aim(s, ask)
-        return Reservation(new_id(), tuple(lines), now + lease_seconds, remote=True,
-                           leases=tuple([s.lease for s in slices]))  # fmt: skip
+        # One budget is the usual case: its lease without a comprehension's frame.
+        leases = (slices[0].lease,) if len(slices) == 1 else tuple([s.lease for s in slices])
+        return Reservation(new_id(), tuple(lines), now + lease_seconds, True, leases)
 
     def asks(self, lines: Sequence[Line], now: float, lease_seconds: float) -> list[tuple[str, Amount]]:
         """For a reservation that goes to Redis: per line, the lease to hold under and how much
