@@ -43,6 +43,8 @@ class FakeConfig:
     completion_tokens: int = 16
     model: str | None = None
     seed: int = 0
+    # A Set-Cookie on every answer, as a provider behind a CDN sends one (Cloudflare's __cf_bm).
+    set_cookie: str | None = None
 
 
 @dataclass
@@ -59,6 +61,8 @@ class FakeStats:
     last_request: dict[str, Any] = field(default_factory=dict)
     # And the headers it came with (a provider's key, who is calling).
     last_headers: dict[str, str] = field(default_factory=dict)
+    # Requests that came with a Cookie header (a client that keeps what a provider set).
+    with_cookie: int = 0
     models: dict[str, int] = field(default_factory=dict)
     # Usage reported in answers that went out whole (a stream cut or dropped on purpose is not in it).
     prompt_tokens: dict[str, int] = field(default_factory=dict)
@@ -126,6 +130,8 @@ class FakeBackend:
         model = self.config.model or str(body["model"])
         self.stats.last_request = body
         self.stats.last_headers = dict(request.headers)
+        if "Cookie" in request.headers:
+            self.stats.with_cookie += 1
         self.stats.models[model] = self.stats.models.get(model, 0) + 1
         cap = self.config.capacity
         if cap is not None and self.stats.in_flight >= cap:
@@ -281,8 +287,13 @@ class FakeBackend:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def _set_cookie(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.config.set_cookie:
+            response.headers["Set-Cookie"] = self.config.set_cookie
+
     def app(self) -> web.Application:
         app = web.Application()
+        app.on_response_prepare.append(self._set_cookie)
         app.add_routes(
             [
                 web.post("/v1/chat/completions", self.chat),

@@ -217,7 +217,9 @@ class HttpClient:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=10, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(connector=connector)
+        # No cookie jar: a cookie one provider's answer sets (a CDN's, say) would otherwise go
+        # back with every later request to it, whoever sends it: state shared across tenants.
+        self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
         if self._session is not None:

@@ -154,3 +154,15 @@ def _stream(url: str) -> bytes:
     req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return bytes(r.read())
+
+
+def test_a_cookie_a_provider_sets_never_goes_back_with_anyone_s_request(net: Net) -> None:
+    """A provider behind a CDN sets cookies; a client that kept them would send one caller's
+    cookie with every other caller's request. The provider is named by host name here: aiohttp's
+    default jar keeps no cookie from an IP address, so 127.0.0.1 could not show it."""
+    fake = net.fake(set_cookie="__cf_bm=abc123; Path=/; HttpOnly")
+    by_name = fake.v1.replace("127.0.0.1", "localhost")
+    gw = net.gateway(tier("silver", [backend("s", by_name)], access=DEFAULT), namespace="apps")
+    for tenant in ("team-a", "team-b", "team-a"):
+        assert gw.post("/v1/chat/completions", CHAT, {"x-tierwise-tenant": tenant})[0] == 200
+    assert fake.requests == 3 and fake.backend.stats.with_cookie == 0
