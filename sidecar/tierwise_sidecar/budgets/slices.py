@@ -73,16 +73,15 @@ class Slice:
     def free(self) -> Amount:
         return Amount(self.free_micros, self.free_tokens)
 
-    @property
-    def holding(self) -> Amount:
-        return Amount(self.held_micros, self.held_tokens)
-
     def add_free(self, extra: Amount) -> None:
         self.free_micros += extra.micros
         self.free_tokens += extra.tokens
 
-    def busy(self) -> bool:
-        return bool(self.free_micros or self.free_tokens or self.held_micros or self.held_tokens)
+    def has_free(self) -> bool:
+        return bool(self.free_micros or self.free_tokens)
+
+    def holds(self) -> bool:
+        return bool(self.held_micros or self.held_tokens)
 
 
 def _count(s: Slice, now: float) -> bool:
@@ -249,7 +248,7 @@ class Slices:
         """Empty a slice's free part (to be given back); what it gave up."""
         free = s.free
         s.free_micros = s.free_tokens = 0
-        if not (s.held_micros or s.held_tokens):
+        if not s.holds():
             self._drop(s)
         return free
 
@@ -262,7 +261,7 @@ class Slices:
                 continue
             if want != ZERO:
                 s.topping = False
-            if s.free_micros or s.free_tokens:
+            if s.has_free():
                 out.append((s, self.release(s)))
         return out
 
@@ -272,19 +271,19 @@ class Slices:
         for s in self:
             if now - s.used < IDLE_SECONDS:
                 continue
-            if s.free_micros or s.free_tokens:
+            if s.has_free():
                 out.append((s, self.release(s)))
-            elif not (s.held_micros or s.held_tokens):
+            elif not s.holds():
                 self._drop(s)
         return out
 
     def to_renew(self, now: float) -> list[Slice]:
         """Slices in use whose lease has less than three quarters of its length left."""
-        return [s for s in self if s.busy() and s.expires - now < 0.75 * s.length]
+        return [s for s in self if (s.has_free() or s.holds()) and s.expires - now < 0.75 * s.length]
 
     def clear(self) -> list[tuple[Slice, Amount]]:
         """Every slice's free part, to give back (the book starts afresh)."""
-        out = [(s, s.free) for s in self if s.free_micros or s.free_tokens]
+        out = [(s, s.free) for s in self if s.has_free()]
         self._by_budget.clear()
         self._by_lease.clear()
         return out
