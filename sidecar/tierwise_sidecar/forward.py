@@ -325,12 +325,13 @@ class ForwardStage:
     async def _as_stream(self, x: Exchange, started: Started) -> Reply:
         """A whole answer to a request that asked for a stream (degradation turned streaming off),
         replayed to the caller as the stream it asked for."""
-        await x.open_stream()
         events = replay_events(x.kind, started.data, x.client_usage)
         try:
+            await x.open_stream()
             for event in events[:-1]:
                 await x.sink.write(event)
         except ClientGoneError:
+            x.outcome.status = 499  # the answer was billed whole (_whole) before the replay
             return ANSWERED
         await x.sink.close(events[-1])
         return ANSWERED

@@ -37,6 +37,8 @@ class HttpSink:
         try:
             await resp.prepare(self.request)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # Nobody reads it: what the response metric counts for a caller gone before the start.
+            self.response = web.Response(status=499)
             raise ClientGoneError() from None
 
     async def write(self, data: bytes) -> None:

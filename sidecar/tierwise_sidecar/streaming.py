@@ -53,7 +53,18 @@ async def relay(fw: ForwardStage, flight: Flight, started: Started) -> None:
     """Send a started stream to the caller to its end, resuming it on another target if cut."""
     x = flight.x
     outcome, state = x.outcome, flight.state
-    await x.open_stream()
+    try:
+        await x.open_stream()
+    except ClientGoneError:
+        # The caller left while the provider was starting: nothing more is read, and the prompt
+        # (and what arrived of the answer) is billed, as for a caller gone mid-stream.
+        assert started.response is not None
+        started.response.close()
+        seg = StreamState(chat=x.kind == "chat", strip_usage=not x.client_usage)
+        Relay(seg).feed(started.first)
+        outcome.segments.append(fw.measure(x, started.candidate.backend, seg.usage, "".join(seg.text)))
+        outcome.status = 499
+        return
     metrics = fw.metrics
     writer = Writer(x.sink, metrics.first_byte, (x.identity.namespace, outcome.tier or x.identity.tier), x.started)
     while True:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -166,3 +168,24 @@ def test_a_cookie_a_provider_sets_never_goes_back_with_anyone_s_request(net: Net
     for tenant in ("team-a", "team-b", "team-a"):
         assert gw.post("/v1/chat/completions", CHAT, {"x-tierwise-tenant": tenant})[0] == 200
     assert fake.requests == 3 and fake.backend.stats.with_cookie == 0
+
+
+def test_a_caller_gone_before_its_stream_starts_is_a_499_billed_for_its_prompt(
+    net: Net, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that hangs up while the provider is still starting its stream is not an internal
+    error: no 500, no traceback; the provider's prompt is still counted."""
+    fake = net.fake(first_byte_ms=400)
+    gw = net.gateway(tier("silver", [backend("s", fake.v1)], access=DEFAULT), namespace="apps")
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+        time.sleep(0.1)  # the gateway is waiting for the provider's first byte
+    responses = 'tierwise_http_responses_total{code="499",endpoint="/v1/chat/completions"} 1.0'
+    wait_for("the hang-up counted", lambda: responses in gw.get("/metrics")[1].decode(), timeout=10)
+    metrics = gw.get("/metrics")[1].decode()
+    assert 'code="500"' not in metrics
+    assert "tierwise_tokens_total{" in metrics and 'kind="input"' in metrics, "the prompt is billed"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
