@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 from tierwise.budgetrules import ZERO, Amount, BudgetRule
 from tierwise.money import micros_usd
@@ -15,27 +18,46 @@ H_NOTICE = "x-tierwise-budget-notice"
 H_DOWNGRADED = "x-tierwise-downgraded-from"
 H_DEGRADED = "x-tierwise-budget-degraded"
 
-# One budget's header parts (remaining USD, remaining tokens, state) are a pure function of the
-# rule and its committed spend. Requests served from an allowance slice all see the same snapshot
-# of that spend (one Totals object) until the next refresh, so the parts are rendered once per
-# snapshot instead of once per request: keyed by the rule's key and the snapshot's identity, and
-# checked to be the same rule and the same Totals (the entry keeps it, so its id is not reused
-# while cached; a reload may change a budget under the same key); cleared when full.
-_Parts = tuple[BudgetRule, Totals, str | None, str | None, str]
-_PARTS: dict[tuple[str, int], _Parts] = {}
+
+# What a request is told about one budget (remaining USD, remaining tokens, state, the highest
+# Notify percent passed) is a pure function of the rule and its committed spend. Requests served
+# from an allowance slice all see the same snapshot of that spend (one Totals object) until the
+# next refresh, so it is worked out once per snapshot instead of once per request: keyed by the
+# rule's key and the snapshot's identity, and checked to be the same rule and the same Totals (the
+# entry keeps it, so its id is not reused while cached; a reload may change a budget under the same
+# key); cleared when full.
+class Parts(NamedTuple):
+    rule: BudgetRule
+    totals: Totals
+    usd: str | None
+    tokens: str | None
+    state: str
+    notice: int | None
+    # The headers of a request only this budget counted, nothing else to say: built once, shared
+    # (read-only) by every such request.
+    alone: Mapping[str, str]
+
+
+_PARTS: dict[tuple[str, int], Parts] = {}
 _PARTS_MAX = 1024
 
 
-def budget_parts(rule: BudgetRule, totals: Totals) -> _Parts:
+def budget_parts(rule: BudgetRule, totals: Totals) -> Parts:
     key = (rule.key, id(totals))
     hit = _PARTS.get(key)
-    if hit is not None and hit[0] is rule and hit[1] is totals:
+    if hit is not None and hit.rule is rule and hit.totals is totals:
         return hit
     committed = totals.committed
     left = rule.remaining(committed)
     usd = f"{rule.key}={micros_usd(left.micros)}" if rule.has_usd else None
     tokens = f"{rule.key}={left.tokens}" if rule.has_tokens else None
-    parts = (rule, totals, usd, tokens, f"{rule.key}={rule.state(committed).value}")
+    state = f"{rule.key}={rule.state(committed).value}"
+    alone = {H_REMAINING_USD: usd} if usd is not None else {}
+    if tokens is not None:
+        alone[H_REMAINING_TOKENS] = tokens
+    alone[H_STATE] = state
+    notice = rule.notice(committed) if rule.notices else None
+    parts = Parts(rule, totals, usd, tokens, state, notice, MappingProxyType(alone))
     if len(_PARTS) >= _PARTS_MAX:
         _PARTS.clear()
     _PARTS[key] = parts
@@ -53,11 +75,15 @@ class BudgetNote:
     held: list[Reservation] = field(default_factory=list)
     holding: Amount = ZERO
 
-    def headers(self) -> dict[str, str]:
+    def headers(self) -> Mapping[str, str]:
+        """What the caller is told (read-only: the usual case is shared by many requests)."""
+        if len(self.verdicts) == 1 and not self.notices and self.downgraded_from is None and not self.degraded:
+            v = self.verdicts[0]
+            return budget_parts(v.line.rule, v.totals).alone
         h: dict[str, str] = {}
         usd, tokens, states = [], [], []
         for v in self.verdicts:
-            _, _, left_usd, left_tokens, state = budget_parts(v.line.rule, v.totals)
+            _, _, left_usd, left_tokens, state, _, _ = budget_parts(v.line.rule, v.totals)
             if left_usd is not None:
                 usd.append(left_usd)
             if left_tokens is not None:

@@ -26,7 +26,7 @@ from tierwise.money import micros_usd
 from tierwise.periods import Window, seconds_to_relief, window
 from tierwise_sidecar.budgets.ledger import Ledger, Line, MemoryLedger, Verdict
 from tierwise_sidecar.budgets.metrics import BUDGET_METRICS, BudgetMetrics
-from tierwise_sidecar.budgets.note import BudgetNote
+from tierwise_sidecar.budgets.note import BudgetNote, budget_parts
 from tierwise_sidecar.errors import INVALID_REQUEST, RATE_LIMIT, ApiError, retry_after
 from tierwise_sidecar.estimate import enter_tier, reserve_amount
 from tierwise_sidecar.state import Key, SharedState
@@ -216,9 +216,8 @@ class BudgetStage:
         note.held.append(booking.reservation)
         note.holding = ask
         for v in booking.verdicts if self._any_notices else ():
-            if not v.line.rule.notices:
-                continue
-            pct = v.line.rule.notice(v.committed)
+            # Worked out once per snapshot of the budget's spend, with its headers.
+            pct = budget_parts(v.line.rule, v.totals).notice
             if pct is not None:
                 note.notices.append(f"{v.line.rule.key} passed {pct}%")
                 self.metrics.action(v.line.rule, "notify")
