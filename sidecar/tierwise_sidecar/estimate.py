@@ -23,7 +23,11 @@ if TYPE_CHECKING:
     from tierwise_sidecar.runtime import Runtime
     from tierwise_sidecar.state import SharedState
 
-__all__ = ["Estimate", "EstimateStage", "cost_usd", "count_input", "estimate_request", "worst_case"]
+__all__ = ["Asked", "Estimate", "EstimateStage", "cost_usd", "count_input", "estimate_request", "worst_case"]
+
+
+# A request's own bounds on its output: tokens per choice (None: no cap), and choices.
+Asked = tuple[int | None, int]
 
 
 @value
@@ -40,17 +44,23 @@ class Estimate:
         return self.input_tokens + self.output_tokens
 
 
-def _max_output(body: Mapping[str, Any], max_context: int, input_tokens: int) -> int:
+def asked(kind: str, body: Mapping[str, Any]) -> Asked:
+    """What a request itself bounds its output by: its cap on tokens per choice (None: none) and
+    its number of choices (0 for embeddings, which produce none). The same for every backend."""
+    if kind == "embeddings":
+        return None, 0
     cap = body.get("max_completion_tokens") or body.get("max_tokens")
-    room = max(max_context - input_tokens, 0)
-    if isinstance(cap, int) and cap > 0:
-        return min(cap, room) if room else cap
-    return room
+    return (cap if isinstance(cap, int) and cap > 0 else None), int(body.get("n") or 1)
 
 
-def max_output_tokens(body: Mapping[str, Any], backend: Backend, input_tokens: int) -> int:
-    """The most completion tokens the request may cost: its own cap, else what the context leaves."""
-    return _max_output(body, backend.capabilities.max_context_tokens, input_tokens)
+def max_output(max_context: int, input_tokens: int, bounds: Asked) -> int:
+    """The most completion tokens a request may cost: its own cap (within what the context leaves,
+    when it leaves any), else what the context leaves; times its choices."""
+    cap, n = bounds
+    room = max_context - input_tokens if max_context > input_tokens else 0
+    if cap is None:
+        return room * n
+    return (cap if room == 0 or cap < room else room) * n
 
 
 def count_prompt(counter: TokenCounter, model: str, prompt: Any) -> int:
@@ -72,11 +82,9 @@ def count_input(counter: TokenCounter, kind: str, model: str, body: Mapping[str,
     return count_prompt(counter, model, body.get("prompt") if kind == "completions" else body.get("input"))
 
 
-def worst_case(kind: str, body: Mapping[str, Any], backend: BackendRoute, input_tokens: int) -> Estimate:
+def worst_case(backend: BackendRoute, input_tokens: int, bounds: Asked) -> Estimate:
     """The most a request may cost on a backend, its prompt already counted in that backend's encoding."""
-    output = (
-        0 if kind == "embeddings" else _max_output(body, backend.max_context, input_tokens) * int(body.get("n") or 1)
-    )
+    output = max_output(backend.max_context, input_tokens, bounds)
     return Estimate(
         input_tokens,
         output,
@@ -92,7 +100,7 @@ def estimate_request(
     `input_tokens` when the prompt was already counted with this backend's encoding."""
     if input_tokens is None:
         input_tokens = count_input(counter, kind, backend.model, body)
-    output = 0 if kind == "embeddings" else max_output_tokens(body, backend, input_tokens) * int(body.get("n") or 1)
+    output = max_output(backend.capabilities.max_context_tokens, input_tokens, asked(kind, body))
     return Estimate(
         input_tokens,
         output,
@@ -105,7 +113,7 @@ def prompt_tokens(x: Exchange, backend: BackendRoute, counter: TokenCounter) -> 
     """The request's prompt in a backend's encoding: the count made on arrival when the encodings
     agree (the usual case), else counted again, once per encoding."""
     enc = counter.encoding(backend.model)
-    if enc is counter.encoding(x.counted_with):
+    if enc.name == x.counted_in:
         return x.input_tokens
     n = x.prompt_counts.get(enc.name)
     if n is None:
@@ -117,14 +125,15 @@ def estimate_on(x: Exchange, backend: BackendRoute, counter: TokenCounter) -> Es
     """The worst case on one backend, remembered for the request."""
     est = x.estimates.get(backend.key)
     if est is None:
-        est = x.estimates[backend.key] = worst_case(x.kind, x.body, backend, prompt_tokens(x, backend, counter))
+        est = x.estimates[backend.key] = worst_case(backend, prompt_tokens(x, backend, counter), x.bounds)
     return est
 
 
 def enter_tier(x: Exchange, tier: TierRoute, counter: TokenCounter) -> None:
     """Count, bound and price the request for the tier it is to be served by."""
     first = tier.by_price[0]
-    x.counted_with = first.model
+    x.counted_in = counter.encoding(first.model).name
+    x.bounds = asked(x.kind, x.body)
     x.prompt_counts.clear()
     x.input_tokens = count_input(counter, x.kind, first.model, x.body)
     if x.input_tokens >= tier.max_context:
@@ -144,8 +153,17 @@ def enter_tier(x: Exchange, tier: TierRoute, counter: TokenCounter) -> None:
 def reserve_amount(x: Exchange, tier: TierRoute) -> Estimate:
     """What a budget holds for the request: the most it may cost on any backend of its tier that can
     take its prompt (the one that serves is chosen later, by routing and failover)."""
-    fits = [x.estimates[b.key] for b in tier.backends if x.estimates[b.key].input_tokens < b.max_context]
-    return max(fits or x.estimates.values(), key=lambda e: (e.micros, e.tokens))
+    estimates = x.estimates
+    most: Estimate | None = None
+    # A plain loop: run for every request a budget counts, where a comprehension and a keyed max
+    # cost more than the comparison.
+    for b in tier.backends:
+        e = estimates[b.key]
+        if e.input_tokens < b.max_context and (most is None or (e.micros, e.tokens) > (most.micros, most.tokens)):
+            most = e
+    if most is None:
+        return max(estimates.values(), key=lambda e: (e.micros, e.tokens))
+    return most
 
 
 class EstimateStage:

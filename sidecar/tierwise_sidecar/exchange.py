@@ -116,9 +116,11 @@ class Exchange:
     deadline: float = 0.0
     stream: bool = False
     client_usage: bool = False
-    # Prompt tokens, counted with the encoding of `counted_with` (the tier's cheapest backend).
+    # Prompt tokens, counted with the encoding named `counted_in` (the tier's cheapest backend's).
     input_tokens: int = 0
-    counted_with: str = ""
+    counted_in: str = ""
+    # The request's own bounds on its output (estimate.asked): the same on every backend.
+    bounds: tuple[int | None, int] = (None, 1)
     # The worst case on each backend of the tier being entered, by backend key; other tiers'
     # backends (fallbacks) are estimated when asked.
     estimates: dict[str, Estimate] = field(default_factory=dict)
