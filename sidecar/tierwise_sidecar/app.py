@@ -26,7 +26,7 @@ from tierwise_sidecar.config import GatewayConfig
 from tierwise_sidecar.endpoints import refresh_dns
 from tierwise_sidecar.errors import SERVER, ApiError
 from tierwise_sidecar.exchange import Exchange
-from tierwise_sidecar.httpsink import HttpSink, endpoint_of
+from tierwise_sidecar.httpsink import UNMATCHED, HttpSink, endpoint_of
 from tierwise_sidecar.metrics import METRICS
 from tierwise_sidecar.pipeline import Pipeline
 from tierwise_sidecar.policy_source import Loaded, PolicyLoadError
@@ -38,6 +38,8 @@ from tierwise_sidecar.tokens import TOKENS
 from tierwise_sidecar.validate import Kind, check_size, too_large
 
 __all__ = ["Gateway", "GatewayConfig", "Source"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("tierwise.sidecar")
 
@@ -215,11 +217,6 @@ class Gateway:
 
     # ------------------------------------------------------------ requests
 
-    def _handler(self, kind: Kind) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        # A partial rather than a wrapping coroutine: every await of the request passes through
-        # each coroutine frame between the event loop and the socket read, so one fewer layer.
-        return functools.partial(self.serve, kind)
-
     async def serve(self, kind: Kind, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         pipeline = self.pipeline
@@ -261,10 +258,21 @@ class Gateway:
     async def metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    @web.middleware
-    async def _errors(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    def _guarded(self, handler: Handler) -> Handler:
+        """`handler` with its errors answered OpenAI-shaped and every response counted. Bound to
+        each route rather than run as an aiohttp middleware: aiohttp then runs its own middleware
+        and a handler chain built per request too, and every await of a request passes through
+        each coroutine frame between the event loop and the socket read."""
+        return functools.partial(self._answer, handler)
+
+    async def _unmatched(self, request: web.Request) -> web.StreamResponse:
+        """A path the gateway does not serve, or one it serves with another method."""
+        allowed = {r.method for res in request.app.router.resources() if res.canonical == request.path for r in res}
+        if allowed:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+        raise web.HTTPNotFound()
+
+    async def _answer(self, handler: Handler, request: web.Request) -> web.StreamResponse:
         self.in_flight += 1
         status = 500
         try:
@@ -294,16 +302,19 @@ class Gateway:
 
     def app(self) -> web.Application:
         # One byte over the limit is enough to know a body is too large.
-        app = web.Application(middlewares=[self._errors], client_max_size=self.config.limits.max_body_bytes + 1)
+        app = web.Application(client_max_size=self.config.limits.max_body_bytes + 1)
+        guarded = self._guarded
         app.add_routes(
             [
-                web.post("/v1/chat/completions", self._handler("chat")),
-                web.post("/v1/completions", self._handler("completions")),
-                web.post("/v1/embeddings", self._handler("embeddings")),
-                web.get("/v1/models", self.models),
-                web.get("/healthz", self.healthz),
-                web.get("/readyz", self.readyz),
-                web.get("/metrics", self.metrics_page),
+                web.post("/v1/chat/completions", guarded(functools.partial(self.serve, "chat"))),
+                web.post("/v1/completions", guarded(functools.partial(self.serve, "completions"))),
+                web.post("/v1/embeddings", guarded(functools.partial(self.serve, "embeddings"))),
+                web.get("/v1/models", guarded(self.models)),
+                web.get("/healthz", guarded(self.healthz)),
+                web.get("/readyz", guarded(self.readyz)),
+                web.get("/metrics", guarded(self.metrics_page)),
+                # Last: what no route above takes, answered and counted like the rest.
+                web.route("*", "/{path:.*}", guarded(self._unmatched), name=UNMATCHED),
             ]
         )
         app.on_startup.append(self._on_startup)

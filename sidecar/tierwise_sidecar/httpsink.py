@@ -69,8 +69,12 @@ SERVED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                     "/metrics"})  # fmt: skip
 
 
+# The name of the route that takes what no other route does (app.py).
+UNMATCHED = "unmatched"
+
+
 def endpoint_of(request: web.Request) -> str:
     resource = request.match_info.route.resource
-    if resource is not None:
+    if resource is not None and resource.name != UNMATCHED:
         return resource.canonical
-    return request.path if request.path in SERVED else "unmatched"  # a known path with a wrong method
+    return request.path if request.path in SERVED else UNMATCHED  # a known path with a wrong method
