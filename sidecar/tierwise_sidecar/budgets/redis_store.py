@@ -168,13 +168,14 @@ class RedisLedgerClient:
         """A flush at the loop's next turn for what a request waits for; within SETTLE_DELAY else."""
         if self._scheduled or self._in_flight:
             return
-        loop = asyncio.get_running_loop()
         if not waited_for:
+            # Asked only when a timer is to be set: every settle comes here, and on Python 3.11
+            # get_running_loop() makes a getpid() system call (a fork check).
             if self._timer is None:
-                self._timer = loop.call_later(SETTLE_DELAY, self._flush)
+                self._timer = asyncio.get_running_loop().call_later(SETTLE_DELAY, self._flush)
             return
         self._scheduled = True
-        loop.call_soon(self._flush)
+        asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
