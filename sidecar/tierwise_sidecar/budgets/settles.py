@@ -46,7 +46,9 @@ class Summed:
     requests: int = 1
 
     def add(self, r: Reservation, actual: Amount) -> None:
-        for total, line in zip(self.asks, r.lines, strict=True):
+        asks = self.asks
+        for i, line in enumerate(r.lines):
+            total = asks[i]
             total[0] += line.ask.micros
             total[1] += line.ask.tokens
         self.micros += actual.micros

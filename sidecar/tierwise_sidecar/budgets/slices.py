@@ -236,13 +236,18 @@ class Slices:
     # ------------------------------------------------------------ on its way out, and over time
 
     def settled(self, r: Reservation) -> None:
-        for line, lease in zip(r.lines, r.leases, strict=True):
-            s = self._by_lease.get(lease)
+        # Indexed rather than zipped, and clamped by comparisons rather than max(): run on every
+        # request's way out, for one line or a few.
+        leases, by_lease = r.leases, self._by_lease
+        for i, line in enumerate(r.lines):
+            s = by_lease.get(leases[i])
             if s is not None:
                 ask = line.ask
-                s.held_micros = max(s.held_micros - ask.micros, 0)
-                s.held_tokens = max(s.held_tokens - ask.tokens, 0)
-                s.in_flight = max(s.in_flight - 1, 0)
+                held = s.held_micros - ask.micros
+                s.held_micros = held if held > 0 else 0
+                held = s.held_tokens - ask.tokens
+                s.held_tokens = held if held > 0 else 0
+                s.in_flight = s.in_flight - 1 if s.in_flight > 0 else 0
 
     def release(self, s: Slice) -> Amount:
         """Empty a slice's free part (to be given back); what it gave up."""

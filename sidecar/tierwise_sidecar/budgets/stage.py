@@ -75,19 +75,19 @@ class Windows:
     is not redone for every request)."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, Window] = {}
+        # Per budget: its window, and the instant from which it is the current one (a rolling
+        # window's newest bucket's start: the window slides on at the next bucket).
+        self._cache: dict[str, tuple[Window, float]] = {}
 
     def __call__(self, rule: BudgetRule, now: float) -> Window:
-        w = self._cache.get(rule.key)
-        if w is None or w.period is not rule.period or not _holds(w, now):
-            w = self._cache[rule.key] = window(rule.period, rule.time_zone, now)
+        hit = self._cache.get(rule.key)
+        if hit is not None:
+            w, since = hit
+            if since <= now < w.end and w.period is rule.period:
+                return w
+        w = window(rule.period, rule.time_zone, now)
+        self._cache[rule.key] = (w, w.last_bucket * w.bucket_seconds if w.rolling else w.start)
         return w
-
-
-def _holds(w: Window, now: float) -> bool:
-    if w.rolling:
-        return w.last_bucket * w.bucket_seconds <= now < w.end
-    return w.start <= now < w.end
 
 
 def _iso(ts: float) -> str:
