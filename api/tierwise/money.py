@@ -34,7 +34,8 @@ def cost_micros(
     rates: Rates, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0, *, up: bool = False
 ) -> int:
     """Micro-dollars of a usage: rounded up for an upper bound, to the nearest for an actual cost."""
-    fresh = max(input_tokens - cached_input_tokens, 0)
+    # Clamped by a comparison, not max(): priced several times per request.
+    fresh = input_tokens - cached_input_tokens if input_tokens > cached_input_tokens else 0
     pico = fresh * rates.input + cached_input_tokens * rates.cached + output_tokens * rates.output
     if up:
         return -(-pico // PICO_PER_MICRO)
@@ -46,7 +47,7 @@ def cost_usd(pricing: Pricing, input_tokens: int, output_tokens: int, cached_inp
     cached_price = pricing.cached_input_per_million
     if cached_price is None:
         cached_price = pricing.input_per_million
-    fresh = max(input_tokens - cached_input_tokens, 0)
+    fresh = input_tokens - cached_input_tokens if input_tokens > cached_input_tokens else 0
     return (
         fresh * pricing.input_per_million
         + cached_input_tokens * cached_price
