@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tierwise_sidecar.account import Outcome, render_headers
 from tierwise_sidecar.errors import ApiError
-from tierwise_sidecar.estimate import Estimate
+from tierwise_sidecar.estimate import Asked, Estimate
 from tierwise_sidecar.identify import Identity, Priority
 from tierwise_sidecar.runtime import Runtime
 from tierwise_sidecar.validate import Kind
@@ -120,7 +120,7 @@ class Exchange:
     input_tokens: int = 0
     counted_in: str = ""
     # The request's own bounds on its output (estimate.asked): the same on every backend.
-    bounds: tuple[int | None, int] = (None, 1)
+    bounds: Asked = (None, 1)
     # The worst case on each backend of the tier being entered, by backend key; other tiers'
     # backends (fallbacks) are estimated when asked.
     estimates: dict[str, Estimate] = field(default_factory=dict)

@@ -53,29 +53,19 @@ async def relay(fw: ForwardStage, flight: Flight, started: Started) -> None:
     """Send a started stream to the caller to its end, resuming it on another target if cut."""
     x = flight.x
     outcome, state = x.outcome, flight.state
-    try:
-        await x.open_stream()
-    except ClientGoneError:
-        # The caller left while the provider was starting: nothing more is read, and the prompt
-        # (and what arrived of the answer) is billed, as for a caller gone mid-stream.
-        assert started.response is not None
-        started.response.close()
-        seg = StreamState(chat=x.kind == "chat", strip_usage=not x.client_usage)
-        Relay(seg).feed(started.first)
-        outcome.segments.append(fw.measure(x, started.candidate.backend, seg.usage, "".join(seg.text)))
-        outcome.status = 499
-        return
     metrics = fw.metrics
     writer = Writer(x.sink, metrics.first_byte, (x.identity.namespace, outcome.tier or x.identity.tier), x.started)
+    opening = True
     while True:
         cand = started.candidate
         seg = StreamState(chat=x.kind == "chat", strip_usage=not x.client_usage)
         try:
-            failure = await _pump(fw, started, seg, x, writer)
+            failure = await _pump(fw, started, seg, x, writer, opening=opening)
         except ClientGoneError:
             outcome.segments.append(fw.measure(x, cand.backend, seg.usage, "".join(seg.text)))
             outcome.status = 499  # the caller hung up; what the provider produced is still billed
             return
+        opening = False
         outcome.segments.append(fw.measure(x, cand.backend, seg.usage, "".join(seg.text)))
         if failure is None:
             if not x.resume_text:
@@ -103,9 +93,11 @@ async def relay(fw: ForwardStage, flight: Flight, started: Started) -> None:
 
 
 async def _pump(
-    fw: ForwardStage, started: Started, seg: StreamState, x: Exchange, writer: Writer
+    fw: ForwardStage, started: Started, seg: StreamState, x: Exchange, writer: Writer, *, opening: bool
 ) -> UpstreamError | None:
-    """Relay one upstream stream to the caller; the failure that cut it, if any."""
+    """Relay one upstream stream to the caller; the failure that cut it, if any. `opening`: the
+    caller's stream is opened here, once the first bytes are in hand, so a caller gone by then is
+    billed for them like one gone mid-stream."""
     resp = started.response
     assert resp is not None
     feed = Relay(seg).feed
@@ -113,8 +105,11 @@ async def _pump(
     in_flight = fw.health.in_flight
     in_flight[key] = in_flight.get(key, 0) + 1
     try:
+        data = feed(started.first)
+        if opening:
+            # Outside the deadline below: writing the caller's headers is not the provider's time.
+            await x.open_stream()
         async with asyncio.timeout(x.deadline - fw.now()):
-            data = feed(started.first)
             if data:
                 await writer.write(data)
             async for chunk in resp.content.iter_any():

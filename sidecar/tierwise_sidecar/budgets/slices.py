@@ -83,6 +83,13 @@ class Slice:
     def holds(self) -> bool:
         return bool(self.held_micros or self.held_tokens)
 
+    def hold(self, ask: Amount, now: float) -> None:
+        """A request's ask is held under the lease, from the free part or from a grant."""
+        self.held_micros += ask.micros
+        self.held_tokens += ask.tokens
+        self.in_flight += 1
+        self.used = now
+
 
 def _count(s: Slice, now: float) -> bool:
     """Count a request reserved under the slice's lease; True when its rate was re-estimated."""
@@ -150,10 +157,7 @@ class Slices:
             ask = line.ask
             s.free_micros -= ask.micros
             s.free_tokens -= ask.tokens
-            s.held_micros += ask.micros
-            s.held_tokens += ask.tokens
-            s.in_flight += 1
-            s.used = now
+            s.hold(ask, now)
             if _count(s, now):
                 self._aim(s, ask)
         # One budget is the usual case: its lease without a comprehension's frame.
@@ -197,12 +201,9 @@ class Slices:
             if want != ZERO:
                 s.topping = False
             s.add_free(extra)
-            s.held_micros += line.ask.micros
-            s.held_tokens += line.ask.tokens
-            s.in_flight += 1
+            s.hold(line.ask, now)
             s.expires = max(s.expires, now + lease_seconds)
             s.length = lease_seconds
-            s.used = now
             _count(s, now)
         return orphaned
 
