@@ -20,6 +20,7 @@ from tierwise.values import value
 from tierwise_sidecar.endpoints import host_port
 from tierwise_sidecar.estimate import Estimate
 from tierwise_sidecar.metrics import METRICS, Metrics
+from tierwise_sidecar.recording import Recorder
 from tierwise_sidecar.runtime import BackendRoute
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ H_FALLBACK = "x-tierwise-fallback-from"
 H_SUBSTITUTED = "x-tierwise-model-substituted"
 H_PROMOTED = "x-tierwise-promoted-from"
 H_STEERED = "x-tierwise-steered-from"
+# The cost of an answer no backend was paid for (a cache hit).
+NO_COST = usd(0.0)
 # A header value carries printable ASCII; anything else in a model name is percent-encoded.
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 H_BUDGET_REMAINING_USD = "x-tierwise-budget-remaining-usd"
@@ -137,16 +140,19 @@ class Outcome:
 
 def render_headers(x: Exchange, final: bool) -> dict[str, str]:
     """Every header the gateway adds to an answer. `final`: the whole answer is known (not a
-    stream's start), so the actual cost can be told."""
+    stream's start), so the actual cost can be told. Run for every answer: the stages' notes write
+    their headers straight into the one dict, and a cost and its tokens are summed in one pass."""
     o = x.outcome
     h = {H_ATTEMPTS: str(o.attempts)}
-    if o.tier is not None:
-        h[H_TIER] = o.tier
-        if o.tier != x.identity.tier:
+    tier = o.tier
+    if tier is not None:
+        h[H_TIER] = tier
+        if tier != x.identity.tier:
             h[H_FALLBACK] = x.identity.tier
-    if o.backend is not None:
-        h[H_BACKEND] = o.backend.name
-        h[H_MODEL] = o.backend.model
+    backend = o.backend
+    if backend is not None:
+        h[H_BACKEND] = backend.name
+        h[H_MODEL] = backend.model
     if o.route is not None:
         h[H_ROUTE] = o.route
     if o.score is not None:
@@ -157,46 +163,27 @@ def render_headers(x: Exchange, final: bool) -> dict[str, str]:
         h[H_PROMOTED if x.steered[1] == "promoted" else H_STEERED] = x.steered[0]
     if x.identity.substituted is not None:
         h[H_SUBSTITUTED] = quote(x.identity.substituted, safe=_HEADER_SAFE)
-    note = x.budget
-    if note is not None:
-        h.update(note.headers())
+    if x.budget is not None:
+        x.budget.write_headers(h)
     if x.cache is not None:
         h[H_CACHE] = x.cache.outcome
     if x.admission is not None:
-        h.update(x.admission.headers())
-    if final and o.cached:
-        h[H_COST] = usd(0.0)
-    if final and o.segments:
-        h[H_COST] = usd(o.usd)
+        x.admission.write_headers(h)
+    if not final:
+        return h
+    if o.cached:
+        h[H_COST] = NO_COST
+    if o.segments:
+        # Summed in the order Outcome.usd sums them: the same float.
+        cost = 0.0
         prompt = completion = 0
         for s in o.segments:
+            cost += s.usd
             prompt += s.input_tokens
             completion += s.output_tokens
+        h[H_COST] = usd(cost)
         h[H_TOKENS] = f"{prompt}/{completion}"
     return h
-
-
-def record(metrics: Metrics, namespace: str, x: Exchange, duration: float) -> None:
-    o = x.outcome
-    tenant = metrics.tenant(x.identity.tenant)
-    tier = o.tier or x.identity.tier
-    backend = o.backend.name if o.backend is not None else "cache" if o.cached else "none"
-    metrics.requests.inc((namespace, tenant, tier, backend, str(o.status)))
-    metrics.duration.observe((namespace, tier), duration)
-    if o.backend is not None and o.served_since and o.status < 500:
-        metrics.backend_duration.observe((namespace, tier, backend), time.monotonic() - o.served_since)
-    if o.route is not None and o.backend is not None:
-        metrics.route.inc((tier, o.route, backend))
-    if o.estimate is not None:
-        metrics.estimated_cost.inc((namespace, tenant, x.identity.tier), o.estimate.usd)
-    tokens = metrics.tokens
-    for s in o.segments:
-        b = s.backend
-        tokens.inc((namespace, tenant, b.tier, b.name, "input"), s.input_tokens)
-        tokens.inc((namespace, tenant, b.tier, b.name, "output"), s.output_tokens)
-        if s.cached_tokens:
-            tokens.inc((namespace, tenant, b.tier, b.name, "cached_input"), s.cached_tokens)
-        metrics.cost.inc((namespace, tenant, b.tier, b.name), s.usd)
 
 
 def failure_line(x: Exchange, duration: float) -> str:
@@ -230,6 +217,7 @@ class AccountStage:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self.recorder = Recorder(metrics)
 
     async def enter(self, x: Exchange) -> Reply | None:
         return None
@@ -242,7 +230,7 @@ class AccountStage:
             code = x.error.code if x.error is not None else "internal_error"
             metrics.invalid.inc((namespace, code))
             return
-        record(metrics, namespace, x, duration)
+        self.recorder.record(namespace, x, duration)
         if _failed_upstream(x):
             log.warning("%s", failure_line(x, duration))
         elif x.error is not None:

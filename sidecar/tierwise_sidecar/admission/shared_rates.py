@@ -146,13 +146,13 @@ class SharedRates:
             log.warning("rate limits: Redis unreachable (%s); enforcing this sidecar's share locally for %.0fs",
                         type(e).__name__, RETRY_SECONDS)  # fmt: skip
         self._down_until = self.clock() + RETRY_SECONDS
-        self.metrics.local_share.values[()] = 1.0
+        self.metrics.local_share.set((), 1.0)
 
     def _came_back(self) -> None:
         self._down_until = 0.0
-        if self.metrics.local_share.values.get(()):
+        if self.metrics.local_share.value(()):
             log.info("rate limits: Redis reachable again; limits are shared")
-        self.metrics.local_share.values[()] = 0.0
+        self.metrics.local_share.set((), 0.0)
 
     # ------------------------------------------------------------ background
 
@@ -165,7 +165,7 @@ class SharedRates:
                 except (RedisError, OSError, TimeoutError) as e:
                     self._went_down(e)
             if self.peers:
-                self.metrics.peers.values[()] = float(max(self.peers.values()))
+                self.metrics.peers.set((), float(max(self.peers.values())))
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def _beat(self, namespace: str) -> int:

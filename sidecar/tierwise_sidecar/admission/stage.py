@@ -89,11 +89,12 @@ class AdmissionNote:
     # A slot was had: the degradation decided on the way in was served (not refused).
     admitted: bool = False
 
-    def headers(self) -> dict[str, str]:
-        h = {H_QUEUE_WAIT: str(round(self.waited * 1000))}
+    def write_headers(self, h: dict[str, str]) -> None:
+        """Add what the caller is told to the answer's headers `h`."""
+        waited = self.waited
+        h[H_QUEUE_WAIT] = str(round(waited * 1000)) if waited else "0"
         if self.changes and self.admitted:
             h[H_DEGRADED] = f"load={self.level}%; " + ", ".join(self.changes)
-        return h
 
 
 def refusal(e: RefusedError) -> ApiError:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import NamedTuple
 
 from tierwise.budgetrules import ZERO, Amount, BudgetRule
@@ -34,7 +33,8 @@ class Parts(NamedTuple):
     state: str
     notice: int | None
     # The headers of a request only this budget counted, nothing else to say: built once, shared
-    # (read-only) by every such request.
+    # by every such request. A plain dict, read-only by its type: a dict's update from a dict is
+    # a copy in C, from a mappingproxy a lookup per key.
     alone: Mapping[str, str]
 
 
@@ -57,7 +57,7 @@ def budget_parts(rule: BudgetRule, totals: Totals) -> Parts:
         alone[H_REMAINING_TOKENS] = tokens
     alone[H_STATE] = state
     notice = rule.notice(committed) if rule.notices else None
-    parts = Parts(rule, totals, usd, tokens, state, notice, MappingProxyType(alone))
+    parts = Parts(rule, totals, usd, tokens, state, notice, alone)
     if len(_PARTS) >= _PARTS_MAX:
         _PARTS.clear()
     _PARTS[key] = parts
@@ -75,14 +75,15 @@ class BudgetNote:
     held: list[Reservation] = field(default_factory=list)
     holding: Amount = ZERO
 
-    def headers(self) -> Mapping[str, str]:
-        """What the caller is told (read-only: the usual case is shared by many requests)."""
-        if len(self.verdicts) == 1 and not self.notices and self.downgraded_from is None and not self.degraded:
-            v = self.verdicts[0]
-            return budget_parts(v.line.rule, v.totals).alone
-        h: dict[str, str] = {}
+    def write_headers(self, h: dict[str, str]) -> None:
+        """Add what the caller is told to the answer's headers `h`."""
+        verdicts = self.verdicts
+        if len(verdicts) == 1 and not self.notices and self.downgraded_from is None and not self.degraded:
+            v = verdicts[0]
+            h.update(budget_parts(v.line.rule, v.totals).alone)
+            return
         usd, tokens, states = [], [], []
-        for v in self.verdicts:
+        for v in verdicts:
             _, _, left_usd, left_tokens, state, _, _ = budget_parts(v.line.rule, v.totals)
             if left_usd is not None:
                 usd.append(left_usd)
@@ -101,4 +102,3 @@ class BudgetNote:
             h[H_DOWNGRADED] = self.downgraded_from
         if self.degraded:
             h[H_DEGRADED] = "true"
-        return h
