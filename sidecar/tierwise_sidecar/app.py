@@ -258,12 +258,13 @@ class Gateway:
     async def metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _guarded(self, handler: Handler) -> Handler:
-        """`handler` with its errors answered OpenAI-shaped and every response counted. Bound to
+    def _guarded(self, handler: Handler, endpoint: str | None = None) -> Handler:
+        """`handler` with its errors answered OpenAI-shaped and every response counted, under
+        `endpoint` when its route serves one path (None: the path is found per request). Bound to
         each route rather than run as an aiohttp middleware: aiohttp then runs its own middleware
         and a handler chain built per request too, and every await of a request passes through
         each coroutine frame between the event loop and the socket read."""
-        return functools.partial(self._answer, handler)
+        return functools.partial(self._answer, handler, endpoint)
 
     async def _unmatched(self, request: web.Request) -> web.StreamResponse:
         """A path the gateway does not serve, or one it serves with another method."""
@@ -272,7 +273,7 @@ class Gateway:
             raise web.HTTPMethodNotAllowed(request.method, allowed)
         raise web.HTTPNotFound()
 
-    async def _answer(self, handler: Handler, request: web.Request) -> web.StreamResponse:
+    async def _answer(self, handler: Handler, endpoint: str | None, request: web.Request) -> web.StreamResponse:
         self.in_flight += 1
         status = 500
         try:
@@ -296,7 +297,7 @@ class Gateway:
             return response
         finally:
             self.in_flight -= 1
-            self.metrics.responses.inc((endpoint_of(request), str(status)))
+            self.metrics.responses.inc((endpoint or endpoint_of(request), str(status)))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -304,15 +305,22 @@ class Gateway:
         # One byte over the limit is enough to know a body is too large.
         app = web.Application(client_max_size=self.config.limits.max_body_bytes + 1)
         guarded = self._guarded
+
+        def post(path: str, handler: Handler) -> web.RouteDef:
+            return web.post(path, guarded(handler, path))
+
+        def get(path: str, handler: Handler) -> web.RouteDef:
+            return web.get(path, guarded(handler, path))  # and HEAD, as aiohttp's get does
+
         app.add_routes(
             [
-                web.post("/v1/chat/completions", guarded(functools.partial(self.serve, "chat"))),
-                web.post("/v1/completions", guarded(functools.partial(self.serve, "completions"))),
-                web.post("/v1/embeddings", guarded(functools.partial(self.serve, "embeddings"))),
-                web.get("/v1/models", guarded(self.models)),
-                web.get("/healthz", guarded(self.healthz)),
-                web.get("/readyz", guarded(self.readyz)),
-                web.get("/metrics", guarded(self.metrics_page)),
+                post("/v1/chat/completions", functools.partial(self.serve, "chat")),
+                post("/v1/completions", functools.partial(self.serve, "completions")),
+                post("/v1/embeddings", functools.partial(self.serve, "embeddings")),
+                get("/v1/models", self.models),
+                get("/healthz", self.healthz),
+                get("/readyz", self.readyz),
+                get("/metrics", self.metrics_page),
                 # Last: what no route above takes, answered and counted like the rest.
                 web.route("*", "/{path:.*}", guarded(self._unmatched), name=UNMATCHED),
             ]
