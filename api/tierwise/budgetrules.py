@@ -124,6 +124,22 @@ class BudgetRule:
     def remaining(self, committed: Amount) -> Amount:
         return Amount(max(self.limit.micros - committed.micros, 0), max(self.limit.tokens - committed.tokens, 0))
 
+    def largest_ask(self) -> tuple[int | None, int | None]:
+        """The largest ask `too_big` lets through, in micro-dollars and in tokens (None: no bound in
+        that unit): a request within both needs no message and no loop over the rules."""
+        micros = tokens = None
+        pr = self.per_request
+        if pr is not None:
+            micros = pr.micros if self.per_request_usd else None
+            tokens = pr.tokens if self.per_request_tokens else None
+        cap = self.cap
+        if cap is not None:
+            if cap.micros is not None:
+                micros = cap.micros if micros is None else min(micros, cap.micros)
+            if cap.tokens is not None:
+                tokens = cap.tokens if tokens is None else min(tokens, cap.tokens)
+        return micros, tokens
+
     def too_big(self, ask: Amount) -> str | None:
         """Why one request can never fit (its own maximum, or more than the whole cap), or None."""
         pr = self.per_request

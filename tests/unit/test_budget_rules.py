@@ -92,6 +92,28 @@ def test_too_big_is_told_apart_from_over_the_limit() -> None:
     assert "more than the whole budget $1.000000" in (whole.too_big(Amount(1_000_001)) or "")
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"limit": {"usd": 1.0, "tokens": 10_000}, "perRequestMax": {"usd": 0.01, "tokens": 500}},
+        {"limit": {"usd": 1.0, "tokens": 400}, "perRequestMax": {"usd": 0.5}},
+        {"limit": {"tokens": 10_000}, "perRequestMax": {"usd": 0.5}},
+        {"limit": {"usd": 1.0}, "perRequestMax": {"tokens": 300}},
+        {"limit": {"usd": 1.0}, "thresholds": [{"percent": 80, "action": "Notify"}]},
+        {"limit": {"usd": 1.0}, "thresholds": [{"percent": 150, "action": "Reject"}]},
+    ],
+)
+def test_the_largest_ask_is_where_too_big_starts_to_refuse(spec: dict[str, object]) -> None:
+    r = rule(**spec)
+    micros, tokens = r.largest_ask()
+    edges = (0, 300, 400, 500, 10_000, 15_000, 500_000, 10**6, 1_500_000, 2 * 10**6)
+    probes = sorted({p + d for p in edges for d in (-1, 0, 1) if p + d >= 0} | {10**9})
+    for m in probes:
+        for t in probes:
+            within = (micros is None or m <= micros) and (tokens is None or t <= tokens)
+            assert (r.too_big(Amount(m, t)) is None) == within, (spec, m, t)
+
+
 def _line(r: BudgetRule, ask: Amount, now: float = NOW) -> Line:
     return Line(r, window(r.period, r.time_zone, now), ask)
 

@@ -85,6 +85,10 @@ class Booking:
 
 
 class Ledger(Protocol):
+    def reserve_now(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking | None:
+        """The reservation when it can be decided without waiting for a store, else None (then
+        `reserve`): most requests are decided here, without a coroutine."""
+
     async def reserve(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking: ...
 
     def settle(self, reservation: Reservation, actual: Amount, now: float) -> None:

@@ -102,30 +102,40 @@ class SharedLedger:
             return self.local.totals(rule, w)
         return self._last_known(rule, w)
 
+    def reserve_now(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking | None:
+        """A reservation decided here, without waiting: taken from the slices, or judged on the
+        local ledger while Redis is away. None: Redis is to be asked (`reserve`)."""
+        if self._degraded:
+            booking = self.local.reserve_now(lines, now, lease_seconds)
+            return Booking(booking.reservation, booking.verdicts, degraded=True)
+        taken = self.slices.take(lines, now, lease_seconds)
+        if taken is None:
+            return None
+        if self.slices.due:
+            self._grow(now, lease_seconds)
+        return Booking(taken, tuple(map(self._granted, lines)))
+
     async def reserve(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Booking:
-        if not self._degraded:
-            taken = self.slices.take(lines, now, lease_seconds)
-            if taken is not None:
-                self._grow(taken, now, lease_seconds)
-                return Booking(taken, tuple(map(self._granted, lines)))
-            asks = self.slices.asks(lines, now, lease_seconds)
-            sent = time.monotonic()
-            try:
-                booking = await self.client.reserve(lines, now, lease_seconds, asks)
-            except StoreUnavailableError as e:
-                self._degrade(str(e))
-            else:
-                self.slices.timed(time.monotonic() - sent)
-                self._remember(booking)
-                if booking.reservation is None:
-                    self._give_back(self.slices.refused(asks))
-                else:
-                    for rule, lease, extra in self.slices.granted(booking.reservation, asks, booking.extras, now,
-                                                                  lease_seconds):  # fmt: skip
-                        self.client.give_back(rule, lease, extra)
-                return booking
-        booking = self.local.reserve_now(lines, now, lease_seconds)
-        return Booking(booking.reservation, booking.verdicts, degraded=True)
+        booking = self.reserve_now(lines, now, lease_seconds)
+        if booking is not None:
+            return booking
+        asks = self.slices.asks(lines, now, lease_seconds)
+        sent = time.monotonic()
+        try:
+            booking = await self.client.reserve(lines, now, lease_seconds, asks)
+        except StoreUnavailableError as e:
+            self._degrade(str(e))
+            local = self.local.reserve_now(lines, now, lease_seconds)
+            return Booking(local.reservation, local.verdicts, degraded=True)
+        self.slices.timed(time.monotonic() - sent)
+        self._remember(booking)
+        if booking.reservation is None:
+            self._give_back(self.slices.refused(asks))
+        else:
+            for rule, lease, extra in self.slices.granted(booking.reservation, asks, booking.extras, now,
+                                                          lease_seconds):  # fmt: skip
+                self.client.give_back(rule, lease, extra)
+        return booking
 
     def _granted(self, line: Line) -> Verdict:
         """A line taken from a slice: granted, against the budget's spend as last seen."""
@@ -150,12 +160,13 @@ class SharedLedger:
 
     # ------------------------------------------------------------ slices
 
-    def _grow(self, taken: Reservation, now: float, lease_seconds: float) -> None:
-        """Top up, in the background, the slices this reservation left below half their target."""
-        for s, line in self.slices.low(taken):
+    def _grow(self, now: float, lease_seconds: float) -> None:
+        """Top up, in the background, the slices takes left below half their target."""
+        for s, line in self.slices.due:
             task = asyncio.create_task(self._top_up(s, line, now, lease_seconds))
             self._growing.add(task)
             task.add_done_callback(self._growing.discard)
+        self.slices.due.clear()
 
     async def _top_up(self, s: Slice, line: Line, now: float, lease_seconds: float) -> None:
         sent = time.monotonic()

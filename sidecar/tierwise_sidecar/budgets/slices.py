@@ -108,6 +108,9 @@ class Slices:
         self._by_lease: dict[str, Slice] = {}
         # A reservation's round trip to Redis lately (seconds): how long a top-up takes to land.
         self.round_trip = 0.0
+        # The slices takes left below half their target, each with the line that drew on it and
+        # marked as being topped up: the shared ledger sends their top-ups (and empties this).
+        self.due: list[tuple[Slice, Line]] = []
 
     def timed(self, seconds: float) -> None:
         """A round trip to Redis took `seconds`."""
@@ -140,7 +143,8 @@ class Slices:
 
     def take(self, lines: Sequence[Line], now: float, lease_seconds: float) -> Reservation | None:
         """A reservation from the slices alone, all lines or none: every budget's slice has the
-        ask free and a lease that outlives the request."""
+        ask free and a lease that outlives the request. A slice it leaves below half its target
+        is put on `due` in the same pass."""
         slices = []
         for line in lines:
             s = self._slice(line, now)
@@ -160,6 +164,9 @@ class Slices:
             s.hold(ask, now)
             if _count(s, now):
                 self._aim(s, ask)
+            if not s.topping and (s.free_micros < s.target.micros // 2 or s.free_tokens < s.target.tokens // 2):
+                s.topping = True
+                self.due.append((s, line))
         # One budget is the usual case: its lease without a comprehension's frame.
         leases = (slices[0].lease,) if len(slices) == 1 else tuple([s.lease for s in slices])
         return Reservation(new_id(), tuple(lines), now + lease_seconds, True, leases)
@@ -206,19 +213,6 @@ class Slices:
             s.length = lease_seconds
             _count(s, now)
         return orphaned
-
-    def low(self, r: Reservation) -> list[tuple[Slice, Line]]:
-        """The slices this reservation drew on that are below half their target and not already
-        being topped up (each is marked as being topped up), with the line that drew on it."""
-        out = []
-        for line, lease in zip(r.lines, r.leases, strict=True):
-            s = self._by_lease.get(lease)
-            if s is None or s.topping:
-                continue
-            if s.free_micros < s.target.micros // 2 or s.free_tokens < s.target.tokens // 2:
-                s.topping = True
-                out.append((s, line))
-        return out
 
     def want(self, s: Slice) -> Amount:
         return Amount(max(s.target.micros - s.free_micros, 0), max(s.target.tokens - s.free_tokens, 0))

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,14 +82,60 @@ class Windows:
         self._cache: dict[str, tuple[Window, float]] = {}
 
     def __call__(self, rule: BudgetRule, now: float) -> Window:
+        return self.current(rule, now)[0]
+
+    def current(self, rule: BudgetRule, now: float) -> tuple[Window, float]:
+        """The budget's window at `now`, and the instant from which it is the current one (it is
+        until its end)."""
         hit = self._cache.get(rule.key)
         if hit is not None:
             w, since = hit
             if since <= now < w.end and w.period is rule.period:
-                return w
+                return hit
         w = window(rule.period, rule.time_zone, now)
-        self._cache[rule.key] = (w, w.last_bucket * w.bucket_seconds if w.rolling else w.start)
-        return w
+        hit = self._cache[rule.key] = (w, w.last_bucket * w.bucket_seconds if w.rolling else w.start)
+        return hit
+
+
+# An ask no rule bounds in a unit: above any amount the API allows.
+UNBOUNDED = 2**63
+
+
+@dataclass(slots=True)
+class Counted:
+    """What the budgets that count one (tenant, tier) need on each of its requests, worked out
+    once per Policy: the rules, their windows while none of them moves on, and the largest ask
+    none of them refuses outright (so a request within it skips their per-request checks)."""
+
+    rules: tuple[BudgetRule, ...]
+    max_micros: int = UNBOUNDED
+    max_tokens: int = UNBOUNDED
+    # Each rule's window, all current from `since` until `until`.
+    windows: tuple[Window, ...] = ()
+    since: float = math.inf
+    until: float = -math.inf
+
+    @classmethod
+    def of(cls, rules: tuple[BudgetRule, ...]) -> Counted:
+        c = cls(rules)
+        for r in rules:
+            micros, tokens = r.largest_ask()
+            if micros is not None and micros < c.max_micros:
+                c.max_micros = micros
+            if tokens is not None and tokens < c.max_tokens:
+                c.max_tokens = tokens
+        return c
+
+    def current(self, windows: Windows, now: float) -> tuple[Window, ...]:
+        if self.since <= now < self.until:
+            return self.windows
+        since, until, ws = -math.inf, math.inf, []
+        for r in self.rules:
+            w, from_ = windows.current(r, now)
+            ws.append(w)
+            since, until = max(since, from_), min(until, w.end)
+        self.windows, self.since, self.until = tuple(ws), since, until
+        return self.windows
 
 
 def _iso(ts: float) -> str:
@@ -151,21 +199,21 @@ class BudgetStage:
         # The rules that count a (tenant, tier): the same for every request of the pair under this
         # Policy, so the selectors are matched once. Bounded: tenants come from the Policy's keys,
         # but a cap keeps an unexpected spread of them from growing it.
-        self._counting: dict[tuple[str | None, str], tuple[BudgetRule, ...]] = {}
+        self._counting: dict[tuple[str | None, str], Counted] = {}
         # Whether any budget can run dry or notify: their loops over a request's verdicts are
         # skipped for a Policy that has neither.
         self._any_dry_run = any(r.dry_run for r in self.rules)
         self._any_notices = any(r.notices for r in self.rules)
         self._any_downgrades = any(r.downgrades for r in self.rules)
+        # Bound once: set on every request a budget counts.
+        self._extend_hook = self._extend
 
-    def _rules_for(self, tenant: str | None, tier: str) -> tuple[BudgetRule, ...]:
-        rules = self._counting.get((tenant, tier))
-        if rules is None:
-            rules = tuple(r for r in self.rules if r.counts(tenant, tier))
-            if len(self._counting) >= COUNTING_MAX:
-                self._counting.clear()
-            self._counting[(tenant, tier)] = rules
-        return rules
+    def _counted(self, tenant: str | None, tier: str) -> Counted:
+        c = Counted.of(tuple(r for r in self.rules if r.counts(tenant, tier)))
+        if len(self._counting) >= COUNTING_MAX:
+            self._counting.clear()
+        self._counting[(tenant, tier)] = c
+        return c
 
     def activate(self) -> None:
         """This Policy's budgets are the ones in force (called on the event loop, at the swap)."""
@@ -174,36 +222,24 @@ class BudgetStage:
 
     async def enter(self, x: Exchange) -> Reply | None:
         who = x.identity
-        rules = self._rules_for(who.tenant, who.tier)
+        c = self._counting.get((who.tenant, who.tier)) or self._counted(who.tenant, who.tier)
+        rules = c.rules
         if not rules:
             return None
         now = self.clock()
+        windows = c.current(self.windows, now)
         note = x.budget = BudgetNote()
-        pairs = [(r, self.windows(r, now)) for r in rules]
         if self._any_downgrades:
-            self._downgrade(x, note, pairs)
+            self._downgrade(x, note, rules, windows)
         tier = x.runtime.tiers[x.identity.tier]
         est = reserve_amount(x, tier)
         ask = Amount(est.micros, est.tokens)
-        for rule, _ in pairs:
-            why = rule.too_big(ask)
-            if why is None:
-                continue
-            if rule.dry_run:
-                note.notices.append(f"{rule.key} (dry run) would refuse: {why}")
-                self.metrics.action(rule, "dry_run_refusal")
-                continue
-            self.metrics.refused(rule, "per_request")
-            raise ApiError(
-                400,
-                f"budget {rule.key} refuses this request: {why}. A retry will not help: lower max_tokens (or "
-                "max_completion_tokens) or shorten the prompt",
-                INVALID_REQUEST,
-                "request_over_budget",
-                param="max_tokens",
-            )
+        if ask.micros > c.max_micros or ask.tokens > c.max_tokens:
+            self._too_big(note, rules, ask)
         lease = tier.timeouts.total + self.lease_margin
-        booking = await self.ledger.reserve([Line(r, w, ask) for r, w in pairs], now, lease)
+        lines = [Line(r, w, ask) for r, w in zip(rules, windows, strict=True)]
+        # Most requests are decided without waiting for a store (a slice, a local ledger).
+        booking = self.ledger.reserve_now(lines, now, lease) or await self.ledger.reserve(lines, now, lease)
         note.verdicts, note.degraded = booking.verdicts, booking.degraded
         for v in booking.verdicts if self._any_dry_run else ():
             if v.refused and v.line.rule.dry_run:
@@ -221,15 +257,37 @@ class BudgetStage:
             if pct is not None:
                 note.notices.append(f"{v.line.rule.key} passed {pct}%")
                 self.metrics.action(v.line.rule, "notify")
-        x.extend = self._extend
+        x.extend = self._extend_hook
         x.held = (ask.micros, ask.tokens)
         return None
 
-    def _downgrade(self, x: Exchange, note: BudgetNote, pairs: list[tuple[BudgetRule, Window]]) -> None:
+    def _too_big(self, note: BudgetNote, rules: tuple[BudgetRule, ...], ask: Amount) -> None:
+        """Refuse an ask a budget can never take (noted only, for a dry-run budget)."""
+        for rule in rules:
+            why = rule.too_big(ask)
+            if why is None:
+                continue
+            if rule.dry_run:
+                note.notices.append(f"{rule.key} (dry run) would refuse: {why}")
+                self.metrics.action(rule, "dry_run_refusal")
+                continue
+            self.metrics.refused(rule, "per_request")
+            raise ApiError(
+                400,
+                f"budget {rule.key} refuses this request: {why}. A retry will not help: lower max_tokens (or "
+                "max_completion_tokens) or shorten the prompt",
+                INVALID_REQUEST,
+                "request_over_budget",
+                param="max_tokens",
+            )
+
+    def _downgrade(
+        self, x: Exchange, note: BudgetNote, rules: tuple[BudgetRule, ...], windows: tuple[Window, ...]
+    ) -> None:
         """The cheaper tier the first budget past a Downgrade threshold names, judged on the spend
         last seen (a threshold is a level, not a limit: being a request late is fine)."""
         who = x.identity
-        for rule, w in pairs:
+        for rule, w in zip(rules, windows, strict=True):
             if not rule.downgrades:
                 continue
             to = rule.downgrade_to(self.ledger.totals(rule, w).committed)
@@ -275,9 +333,11 @@ class BudgetStage:
         o = x.outcome
         actual = Amount(o.micros, o.tokens)
         now = self.clock()
-        self.ledger.settle(note.held[0], actual, now)
-        for extra in note.held[1:]:
-            self.ledger.settle(extra, ZERO, now)
+        held = note.held
+        self.ledger.settle(held[0], actual, now)
+        if len(held) > 1:
+            for extra in held[1:]:
+                self.ledger.settle(extra, ZERO, now)
 
 
 class NoBudgets:
