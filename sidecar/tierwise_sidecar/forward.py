@@ -209,7 +209,7 @@ class ForwardStage:
         """One try on one target, its breaker and load counts kept; None when it failed (`state`
         says how, CircuitOpen when the breaker let nothing through)."""
         gate = x.gate
-        if gate is not None and not await gate.to(cand):
+        if gate is not None and not (gate.to_now(cand) or await gate.to(cand)):
             state.last, state.detail = FailureKind.OVERLOADED, f"no slot for {cand.backend.key} in time"
             return None
         breaker = self.health.breaker(cand.backend, cand.endpoint)

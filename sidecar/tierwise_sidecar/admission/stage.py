@@ -15,7 +15,8 @@ a request within its tier (low), never raise it above the tier's (high counts as
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from tierwise.api.tier import DegradationStep, FailureKind, InferenceTierSpec
@@ -82,7 +83,7 @@ class AdmissionNote:
     """What admission did to a request, for its response headers."""
 
     waited: float = 0.0
-    changes: list[str] = field(default_factory=list)
+    changes: Sequence[str] = ()
     level: int = 0
     # What the rate limit took: (rule, bucket key, tokens charged, judged locally).
     charged: tuple[RateRule, str, float, bool] | None = None
@@ -116,6 +117,19 @@ class Gate:
         self.since = 0.0
         self.first = True
 
+    def to_now(self, cand: Candidate) -> bool:
+        """A slot of the candidate's target had at once: the one held, or a free one (most tries
+        get theirs here, without a coroutine). False: `to` waits for one."""
+        room = self.stage.room(cand)
+        if room is self.room:
+            return True
+        self.release()
+        if not room.try_enter(self.ticket.rank):
+            return False
+        self.first = False
+        self._admitted(room, 0.0)
+        return True
+
     async def to(self, cand: Candidate) -> bool:
         """A slot of the candidate's target. The first target's refusal answers the request; a later
         one (failing over) skips the candidate."""
@@ -127,16 +141,19 @@ class Gate:
         return await self._enter(room, cand, raising=first)
 
     async def _enter(self, room: Room, cand: Candidate, raising: bool) -> bool:
-        x, metrics = self.x, self.stage.metrics
         waited = 0.0 if room.try_enter(self.ticket.rank) else await self._wait(room, cand, raising)
         if waited < 0:
             return False
+        self._admitted(room, waited)
+        return True
+
+    def _admitted(self, room: Room, waited: float) -> None:
+        x = self.x
         self.room, self.since = room, time.monotonic()
         assert x.admission is not None
         x.admission.waited += waited
         x.admission.admitted = True
-        metrics.wait.observe((x.identity.namespace, x.identity.tier), waited)
-        return True
+        self.stage.metrics.wait.observe((x.identity.namespace, x.identity.tier), waited)
 
     async def _wait(self, room: Room, cand: Candidate, raising: bool) -> float:
         """No slot free: wait in the room. Seconds waited, or -1 when refused and not raising."""
@@ -173,14 +190,9 @@ class Gate:
     def observe(self, cand: Candidate, seconds: float, started: Started | None, failure: FailureKind | None) -> None:
         """What a try tells the target's limit."""
         room = self.room
-        if room is None:
-            return
-        if not room.limit.adaptive:
+        if room is None or not room.limit.adaptive:
             return
         now = time.monotonic()
-        if failure is None and started is not None:
-            room.answered(now - seconds)
-        rules = self.stage.tiers.get(cand.tier.name)
         if failure is not None:
             # Cutting the limit at every failed try of an outage (its breaker's business) would
             # throttle the tier for long after the target is back.
@@ -189,17 +201,20 @@ class Gate:
             return
         if started is None:
             return
+        room.answered(now - seconds)
+        rules = self.stage.tiers.get(cand.tier.name)
+        lagging = self.stage.lag.lagging
         if self.x.stream:
             slo = rules.first_byte_slo if rules else None
             room.limit.observe("first", seconds, busy=False, over_slo=slo is not None and seconds > slo, now=now,
-                               lagging=self.stage.lag.lagging)  # fmt: skip
+                               lagging=lagging)  # fmt: skip
             return
         slo = rules.total_slo if rules else None
         usage = started.data.get("usage")
         generated = usage.get("completion_tokens") if isinstance(usage, dict) else None
-        tokens = max(generated if isinstance(generated, int) else 1, 1)
+        tokens = generated if isinstance(generated, int) and generated > 1 else 1
         room.limit.observe("whole", seconds / tokens, busy=False, over_slo=slo is not None and seconds > slo, now=now,
-                           lagging=self.stage.lag.lagging, scale=tokens)  # fmt: skip
+                           lagging=lagging, scale=tokens)  # fmt: skip
 
     def release(self) -> None:
         room = self.room
