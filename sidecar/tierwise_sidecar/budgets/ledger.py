@@ -36,6 +36,8 @@ class Line:
 
 @dataclass(slots=True)
 class Reservation:
+    # The lease it is held under in this process's ledger, or in the shared store its own lease
+    # there; SLICED when it is held under its budgets' slices (`leases` name it in full).
     id: str
     lines: tuple[Line, ...]
     expires: float
@@ -137,6 +139,10 @@ _COUNTER = itertools.count(1)
 
 def new_id() -> str:
     return f"{_PREFIX}{next(_COUNTER):x}"
+
+
+# The id of a reservation taken from allowance slices: it has no lease of its own to name.
+SLICED = ""
 
 
 def judge_all(

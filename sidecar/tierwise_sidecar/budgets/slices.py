@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from tierwise.budgetrules import ZERO, Amount, BudgetRule
-from tierwise_sidecar.budgets.ledger import Line, Reservation, new_id
+from tierwise_sidecar.budgets.ledger import SLICED, Line, Reservation, new_id
 
 # A slice aims to cover this many more requests like the one that asked; topped up at half.
 SLICE_REQUESTS = 8
@@ -146,8 +146,10 @@ class Slices:
         ask free and a lease that outlives the request. A slice it leaves below half its target
         is put on `due` in the same pass."""
         slices = []
+        by_budget = self._by_budget
         for line in lines:
-            s = self._slice(line, now)
+            # An expired slice is not taken from; asks() drops it on the way to Redis.
+            s = by_budget.get((line.rule.key, line.window.id))
             ask = line.ask
             if (
                 s is None
@@ -169,7 +171,7 @@ class Slices:
                 self.due.append((s, line))
         # One budget is the usual case: its lease without a comprehension's frame.
         leases = (slices[0].lease,) if len(slices) == 1 else tuple([s.lease for s in slices])
-        return Reservation(new_id(), tuple(lines), now + lease_seconds, True, leases)
+        return Reservation(SLICED, tuple(lines), now + lease_seconds, True, leases)
 
     def asks(self, lines: Sequence[Line], now: float, lease_seconds: float) -> list[tuple[str, Amount]]:
         """For a reservation that goes to Redis: per line, the lease to hold under and how much

@@ -237,7 +237,12 @@ class BudgetStage:
         if ask.micros > c.max_micros or ask.tokens > c.max_tokens:
             self._too_big(note, rules, ask)
         lease = tier.timeouts.total + self.lease_margin
-        lines = [Line(r, w, ask) for r, w in zip(rules, windows, strict=True)]
+        # One budget is the usual case: its line without a comprehension's frame.
+        lines = (
+            [Line(rules[0], windows[0], ask)]
+            if len(rules) == 1
+            else [Line(r, w, ask) for r, w in zip(rules, windows, strict=True)]
+        )
         # Most requests are decided without waiting for a store (a slice, a local ledger).
         booking = self.ledger.reserve_now(lines, now, lease) or await self.ledger.reserve(lines, now, lease)
         note.verdicts, note.degraded = booking.verdicts, booking.degraded
