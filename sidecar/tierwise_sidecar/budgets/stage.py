@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tierwise.budgetrules import OVER_LIMIT, ZERO, Amount, BudgetRule, judge, rule_of
 from tierwise.money import micros_usd
-from tierwise.periods import Window, seconds_to_relief, window
+from tierwise.periods import Window, seconds_to_relief
 from tierwise_sidecar.budgets.ledger import Ledger, Line, MemoryLedger, Verdict
 from tierwise_sidecar.budgets.metrics import BUDGET_METRICS, BudgetMetrics
 from tierwise_sidecar.budgets.note import BudgetNote, budget_parts
+from tierwise_sidecar.budgets.windows import COUNTING_MAX, Counted, Windows
 from tierwise_sidecar.errors import INVALID_REQUEST, RATE_LIMIT, ApiError, retry_after
 from tierwise_sidecar.estimate import enter_tier, reserve_amount
 from tierwise_sidecar.state import Key, SharedState
@@ -43,7 +42,6 @@ log = logging.getLogger("tierwise.budgets")
 H_RESET = "x-tierwise-budget-reset"
 # Retry-After when a budget is short only because of what requests in flight hold.
 HELD_RETRY_SECONDS = 1
-COUNTING_MAX = 4096
 
 
 def make_ledger(state: SharedState) -> Ledger:
@@ -70,72 +68,6 @@ def make_ledger(state: SharedState) -> Ledger:
 
 
 LEDGER: Key[Ledger] = Key("budget-ledger", make_ledger)
-
-
-class Windows:
-    """Each budget's current window, recomputed only when it moves on (the time zone arithmetic
-    is not redone for every request)."""
-
-    def __init__(self) -> None:
-        # Per budget: its window, and the instant from which it is the current one (a rolling
-        # window's newest bucket's start: the window slides on at the next bucket).
-        self._cache: dict[str, tuple[Window, float]] = {}
-
-    def __call__(self, rule: BudgetRule, now: float) -> Window:
-        return self.current(rule, now)[0]
-
-    def current(self, rule: BudgetRule, now: float) -> tuple[Window, float]:
-        """The budget's window at `now`, and the instant from which it is the current one (it is
-        until its end)."""
-        hit = self._cache.get(rule.key)
-        if hit is not None:
-            w, since = hit
-            if since <= now < w.end and w.period is rule.period:
-                return hit
-        w = window(rule.period, rule.time_zone, now)
-        hit = self._cache[rule.key] = (w, w.last_bucket * w.bucket_seconds if w.rolling else w.start)
-        return hit
-
-
-# An ask no rule bounds in a unit: above any amount the API allows.
-UNBOUNDED = 2**63
-
-
-@dataclass(slots=True)
-class Counted:
-    """What the budgets that count one (tenant, tier) need on each of its requests, worked out
-    once per Policy: the rules, their windows while none of them moves on, and the largest ask
-    none of them refuses outright (so a request within it skips their per-request checks)."""
-
-    rules: tuple[BudgetRule, ...]
-    max_micros: int = UNBOUNDED
-    max_tokens: int = UNBOUNDED
-    # Each rule's window, all current from `since` until `until`.
-    windows: tuple[Window, ...] = ()
-    since: float = math.inf
-    until: float = -math.inf
-
-    @classmethod
-    def of(cls, rules: tuple[BudgetRule, ...]) -> Counted:
-        c = cls(rules)
-        for r in rules:
-            micros, tokens = r.largest_ask()
-            if micros is not None and micros < c.max_micros:
-                c.max_micros = micros
-            if tokens is not None and tokens < c.max_tokens:
-                c.max_tokens = tokens
-        return c
-
-    def current(self, windows: Windows, now: float) -> tuple[Window, ...]:
-        if self.since <= now < self.until:
-            return self.windows
-        since, until, ws = -math.inf, math.inf, []
-        for r in self.rules:
-            w, from_ = windows.current(r, now)
-            ws.append(w)
-            since, until = max(since, from_), min(until, w.end)
-        self.windows, self.since, self.until = tuple(ws), since, until
-        return self.windows
 
 
 def _iso(ts: float) -> str:
